@@ -1,0 +1,3 @@
+"""relay: an aliasing mail proxy for online marketplaces."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,314 @@
+"""Configuration: the embedded defaults with one TOML file laid over them.
+
+`load()` is the only code in relay that reads the config file or the
+environment. It returns frozen dataclasses, validated once: an unknown key,
+a value of the wrong type or a malformed address/URL raises `ConfigError`
+whose text names the key (``inbound.listen: …``), so start-up can fail with
+one clear line. Relative paths are kept as written and so resolve against the
+working directory of the process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+import tomllib
+import typing
+import urllib.parse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_PATH = Path("config/relay.toml")
+ENV_VAR = "RELAY_CONFIG"
+
+_HOSTNAME_RE = re.compile(
+    r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$"
+)
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; the text names the offending key."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A listen address. Port 0 asks the OS for a free port (tests use it)."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class UpstreamTarget:
+    """Where finished mail goes: an SMTP server or a directory of .eml files."""
+
+    scheme: str  # "smtp", "smtp+starttls", "smtps" or "maildir"
+    host: str = ""
+    port: int = 0
+    username: str = ""
+    password: str = field(default="", repr=False)
+    path: str = ""
+
+    def __str__(self) -> str:
+        if self.scheme == "maildir":
+            return f"maildir:{self.path}"
+        auth = f"{self.username}:***@" if self.username else ""
+        return f"{self.scheme}://{auth}{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class InboundConfig:
+    listen: Endpoint = Endpoint("127.0.0.1", 2525)
+    hostname: str = ""
+    max_message_bytes: int = 36700160
+    processing_timeout: float = 60.0
+
+
+@dataclass(frozen=True)
+class SubmissionConfig:
+    listen: Endpoint = Endpoint("127.0.0.1", 5870)
+    tls_cert: str = ""
+    tls_key: str = ""
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    url: UpstreamTarget = UpstreamTarget("maildir", path="var/outbox")
+    timeout: float = 30.0
+    ca_file: str = ""
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    allowed_link_domains: tuple[str, ...] = ("marketplace.example",)
+    attachment_types: tuple[str, ...] = ("pdf", "txt", "jpg", "jpeg", "png", "gif", "doc", "docx")
+    max_attachment_bytes: int = 10485760
+    daily_message_base: int = 600
+    daily_message_per_order: int = 5
+
+
+@dataclass(frozen=True)
+class ArchiveConfig:
+    retention_days: int = 730
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class Config:
+    domain: str = "marketplace.example"
+    database: str = "var/relay.sqlite3"
+    inbound: InboundConfig = InboundConfig()
+    submission: SubmissionConfig = SubmissionConfig()
+    upstream: UpstreamConfig = UpstreamConfig()
+    policy: PolicyConfig = PolicyConfig()
+    archive: ArchiveConfig = ArchiveConfig()
+    log: LogConfig = LogConfig()
+
+    @property
+    def greeting_hostname(self) -> str:
+        return self.inbound.hostname or self.domain
+
+
+def config_path(cli_value: str | None, environ: typing.Mapping[str, str] = os.environ) -> Path:
+    """`--config`, else $RELAY_CONFIG, else config/relay.toml."""
+    if cli_value:
+        return Path(cli_value)
+    if environ.get(ENV_VAR):
+        return Path(environ[ENV_VAR])
+    return DEFAULT_PATH
+
+
+def load(path: Path) -> Config:
+    """Read and validate the TOML file at `path`."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"invalid TOML: {exc}") from None
+    return from_mapping(data)
+
+
+def from_mapping(data: typing.Mapping[str, typing.Any]) -> Config:
+    """Lay `data` (parsed TOML) over the defaults and validate the result."""
+    return _build(Config, data, prefix="")
+
+
+# --- validation -------------------------------------------------------------
+
+def _build(cls: type, data: typing.Mapping[str, typing.Any], prefix: str):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise ConfigError(f"{prefix}{key}: unknown key")
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        key = f"{prefix}{f.name}"
+        raw = data[f.name]
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind) and kind not in (Endpoint, UpstreamTarget):
+            if not isinstance(raw, dict):
+                raise ConfigError(f"{key}: expected a table [{key}], got {_describe(raw)}")
+            values[f.name] = _build(kind, raw, prefix=f"{key}.")
+        else:
+            values[f.name] = _convert(key, kind, raw)
+    built = cls(**values)
+    _check(built, prefix)
+    return built
+
+
+def _convert(key: str, kind, raw):
+    if kind is str:
+        if not isinstance(raw, str):
+            raise ConfigError(f"{key}: expected a string, got {_describe(raw)}")
+        return raw
+    if kind is int:
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            raise ConfigError(f"{key}: expected an integer, got {_describe(raw)}")
+        if raw < 0:
+            raise ConfigError(f"{key}: must not be negative, got {raw}")
+        return raw
+    if kind is float:
+        if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {_describe(raw)}")
+        if raw <= 0:
+            raise ConfigError(f"{key}: must be greater than 0, got {raw}")
+        return float(raw)
+    if kind == tuple[str, ...]:
+        if not isinstance(raw, list) or not all(isinstance(x, str) for x in raw):
+            raise ConfigError(f"{key}: expected a list of strings, got {_describe(raw)}")
+        return tuple(x.strip().lower() for x in raw)
+    if kind is Endpoint:
+        return parse_endpoint(key, raw)
+    if kind is UpstreamTarget:
+        return parse_upstream_url(key, raw)
+    raise AssertionError(f"no converter for {key}: {kind}")  # a bug in this module
+
+
+def _check(section, prefix: str) -> None:
+    """Cross-field and value checks that the type alone does not express."""
+    if isinstance(section, Config):
+        domain = section.domain.strip().lower()
+        if domain != section.domain or not _HOSTNAME_RE.match(domain) or "." not in domain:
+            raise ConfigError(f"domain: expected a lower-case domain name, got {section.domain!r}")
+        if not section.database:
+            raise ConfigError("database: must not be empty")
+        if "://" in section.database:
+            scheme = section.database.split("://", 1)[0]
+            raise ConfigError(
+                f"database: {scheme}:// is not supported by this version; give a SQLite file path"
+            )
+    elif isinstance(section, InboundConfig):
+        if section.hostname and not _HOSTNAME_RE.match(section.hostname.lower()):
+            raise ConfigError(f"{prefix}hostname: not a host name: {section.hostname!r}")
+        if section.max_message_bytes < 1024:
+            raise ConfigError(f"{prefix}max_message_bytes: must be at least 1024")
+    elif isinstance(section, PolicyConfig):
+        for domain in section.allowed_link_domains:
+            if not _HOSTNAME_RE.match(domain):
+                raise ConfigError(f"{prefix}allowed_link_domains: not a domain name: {domain!r}")
+    elif isinstance(section, ArchiveConfig):
+        if section.retention_days < 1:
+            raise ConfigError(f"{prefix}retention_days: must be at least 1")
+    elif isinstance(section, LogConfig):
+        if section.level not in ("debug", "info", "warning", "error"):
+            raise ConfigError(
+                f"{prefix}level: expected one of debug, info, warning, error, got {section.level!r}"
+            )
+
+
+def parse_endpoint(key: str, raw) -> Endpoint:
+    """'host:port' or '[v6]:port'."""
+    if not isinstance(raw, str):
+        raise ConfigError(f"{key}: expected \"host:port\", got {_describe(raw)}")
+    host, sep, port_text = raw.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port_text.isdigit():
+        raise ConfigError(f"{key}: expected \"host:port\", got {raw!r}")
+    port = int(port_text)
+    if port > 65535:
+        raise ConfigError(f"{key}: port {port} is out of range")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not _HOSTNAME_RE.match(host.lower()):
+            raise ConfigError(f"{key}: not an IP address or host name: {host!r}") from None
+    return Endpoint(host, port)
+
+
+_DEFAULT_PORTS = {"smtp": 25, "smtp+starttls": 587, "smtps": 465}
+
+
+def parse_upstream_url(key: str, raw) -> UpstreamTarget:
+    if not isinstance(raw, str):
+        raise ConfigError(f"{key}: expected a URL string, got {_describe(raw)}")
+    if raw.startswith("maildir:"):
+        path = raw[len("maildir:"):]
+        if not path:
+            raise ConfigError(f"{key}: maildir: needs a directory, as in maildir:var/outbox")
+        return UpstreamTarget("maildir", path=path)
+    parts = urllib.parse.urlsplit(raw)
+    scheme = parts.scheme.lower()
+    if scheme == "mx":
+        raise ConfigError(f"{key}: mx: delivery is not supported by this version; use smtp:// or maildir:")
+    if scheme not in _DEFAULT_PORTS:
+        raise ConfigError(
+            f"{key}: unsupported URL {raw!r}; expected smtp://, smtp+starttls://, smtps:// or maildir:"
+        )
+    try:
+        port = parts.port or _DEFAULT_PORTS[scheme]
+    except ValueError:
+        raise ConfigError(f"{key}: bad port in {_redact(raw)!r}") from None
+    host = parts.hostname or ""
+    if not host:
+        raise ConfigError(f"{key}: missing host in {_redact(raw)!r}")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ConfigError(f"{key}: unexpected path or query in {_redact(raw)!r}")
+    username = urllib.parse.unquote(parts.username or "")
+    password = urllib.parse.unquote(parts.password or "")
+    if username and scheme == "smtp":
+        raise ConfigError(f"{key}: credentials need TLS; use smtp+starttls:// or smtps://")
+    return UpstreamTarget(scheme, host=host, port=port, username=username, password=password)
+
+
+def _redact(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    if parts.password:
+        return url.replace(f":{parts.password}@", ":***@")
+    return url
+
+
+def _describe(value) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+             list: "a list", dict: "a table"}
+    return names.get(type(value), type(value).__name__)
+
+
+def effective(config: Config) -> dict:
+    """The settings as plain data for `relay check-config` (secrets masked)."""
+    def plain(value):
+        if dataclasses.is_dataclass(value) and not isinstance(value, (Endpoint, UpstreamTarget)):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, (Endpoint, UpstreamTarget)):
+            return str(value)
+        if isinstance(value, tuple):
+            return list(value)
+        return value
+    return plain(config)

@@ -1,0 +1,147 @@
+"""Upstream delivery: hand a finished message to the smarthost.
+
+An upstream has one method, ``deliver(mail_from, rcpt_to, data)``, which
+returns a short description of what the upstream said on success and raises
+`DeliveryError` carrying the Reply for the client otherwise. That Reply is
+decided in one place, `reply_for_upstream()`: any 4xx, a refused connection,
+a timeout or a TLS failure is transient (451, the client keeps the message
+and retries); a 5xx is permanent, and its text never repeats the upstream's
+words, which may name the real recipient.
+
+Backends: SMTP through aiosmtplib (``smtp://``, ``smtp+starttls://``,
+``smtps://``) and ``maildir:DIR``, which writes one ``.eml`` per message
+atomically (temporary file, fsync, rename) for single-machine trials.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import ssl
+import time
+import uuid
+from pathlib import Path
+from typing import Protocol
+
+import aiosmtplib
+
+from relay import replies
+from relay.config import UpstreamConfig
+from relay.replies import Reply
+
+
+class DeliveryError(Exception):
+    """The upstream did not take the message. `detail` is for the log only."""
+
+    def __init__(self, reply: Reply, detail: str):
+        super().__init__(f"{reply.line()} ({detail})")
+        self.reply = reply
+        self.detail = detail
+
+
+class Upstream(Protocol):
+    async def deliver(self, mail_from: str, rcpt_to: str, data: bytes) -> str: ...
+
+
+def reply_for_upstream(code: int, message: str = "") -> Reply:
+    """The reply the client sees for an upstream's refusal `code`."""
+    if 400 <= code < 500:
+        return replies.UPSTREAM_DEFERRED
+    if 500 <= code < 600:
+        enhanced = message.split(" ", 1)[0] if message else ""
+        if code in (550, 551, 553) or enhanced.startswith("5.1."):
+            return replies.UPSTREAM_NO_MAILBOX
+        return replies.UPSTREAM_REJECTED
+    # A reply outside 4xx/5xx where a refusal was expected: the upstream is
+    # confused, so keep the message and let the client retry.
+    return replies.UPSTREAM_DEFERRED
+
+
+class SmtpUpstream:
+    def __init__(self, config: UpstreamConfig, local_hostname: str):
+        target = config.url
+        self.target = target
+        self.timeout = config.timeout
+        self.local_hostname = local_hostname
+        self.tls_context: ssl.SSLContext | None = None
+        if target.scheme in ("smtps", "smtp+starttls"):
+            self.tls_context = ssl.create_default_context(cafile=config.ca_file or None)
+
+    def __str__(self) -> str:
+        return str(self.target)
+
+    async def deliver(self, mail_from: str, rcpt_to: str, data: bytes) -> str:
+        target = self.target
+        try:
+            errors, response = await aiosmtplib.send(
+                data,
+                sender=mail_from,
+                recipients=[rcpt_to],
+                hostname=target.host,
+                port=target.port,
+                username=target.username or None,
+                password=target.password or None,
+                local_hostname=self.local_hostname,
+                use_tls=target.scheme == "smtps",
+                start_tls=target.scheme == "smtp+starttls",
+                tls_context=self.tls_context,
+                timeout=self.timeout,
+            )
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            refusal = exc.recipients[0]
+            raise DeliveryError(reply_for_upstream(refusal.code, refusal.message),
+                                f"upstream refused recipient: {refusal.code} {refusal.message}") from None
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            # Our credentials are wrong: an operator problem, never the sender's.
+            raise DeliveryError(replies.UPSTREAM_UNAVAILABLE,
+                                f"upstream authentication failed: {exc.code} {exc.message}") from None
+        except aiosmtplib.SMTPResponseException as exc:
+            raise DeliveryError(reply_for_upstream(exc.code, exc.message),
+                                f"upstream said {exc.code} {exc.message}") from None
+        except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
+            raise DeliveryError(replies.UPSTREAM_UNAVAILABLE,
+                                f"upstream unreachable: {type(exc).__name__}: {exc}") from None
+        if errors:  # one recipient only, so this means it was refused
+            code, message = next(iter(errors.values()))
+            raise DeliveryError(reply_for_upstream(code, message), f"upstream said {code} {message}")
+        return response
+
+
+class MaildirUpstream:
+    """Writes each message to DIR/<time>.<random>.eml; never a half-written file."""
+
+    def __init__(self, directory: str):
+        self.directory = Path(directory)
+
+    def __str__(self) -> str:
+        return f"maildir:{self.directory}"
+
+    async def deliver(self, mail_from: str, rcpt_to: str, data: bytes) -> str:
+        try:
+            return await asyncio.to_thread(self._write, data)
+        except OSError as exc:
+            raise DeliveryError(replies.UPSTREAM_UNAVAILABLE,
+                                f"cannot write to {self.directory}: {exc.strerror}") from None
+
+    def _write(self, data: bytes) -> str:
+        tmp_dir = self.directory / ".tmp"
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+        name = f"{time.time_ns()}.{uuid.uuid4().hex}.eml"
+        tmp_path = tmp_dir / name
+        with open(tmp_path, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, self.directory / name)
+        dir_fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return f"written {name}"
+
+
+def make_upstream(config: UpstreamConfig, local_hostname: str) -> Upstream:
+    if config.url.scheme == "maildir":
+        return MaildirUpstream(config.url.path)
+    return SmtpUpstream(config, local_hostname)

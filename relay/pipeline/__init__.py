@@ -1,0 +1,75 @@
+"""The message pipeline: pure stages between parsing and delivery.
+
+Each stage is a plain function ``stage(message, context, changes)`` that
+either changes the parsed message in place (and says what it changed in
+`changes`) or refuses it by raising `SmtpError` with the reply the sender
+will see. Stages do no I/O and need no event loop: whatever they need from
+the store (the Message-ID map) is looked up by the handler beforehand and
+handed in through `Context`. The handler runs the whole thing in a worker
+thread with a time limit, so a hostile message cannot stall the server.
+
+Order (DESIGN §2): loop check → sender check → header rewrite → address
+scrubbing → trace headers. Later issues add HTML sanitizing, link
+stripping, the attachment check and DKIM signing at their places in
+`STAGES` / `serialize`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from email.message import EmailMessage
+
+from relay.pipeline import checks, rewrite, scrub
+from relay.pipeline.message import parse, referenced_ids, serialize
+from relay.pipeline.rewrite import trace_header
+from relay.store import MessageIdRow, Party
+
+__all__ = ["Context", "Result", "STAGES", "parse", "process", "referenced_ids"]
+
+
+@dataclass(frozen=True)
+class Context:
+    """Everything a stage may know about one message besides its content."""
+
+    domain: str
+    hostname: str
+    direction: str  # "buyer_to_seller" or "seller_to_buyer"
+    sender: Party
+    recipient: Party
+    sender_alias: str
+    recipient_alias: str
+    relay_message_id: str  # minted by the handler, so stages stay deterministic
+    received_at: datetime
+    transaction_id: str
+    thread_rows: tuple[MessageIdRow, ...] = ()
+    max_hops: int = 50
+    protocol: str = "ESMTP"
+
+
+@dataclass
+class Result:
+    delivered: bytes
+    original_message_id: str | None
+    changes: list[str] = field(default_factory=list)
+
+
+STAGES = (
+    checks.loop_check,
+    checks.sender_check,
+    rewrite.rewrite_headers,
+    scrub.scrub_addresses,
+)
+
+
+def process(message: EmailMessage, context: Context, changes: list[str]) -> Result:
+    """Run every stage over `message`; return the bytes to deliver.
+
+    `changes` is filled as stages go, so that a refusal half-way still
+    leaves a record of what was looked at for the archive.
+    """
+    original_id = rewrite.original_message_id(message)
+    for stage in STAGES:
+        stage(message, context, changes)
+    delivered = serialize(message, prepend=[trace_header(context)])
+    return Result(delivered=delivered, original_message_id=original_id, changes=changes)

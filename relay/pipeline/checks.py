@@ -1,0 +1,37 @@
+"""Deciding stages: checks that refuse a message and change nothing."""
+
+from __future__ import annotations
+
+from email.message import EmailMessage
+
+from relay import addresses, replies
+from relay.replies import SmtpError
+
+
+def loop_check(message: EmailMessage, context, changes: list[str]) -> None:
+    """Refuse a message that has passed through too many hops (RFC 5321
+    §6.3): a loop between the relay and a forwarding mailbox ends here."""
+    hops = len(message.get_all("Received", []))
+    if hops > context.max_hops:
+        changes.append(f"refused: {hops} Received headers (limit {context.max_hops})")
+        raise SmtpError(replies.TOO_MANY_HOPS)
+
+
+def sender_check(message: EmailMessage, context, changes: list[str]) -> None:
+    """The header From: must be exactly one mailbox, the sender's registered
+    address: the envelope was checked at RCPT, and a message must not claim
+    another author in its header."""
+    values = message.get_all("From", [])
+    if len(values) != 1:
+        changes.append(f"refused: {len(values)} From headers")
+        raise SmtpError(replies.FROM_HEADER_MISSING)
+    try:
+        mailboxes = values[0].addresses
+    except (AttributeError, ValueError, IndexError, TypeError):
+        mailboxes = ()
+    if len(mailboxes) != 1 or not mailboxes[0].addr_spec:
+        changes.append("refused: From header is not a single mailbox")
+        raise SmtpError(replies.FROM_HEADER_MISSING)
+    if addresses.normalize(mailboxes[0].addr_spec) != context.sender.address:
+        changes.append("refused: From header names another address than the envelope sender")
+        raise SmtpError(replies.FROM_HEADER_MISMATCH)

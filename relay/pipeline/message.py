@@ -1,0 +1,107 @@
+"""Parsing and serialising messages, and reading/writing text parts.
+
+One parse per message, with the standard library's email package. The
+policy keeps every header we do not touch exactly as received
+(``refold_source='none'``) and writes CRLF line ends, so a MIME part the
+relay did not change leaves byte-for-byte as it came in; headers the relay
+sets are folded by the policy.
+
+Text parts are decoded (transfer encoding, then charset) for the stages
+that edit text, and written back with the same charset and the same
+transfer encoding, so a quoted-printable part stays quoted-printable.
+"""
+
+from __future__ import annotations
+
+import base64
+import codecs
+import io
+import quopri
+import re
+from email import policy as email_policy
+from email.generator import BytesGenerator
+from email.message import EmailMessage
+from email.parser import BytesParser
+
+POLICY = email_policy.SMTP.clone(refold_source="none")
+
+_MSGID_RE = re.compile(r"<[^<>\s]{1,250}>")
+# Ids kept in a translated References header; older ones add nothing to
+# threading and an endless References header is a cheap attack.
+MAX_REFERENCES = 50
+
+
+def parse(raw: bytes) -> EmailMessage:
+    return BytesParser(policy=POLICY).parsebytes(raw)
+
+
+def serialize(message: EmailMessage, prepend: list[str] = ()) -> bytes:
+    out = io.BytesIO()
+    for line in prepend:
+        out.write(line.encode("ascii") + b"\r\n")
+    BytesGenerator(out, policy=POLICY).flatten(message)
+    return out.getvalue()
+
+
+def message_ids_in(value: str | None) -> list[str]:
+    """The <id> tokens of a Message-ID, In-Reply-To or References value."""
+    if not value:
+        return []
+    return _MSGID_RE.findall(str(value))
+
+
+def raw_values(message: EmailMessage, name: str) -> list[str]:
+    """A header's values as received, undecoded and unparsed: id lists need
+    no structured parsing, and a hostile one must not reach the parser."""
+    # _headers holds the source strings for headers we did not set ourselves.
+    return [str(value) for key, value in message._headers if key.lower() == name.lower()]
+
+
+def referenced_ids(message: EmailMessage) -> list[str]:
+    """Every id the message names: its own and those it replies to."""
+    ids = []
+    for name in ("Message-ID", "In-Reply-To", "References"):
+        for value in raw_values(message, name):
+            ids.extend(message_ids_in(value))
+    return list(dict.fromkeys(ids))[-(MAX_REFERENCES + 2):]
+
+
+# --- text parts -----------------------------------------------------------------
+
+def text_parts(message: EmailMessage):
+    """Every text/* part (in embedded messages too), multipart containers skipped."""
+    for part in message.walk():
+        if part.get_content_maintype() == "text" and not part.is_multipart():
+            yield part
+
+
+def _codec(part: EmailMessage) -> str:
+    """The part's charset as a Python codec; latin-1 when unknown, which maps
+    every byte to one character and back, so undecodable text survives."""
+    charset = part.get_content_charset() or "us-ascii"
+    try:
+        name = codecs.lookup(charset).name
+    except LookupError:
+        return "latin-1"
+    return "latin-1" if name == "ascii" else name
+
+
+def read_text(part: EmailMessage) -> str:
+    """The part's text after undoing transfer encoding and charset."""
+    data = part.get_payload(decode=True) or b""
+    return data.decode(_codec(part), errors="surrogateescape")
+
+
+def write_text(part: EmailMessage, text: str) -> None:
+    """Store `text` in `part` with its original charset and transfer encoding."""
+    data = text.encode(_codec(part), errors="surrogateescape")
+    cte = (part.get("Content-Transfer-Encoding") or "7bit").strip().lower()
+    if cte == "base64":
+        payload = base64.encodebytes(data).decode("ascii")
+    elif cte == "quoted-printable":
+        # quopri treats a bare CR as data (=0D); the generator writes CRLF.
+        data = data.replace(b"\r\n", b"\n")
+        payload = quopri.encodestring(data).decode("ascii")
+    else:
+        payload = data.decode("ascii", errors="surrogateescape")
+    part.set_payload(payload)

@@ -1,0 +1,113 @@
+"""Header rewriting: the allowlist, From/To, and threading ids (DESIGN §3).
+
+After this stage the top-level header holds only what the recipient may
+see: the allowlisted headers as received, `From:` the sender's alias with
+the sender's registered display name, `To:` the recipient's real address, a
+fresh Message-ID in the relay's domain, and In-Reply-To/References
+translated into ids the recipient's own client knows. Ids the relay cannot
+translate are dropped: they are the sender's client's and can name its host.
+"""
+
+from __future__ import annotations
+
+from email.headerregistry import Address
+from email.message import EmailMessage
+from email.utils import format_datetime
+
+from relay.pipeline.message import MAX_REFERENCES, message_ids_in, raw_values
+from relay.store import MessageIdRow
+
+# Lower-case names; plus every Content-* header. Everything else goes.
+KEPT_HEADERS = frozenset(
+    {"subject", "date", "mime-version", "in-reply-to", "references", "message-id", "auto-submitted"}
+)
+
+
+def is_kept(name: str) -> bool:
+    name = name.lower()
+    return name in KEPT_HEADERS or name.startswith("content-")
+
+
+def original_message_id(message: EmailMessage) -> str | None:
+    for value in raw_values(message, "Message-ID"):
+        ids = message_ids_in(value)
+        if ids:
+            return ids[0]
+    return None
+
+
+def translate_ids(
+    ids: list[str], rows: tuple[MessageIdRow, ...], sender_id: int, recipient_id: int
+) -> list[str]:
+    """Map ids the sender's client used to ids the recipient's client knows.
+
+    - the relay id of a message the recipient wrote → the recipient's original id;
+    - the original id of a message the sender wrote → the relay id the
+      recipient received it under;
+    - an id the recipient itself minted or received stays;
+    - anything else is dropped.
+    """
+    by_relay = {row.relay_id: row for row in rows}
+    by_original = {row.original_id: row for row in rows if row.original_id}
+    out = []
+    for msgid in ids:
+        row = by_relay.get(msgid)
+        if row is not None:
+            if row.sender_id == recipient_id:
+                translated = row.original_id or row.relay_id
+            else:
+                translated = row.relay_id
+        else:
+            row = by_original.get(msgid)
+            if row is None:
+                continue
+            translated = row.relay_id if row.sender_id == sender_id else msgid
+        if translated not in out:
+            out.append(translated)
+    return out[-MAX_REFERENCES:]
+
+
+def rewrite_headers(message: EmailMessage, context, changes: list[str]) -> None:
+    in_reply_to = [i for v in raw_values(message, "In-Reply-To") for i in message_ids_in(v)]
+    references = [i for v in raw_values(message, "References") for i in message_ids_in(v)]
+
+    dropped: dict[str, int] = {}
+    for name in list(dict.fromkeys(message.keys())):
+        if not is_kept(name):
+            dropped[name] = len(message.get_all(name, []))
+            del message[name]
+    for name, count in dropped.items():
+        changes.append(f"dropped header {name}" + (f" ({count}x)" if count > 1 else ""))
+
+    message["From"] = Address(display_name=context.sender.display_name, addr_spec=context.sender_alias)
+    message["To"] = Address(display_name=context.recipient.display_name, addr_spec=context.recipient.address)
+    changes.append("set From to the sender's alias and To to the recipient's address")
+
+    had_id = "Message-ID" in message
+    del message["Message-ID"]
+    message["Message-ID"] = context.relay_message_id
+    changes.append("replaced Message-ID" if had_id else "added Message-ID")
+
+    for name, ids in (("In-Reply-To", in_reply_to), ("References", references)):
+        if name not in message:
+            continue
+        translated = translate_ids(ids, context.thread_rows, context.sender.id, context.recipient.id)
+        del message[name]
+        if translated:
+            message[name] = " ".join(translated)
+            changes.append(f"translated {name} ({len(translated)} of {len(ids)} ids)")
+        else:
+            changes.append(f"dropped {name} (no known ids)")
+
+    if "Date" not in message:
+        message["Date"] = format_datetime(context.received_at)
+        changes.append("added Date")
+    if "MIME-Version" not in message and message.is_multipart():
+        message["MIME-Version"] = "1.0"
+
+
+def trace_header(context) -> str:
+    """The relay's Received: line. It names no client: the sender's host and
+    IP address are what the recipient must not learn."""
+    date = format_datetime(context.received_at)
+    return f"Received: by {context.hostname} (relay) with {context.protocol} id {context.transaction_id}; {date}"

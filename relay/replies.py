@@ -1,0 +1,84 @@
+"""SMTP replies: the catalogue of every answer the relay gives.
+
+A `Reply` is a value (code, enhanced status code per RFC 3463, text); the
+handler is the only place that turns one into a line on the wire. Stages and
+lookups that refuse a message raise `SmtpError` carrying the Reply. Texts
+never name a party's real address.
+
+Classes follow DESIGN §7: lookup, network and storage failures are 4xx;
+policy decisions are 5xx.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Reply:
+    code: int
+    enhanced: str
+    text: str
+
+    def __post_init__(self) -> None:
+        # The class digit of the enhanced code must agree with the reply code
+        # (RFC 3463 §2): a 4xx reply with a 5.x.x code confuses clients.
+        assert str(self.code)[0] == self.enhanced[0], (self.code, self.enhanced)
+        assert "\r" not in self.text and "\n" not in self.text
+
+    @property
+    def transient(self) -> bool:
+        return 400 <= self.code < 500
+
+    @property
+    def permanent(self) -> bool:
+        return self.code >= 500
+
+    def with_text(self, text: str) -> "Reply":
+        return Reply(self.code, self.enhanced, text)
+
+    def line(self) -> str:
+        return f"{self.code} {self.enhanced} {self.text}"
+
+    __str__ = line
+
+
+class SmtpError(Exception):
+    """Raised to end a transaction (or refuse a recipient) with `reply`."""
+
+    def __init__(self, reply: Reply):
+        super().__init__(reply.line())
+        self.reply = reply
+
+
+# --- success ----------------------------------------------------------------
+SENDER_OK = Reply(250, "2.1.0", "Sender ok")
+RECIPIENT_OK = Reply(250, "2.1.5", "Recipient ok")
+RECIPIENT_DUPLICATE = Reply(250, "2.1.5", "Recipient ok (already given)")
+DELIVERED = Reply(250, "2.0.0", "Message accepted for delivery")
+
+# --- RCPT -------------------------------------------------------------------
+NOT_OUR_DOMAIN = Reply(550, "5.1.1", "Recipient address rejected: not an alias of this relay")
+UNKNOWN_ALIAS = Reply(550, "5.1.1", "Recipient address rejected: no such alias")
+NOT_COUNTERPART = Reply(550, "5.7.1", "Sender is not permitted to write to this alias")
+OTHER_RELATIONSHIP = Reply(
+    452, "4.5.3", "Too many recipients: send to this alias in a separate transaction"
+)
+LOOKUP_FAILED = Reply(451, "4.3.0", "Temporary lookup failure, try again later")
+
+# --- DATA: policy -------------------------------------------------------------
+FROM_HEADER_MISSING = Reply(550, "5.7.1", "Message has no usable From header")
+FROM_HEADER_MISMATCH = Reply(550, "5.7.1", "From header does not match the envelope sender")
+TOO_MANY_HOPS = Reply(554, "5.4.6", "Too many hops: mail loop detected")
+
+# --- DATA: transient ----------------------------------------------------------
+PROCESSING_TIMEOUT = Reply(451, "4.3.0", "Message took too long to process, try again later")
+INTERNAL_ERROR = Reply(451, "4.3.0", "Internal error, try again later")
+ARCHIVE_FAILED = Reply(451, "4.3.0", "Cannot archive the message now, try again later")
+SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
+
+# --- upstream ---------------------------------------------------------------
+UPSTREAM_UNAVAILABLE = Reply(451, "4.4.1", "Upstream mail server unavailable, try again later")
+UPSTREAM_DEFERRED = Reply(451, "4.3.0", "Upstream mail server deferred the message, try again later")
+UPSTREAM_NO_MAILBOX = Reply(550, "5.1.1", "Recipient mailbox unavailable")
+UPSTREAM_REJECTED = Reply(554, "5.0.0", "Upstream mail server rejected the message")

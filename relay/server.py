@@ -1,0 +1,147 @@
+"""Listeners and lifecycle: open the store, listen, stop cleanly.
+
+`RelayServer` owns the event-loop side of a running relay: it migrates and
+opens the store, builds the upstream, starts the inbound listener (aiosmtpd
+on our own loop, `ident` set, no AUTH), and on `stop()` closes the listening
+sockets, lets every message already in DATA finish (forwarded and archived),
+then closes the remaining connections and the store. `relay serve` runs it
+until SIGTERM/SIGINT; tests run it in a thread on port 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+import weakref
+
+from aiosmtpd.smtp import SMTP
+
+from relay import __version__
+from relay.config import Config, Endpoint
+from relay.forward import MaildirUpstream, make_upstream
+from relay.handler import RelayHandler
+from relay.store import open_store
+
+log = logging.getLogger("relay.server")
+
+IDENT = f"relay {__version__}"
+DRAIN_SECONDS = 60.0
+
+
+class RelayServer:
+    def __init__(self, config: Config):
+        self.config = config
+        self.store = None
+        self.handler: RelayHandler | None = None
+        self._servers: list[asyncio.base_events.Server] = []
+        self._sessions: weakref.WeakSet[SMTP] = weakref.WeakSet()
+        self.inbound_address: tuple[str, int] | None = None
+
+    async def start(self) -> None:
+        config = self.config
+        self.store = await open_store(config.database)
+        try:
+            applied = await self.store.upgrade()
+            if applied:
+                log.info("database %s migrated to version %s", config.database, applied[-1])
+            upstream = make_upstream(config.upstream, config.greeting_hostname)
+            if isinstance(upstream, MaildirUpstream):
+                log.warning(
+                    "UPSTREAM IS %s: delivered mail is written to files there, not sent to anyone. "
+                    "Set [upstream] url to your smarthost for real delivery.", upstream)
+            self.handler = RelayHandler(config, self.store, upstream)
+            server = await self._listen(config.inbound.listen, self.handler)
+            self.inbound_address = server.sockets[0].getsockname()[:2]
+            log.info("inbound listener on %s:%s, upstream %s, domain %s",
+                     *self.inbound_address, upstream, config.domain)
+        except BaseException:
+            await self.store.close()
+            raise
+
+    async def _listen(self, endpoint: Endpoint, handler: RelayHandler) -> asyncio.base_events.Server:
+        loop = asyncio.get_running_loop()
+
+        def session_factory() -> SMTP:
+            session = SMTP(
+                handler,
+                hostname=self.config.greeting_hostname,
+                ident=IDENT,
+                data_size_limit=self.config.inbound.max_message_bytes,
+                enable_SMTPUTF8=True,
+                decode_data=False,
+                # The inbound side takes mail for aliases only; no AUTH here.
+                auth_exclude_mechanism=["LOGIN", "PLAIN"],
+                loop=loop,
+            )
+            self._sessions.add(session)
+            return session
+
+        server = await loop.create_server(session_factory, host=endpoint.host, port=endpoint.port)
+        self._servers.append(server)
+        return server
+
+    async def stop(self, drain_seconds: float = DRAIN_SECONDS) -> None:
+        """Stop accepting, finish the messages in flight, close everything."""
+        for server in self._servers:
+            server.close()
+        if self.handler is not None:
+            if self.handler.in_flight:
+                log.info("draining %d message(s) in flight", self.handler.in_flight)
+            if not await self.handler.drain(drain_seconds):
+                log.error("gave up waiting for messages in flight after %.0f s", drain_seconds)
+        for session in list(self._sessions):
+            if session.transport is not None:
+                session.transport.close()
+        for server in self._servers:
+            await server.wait_closed()
+        self._servers.clear()
+        if self.store is not None:
+            await self.store.close()
+            self.store = None
+
+
+async def serve(config: Config) -> None:
+    """Run until SIGTERM or SIGINT, then drain and return."""
+    server = RelayServer(config)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+        await server.stop()
+    log.info("stopped")
+
+
+class ThreadedRelay:
+    """A RelayServer on its own event loop in a thread, for blocking clients
+    such as smtplib in tests and benchmarks (like aiosmtpd's Controller)."""
+
+    def __init__(self, config: Config):
+        self.server = RelayServer(config)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="relay", daemon=True)
+
+    def start(self) -> tuple[str, int]:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self.server.start(), self._loop).result(timeout=30)
+        return self.server.inbound_address
+
+    def call(self, coro, timeout: float = 30):
+        """Run `coro` on the relay's loop (e.g. a store query) and return its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=timeout)
+
+    def stop(self, drain_seconds: float = DRAIN_SECONDS) -> None:
+        try:
+            self.call(self.server.stop(drain_seconds), timeout=drain_seconds + 30)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=30)
+            self._loop.close()

@@ -1,0 +1,139 @@
+"""The store: parties, orders, relationships, the Message-ID map, the archive.
+
+This package is the only code that speaks SQL. `open_store()` picks the
+backend from the config (SQLite through aiosqlite today; the interface is
+what a PostgreSQL backend implements for a multi-node deployment). Every
+method is a coroutine; any failure of the database itself surfaces as
+`StoreUnavailable`, which the handler answers with a 4xx, never a 5xx.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+GENESIS_HASH = "0" * 64
+
+
+class StoreError(Exception):
+    """A request the store refuses (the text is fit for an operator)."""
+
+
+class Conflict(StoreError):
+    """The thing exists already; nothing was changed."""
+
+
+class NotFound(StoreError):
+    """A party, order or relationship named in the request does not exist."""
+
+
+class StoreUnavailable(Exception):
+    """The database failed (locked, full, gone): a transient condition."""
+
+
+@dataclass(frozen=True)
+class Party:
+    id: int
+    role: str  # "seller" or "buyer"
+    address: str
+    display_name: str
+
+
+@dataclass(frozen=True)
+class Relationship:
+    id: int
+    seller: Party
+    buyer: Party
+    seller_alias: str  # the buyer writes here; mail is delivered to the seller
+    buyer_alias: str  # the seller writes here; mail is delivered to the buyer
+    created_at: str
+
+    def to_json(self) -> dict:
+        return {
+            "relationship": self.id,
+            "seller": self.seller.address,
+            "buyer": self.buyer.address,
+            "seller_alias": self.seller_alias,
+            "buyer_alias": self.buyer_alias,
+            "created_at": self.created_at,
+        }
+
+
+@dataclass(frozen=True)
+class MessageIdRow:
+    """One entry of the Message-ID map."""
+
+    sender_id: int
+    original_id: str | None
+    relay_id: str
+
+
+@dataclass(frozen=True)
+class ArchiveEntry:
+    """What one received message leaves in the archive."""
+
+    received_at: str
+    relationship_id: int | None
+    direction: str | None
+    client_address: str
+    mail_from: str
+    rcpt_to: tuple[str, ...]
+    verdict: str  # delivered | rejected | deferred | failed
+    reply: str
+    changes: tuple[str, ...]
+    raw: bytes
+    delivered: bytes | None
+    # The Message-ID map entry to record with a delivered message.
+    sender_id: int | None = None
+    original_message_id: str | None = None
+    relay_message_id: str | None = None
+
+    def metadata(self) -> dict:
+        return {
+            "received_at": self.received_at,
+            "relationship_id": self.relationship_id,
+            "direction": self.direction,
+            "client_address": self.client_address,
+            "mail_from": self.mail_from,
+            "rcpt_to": list(self.rcpt_to),
+            "verdict": self.verdict,
+            "reply": self.reply,
+            "changes": list(self.changes),
+        }
+
+
+@dataclass(frozen=True)
+class RelationshipStats:
+    orders: int
+    buyer_to_seller: int
+    seller_to_buyer: int
+    last_message_at: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def sha256_hex(data: bytes | None) -> str | None:
+    return None if data is None else hashlib.sha256(data).hexdigest()
+
+
+def chain_hash(metadata: dict, raw_sha256: str, delivered_sha256: str | None, prev_sha256: str) -> str:
+    """The row hash of the archive chain: metadata, body hashes, previous row."""
+    canonical = json.dumps(
+        {"meta": metadata, "raw": raw_sha256, "delivered": delivered_sha256, "prev": prev_sha256},
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=True,
+    )
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+async def open_store(database: str):
+    """Open (not migrate) the store named by the config's `database`."""
+    from relay.store.sqlite import SqliteStore
+
+    return await SqliteStore.open(database)
