@@ -57,6 +57,25 @@ def raw_values(message: EmailMessage, name: str) -> list[str]:
     return [str(value) for key, value in message._headers if key.lower() == name.lower()]
 
 
+def set_id_list(message: EmailMessage, name: str, ids: list[str]) -> None:
+    """Set an id-list header (In-Reply-To, References), folded between ids.
+
+    The policy's own folder treats the value as unstructured text and can
+    put the first id alone on a continuation line; ids must not be split,
+    so fold here, at the spaces between them, and store the header raw.
+    """
+    lines, line = [], f"{name}:"
+    for msgid in ids:
+        if len(line) + 1 + len(msgid) > 78 and line != f"{name}:":
+            lines.append(line)
+            line = ""
+        line += f" {msgid}"
+    lines.append(line)
+    del message[name]
+    value = "\r\n".join(lines)[len(name) + 2:]
+    message._headers.append((name, value))
+
+
 def referenced_ids(message: EmailMessage) -> list[str]:
     """Every id the message names: its own and those it replies to."""
     ids = []

@@ -14,7 +14,7 @@ from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import format_datetime
 
-from relay.pipeline.message import MAX_REFERENCES, message_ids_in, raw_values
+from relay.pipeline.message import MAX_REFERENCES, message_ids_in, raw_values, set_id_list
 from relay.store import MessageIdRow
 
 # Lower-case names; plus every Content-* header. Everything else goes.
@@ -94,7 +94,7 @@ def rewrite_headers(message: EmailMessage, context, changes: list[str]) -> None:
         translated = translate_ids(ids, context.thread_rows, context.sender.id, context.recipient.id)
         del message[name]
         if translated:
-            message[name] = " ".join(translated)
+            set_id_list(message, name, translated)
             changes.append(f"translated {name} ({len(translated)} of {len(ids)} ids)")
         else:
             changes.append(f"dropped {name} (no known ids)")

@@ -1,0 +1,149 @@
+"""Forwarding: the client hears 250 only after the upstream took the message;
+every upstream failure maps to the right reply and the archive says so."""
+
+from __future__ import annotations
+
+import smtplib
+
+import pytest
+import trustme
+
+from support import RecordingUpstream, closed_port, message, upstream_url
+
+
+def data_reply(relay, pair, raw=None):
+    raw = raw or message(pair.buyer, pair.seller_alias)
+    with smtplib.SMTP(relay.host, relay.port, timeout=60) as client:
+        client.ehlo()
+        client.mail(pair.buyer)
+        assert client.rcpt(pair.seller_alias)[0] == 250
+        return client.data(raw)
+
+
+@pytest.mark.parametrize("upstream_line, code, enhanced, verdict", [
+    ("451 4.3.0 mailbox busy", 451, b"4.3.0", "deferred"),
+    ("421 4.7.0 try later", 451, b"4.3.0", "deferred"),
+    ("552 5.2.2 mailbox full for seller@shop.example", 554, b"5.0.0", "failed"),
+    ("554 5.7.1 rejected as spam", 554, b"5.0.0", "failed"),
+    ("550 5.1.1 no such user seller@shop.example", 550, b"5.1.1", "failed"),
+], ids=["451", "421", "552", "554", "550"])
+def test_upstream_refusal_at_data(relay, upstream, upstream_line, code, enhanced, verdict):
+    pair = relay.pair()
+    upstream.fail_with(upstream_line)
+    got_code, text = data_reply(relay, pair)
+    assert (got_code, text[:5]) == (code, enhanced)
+    # The upstream's words (which may name the real address) never reach the sender.
+    assert pair.seller.encode() not in text
+    [row] = relay.archive_rows()
+    assert row["verdict"] == verdict
+    assert row["reply"].startswith(str(code))
+    assert any(upstream_line in change for change in row["changes"])
+
+
+def test_upstream_refusing_the_recipient(relay, upstream):
+    pair = relay.pair()
+    upstream.rcpt_reply = "550 5.1.1 <seller@shop.example>: user unknown"
+    code, text = data_reply(relay, pair)
+    assert (code, text[:5]) == (550, b"5.1.1")
+    assert b"shop.example" not in text
+
+
+def test_upstream_down_is_451_and_nothing_lost(start_relay, upstream):
+    relay = start_relay(f"smtp://127.0.0.1:{closed_port()}")
+    pair = relay.pair()
+    code, text = data_reply(relay, pair)
+    assert (code, text[:5]) == (451, b"4.4.1")
+    [row] = relay.archive_rows()
+    assert row["verdict"] == "deferred"
+    assert row["raw"]  # the message is kept for the record, and the client retries
+
+
+def test_slow_upstream_times_out_with_451(start_relay, upstream):
+    upstream.delay = 2.0
+    relay = start_relay(upstream_url(upstream), upstream_timeout=0.5)
+    pair = relay.pair()
+    code, text = data_reply(relay, pair)
+    assert (code, text[:5]) == (451, b"4.4.1")
+    assert relay.archive_rows()[0]["verdict"] == "deferred"
+
+
+def test_recovered_upstream_delivers_the_retry_once(relay, upstream):
+    pair = relay.pair()
+    upstream.fail_with("451 4.3.0 not now")
+    assert data_reply(relay, pair)[0] == 451
+    upstream.reply_code = 250
+    assert data_reply(relay, pair)[0] == 250
+    assert len(upstream.wait_for(1)) == 1
+    assert [row["verdict"] for row in relay.archive_rows()] == ["deferred", "delivered"]
+
+
+@pytest.fixture(scope="module")
+def ca():
+    return trustme.CA()
+
+
+@pytest.fixture
+def tls_upstream(request, ca, tmp_path):
+    mode = request.param
+    server_context = __import__("ssl").create_default_context(__import__("ssl").Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    recorder = RecordingUpstream(tls=mode, tls_context=server_context,
+                                 credentials=("relayuser", "s3cret/pass")).start()
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    yield recorder, str(ca_file)
+    recorder.stop()
+
+
+@pytest.mark.parametrize("tls_upstream, scheme", [("starttls", "smtp+starttls"), ("implicit", "smtps")],
+                         indirect=["tls_upstream"], ids=["starttls", "smtps"])
+def test_tls_upstream_with_auth(start_relay, tls_upstream, scheme):
+    recorder, ca_file = tls_upstream
+    relay = start_relay(upstream_url(recorder, scheme, "relayuser:s3cret%2Fpass"), ca_file=ca_file)
+    pair = relay.pair()
+    assert data_reply(relay, pair)[0] == 250
+    [got] = recorder.wait_for(1)
+    assert got.rcpt_tos == [pair.seller]
+
+
+@pytest.mark.parametrize("tls_upstream", ["implicit"], indirect=True)
+def test_tls_upstream_with_untrusted_certificate_is_451(start_relay, tls_upstream):
+    recorder, _ = tls_upstream
+    relay = start_relay(upstream_url(recorder, "smtps", "relayuser:s3cret%2Fpass"))  # system CAs only
+    pair = relay.pair()
+    code, text = data_reply(relay, pair)
+    assert (code, text[:5]) == (451, b"4.4.1")
+    assert recorder.messages == []
+
+
+@pytest.mark.parametrize("tls_upstream", ["starttls"], indirect=True)
+def test_wrong_upstream_password_is_451_not_a_bounce(start_relay, tls_upstream):
+    recorder, ca_file = tls_upstream
+    relay = start_relay(upstream_url(recorder, "smtp+starttls", "relayuser:wrong"), ca_file=ca_file,
+                        upstream_timeout=1.0)
+    pair = relay.pair()
+    code, _ = data_reply(relay, pair)
+    assert code == 451
+
+
+def test_maildir_upstream_writes_one_eml_per_message(start_relay, tmp_path):
+    outbox = tmp_path / "outbox"
+    relay = start_relay(f"maildir:{outbox}")
+    pair = relay.pair()
+    assert data_reply(relay, pair)[0] == 250
+    assert data_reply(relay, pair, message(pair.buyer, pair.seller_alias, message_id="<m2@c>"))[0] == 250
+    files = sorted(outbox.glob("*.eml"))
+    assert len(files) == 2
+    assert list((outbox / ".tmp").iterdir()) == []
+    for path, row in zip(files, relay.archive_rows()):
+        assert path.read_bytes() == row["delivered"]
+        assert pair.buyer.encode() not in path.read_bytes()
+
+
+def test_unwritable_maildir_is_451(start_relay, tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the outbox should be")
+    relay = start_relay(f"maildir:{blocker}")
+    pair = relay.pair()
+    code, text = data_reply(relay, pair)
+    assert (code, text[:5]) == (451, b"4.4.1")

@@ -1,0 +1,219 @@
+"""Real parts for the tests: a recording aiosmtpd upstream, the relay in a
+thread, and message builders. No mocks: every test speaks SMTP over
+loopback sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field, replace
+
+from aiosmtpd.smtp import SMTP, AuthResult
+
+from relay import config as config_module
+from relay.config import Endpoint, UpstreamTarget
+from relay.server import ThreadedRelay
+
+
+@dataclass
+class Received:
+    mail_from: str
+    rcpt_tos: list[str]
+    data: bytes
+
+
+class _RecorderHandler:
+    def __init__(self, upstream: "RecordingUpstream"):
+        self.upstream = upstream
+
+    async def handle_DATA(self, server, session, envelope):
+        up = self.upstream
+        if up.delay:
+            await asyncio.sleep(up.delay)
+        if up.reply_code != 250:
+            return up.reply_line
+        with up.lock:
+            up.messages.append(Received(envelope.mail_from, list(envelope.rcpt_tos),
+                                        envelope.original_content))
+        return "250 2.0.0 OK recorded"
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        up = self.upstream
+        if up.rcpt_reply:
+            return up.rcpt_reply
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+
+@dataclass
+class RecordingUpstream:
+    """An aiosmtpd server on 127.0.0.1 that records what it accepted.
+
+    Set `reply_code`/`reply_line` to make DATA fail, `rcpt_reply` to refuse
+    the recipient, `delay` to answer slowly. `tls` = "implicit" or
+    "starttls" with a trustme-made context; `credentials` requires AUTH.
+    """
+
+    tls: str = ""
+    tls_context: ssl.SSLContext | None = None
+    credentials: tuple[str, str] | None = None
+    messages: list[Received] = field(default_factory=list)
+    reply_code: int = 250
+    reply_line: str = ""
+    rcpt_reply: str = ""
+    delay: float = 0.0
+    port: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def fail_with(self, line: str) -> None:
+        self.reply_code = int(line[:3])
+        self.reply_line = line
+
+    def start(self) -> "RecordingUpstream":
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self._server = asyncio.run_coroutine_threadsafe(self._listen(), self._loop).result(10)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def _listen(self):
+        handler = _RecorderHandler(self)
+        kwargs = {}
+        if self.credentials:
+            user, password = self.credentials
+
+            def authenticator(server, session, envelope, mechanism, auth_data):
+                ok = auth_data.login == user.encode() and auth_data.password == password.encode()
+                return AuthResult(success=ok)
+
+            kwargs.update(authenticator=authenticator, auth_required=True)
+        if self.tls == "starttls":
+            kwargs.update(tls_context=self.tls_context, require_starttls=True)
+
+        if self.tls == "implicit" and self.credentials:
+            # aiosmtpd only knows about STARTTLS; on an implicit-TLS socket
+            # the transport is already encrypted, so AUTH may go ahead.
+            kwargs["auth_require_tls"] = False
+
+        def factory():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # aiosmtpd warns about auth_require_tls=False
+                return SMTP(handler, hostname="upstream.test", ident="recorder", **kwargs)
+
+        ssl_context = self.tls_context if self.tls == "implicit" else None
+        return await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0, ssl=ssl_context)
+
+    def stop(self) -> None:
+        async def close():
+            self._server.close()
+            await self._server.wait_closed()
+
+        asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+    def wait_for(self, count: int, timeout: float = 10.0) -> list[Received]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if len(self.messages) >= count:
+                    return list(self.messages)
+            time.sleep(0.02)
+        raise AssertionError(f"upstream got {len(self.messages)} message(s), expected {count}")
+
+
+def closed_port() -> int:
+    """A loopback port with nothing listening (connections are refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_config(tmp_path, upstream_url: str, **overrides) -> config_module.Config:
+    base = config_module.Config()
+    upstream = replace(
+        base.upstream,
+        url=config_module.parse_upstream_url("upstream.url", upstream_url),
+        timeout=overrides.pop("upstream_timeout", 5.0),
+        ca_file=overrides.pop("ca_file", ""),
+    )
+    inbound = replace(base.inbound, listen=Endpoint("127.0.0.1", 0),
+                      processing_timeout=overrides.pop("processing_timeout", 30.0),
+                      max_message_bytes=overrides.pop("max_message_bytes", base.inbound.max_message_bytes))
+    return replace(base, database=str(tmp_path / "relay.sqlite3"), upstream=upstream,
+                   inbound=inbound, **overrides)
+
+
+@dataclass
+class Pair:
+    """A provisioned relationship, with the addresses tests need."""
+
+    seller: str
+    buyer: str
+    seller_alias: str  # the buyer writes here
+    buyer_alias: str  # the seller writes here
+    relationship_id: int
+
+
+class RunningRelay:
+    def __init__(self, config):
+        self.config = config
+        self.threaded = ThreadedRelay(config)
+        self.host, self.port = self.threaded.start()
+
+    @property
+    def store(self):
+        return self.threaded.server.store
+
+    def call(self, coro):
+        return self.threaded.call(coro)
+
+    def pair(self, seller="seller@shop.example", buyer="buyer@mail.example",
+             seller_name="Sam Seller", buyer_name="Bea Buyer", order="ORDER-1") -> Pair:
+        store = self.store
+        if self.call(store.get_party("seller", seller)) is None:
+            self.call(store.add_party("seller", seller, seller_name))
+        if self.call(store.get_party("buyer", buyer)) is None:
+            self.call(store.add_party("buyer", buyer, buyer_name))
+        relationship, _ = self.call(store.add_order(order, seller, buyer, "2026-11-01T00:00:00Z",
+                                                    self.config.domain))
+        return Pair(seller, buyer, relationship.seller_alias, relationship.buyer_alias, relationship.id)
+
+    def archive(self, archive_id: int) -> dict:
+        return self.call(self.store.archive_row(archive_id))
+
+    def archive_rows(self) -> list[dict]:
+        return [self.archive(i) for i in self.call(self.store.archive_ids())]
+
+    def stop(self):
+        if self.threaded is not None:
+            self.threaded.stop(drain_seconds=10)
+            self.threaded = None
+
+
+def message(sender: str, to: str, subject: str = "Hello", body: str = "Hi there.\n",
+            headers: dict | None = None, message_id: str | None = "<m1@client.example>") -> bytes:
+    """A plain text message with CRLF line ends."""
+    lines = [f"From: {sender}", f"To: {to}", f"Subject: {subject}",
+             "Date: Thu, 26 Nov 2026 10:00:00 +0000"]
+    if message_id:
+        lines.append(f"Message-ID: {message_id}")
+    for name, value in (headers or {}).items():
+        lines.append(f"{name}: {value}")
+    text = "\n".join(lines) + "\n\n" + body
+    return text.replace("\r\n", "\n").replace("\n", "\r\n").encode("utf-8")
+
+
+def upstream_url(upstream: RecordingUpstream, scheme: str = "smtp", userinfo: str = "") -> str:
+    at = f"{userinfo}@" if userinfo else ""
+    return f"{scheme}://{at}127.0.0.1:{upstream.port}"
+
+
+def target(url: str) -> UpstreamTarget:
+    return config_module.parse_upstream_url("upstream.url", url)
