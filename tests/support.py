@@ -32,6 +32,7 @@ class _RecorderHandler:
 
     async def handle_DATA(self, server, session, envelope):
         up = self.upstream
+        up.data_started.set()
         if up.delay:
             await asyncio.sleep(up.delay)
         if up.reply_code != 250:
@@ -68,6 +69,7 @@ class RecordingUpstream:
     delay: float = 0.0
     port: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    data_started: threading.Event = field(default_factory=threading.Event)
 
     def fail_with(self, line: str) -> None:
         self.reply_code = int(line[:3])
