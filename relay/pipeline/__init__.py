@@ -20,9 +20,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from email.message import EmailMessage
 
+from relay import replies
 from relay.pipeline import checks, rewrite, scrub
 from relay.pipeline.message import parse, referenced_ids, serialize
 from relay.pipeline.rewrite import trace_header
+from relay.replies import SmtpError
 from relay.store import MessageIdRow, Party
 
 __all__ = ["Context", "Result", "STAGES", "parse", "process", "referenced_ids"]
@@ -69,7 +71,13 @@ def process(message: EmailMessage, context: Context, changes: list[str]) -> Resu
     leaves a record of what was looked at for the archive.
     """
     original_id = rewrite.original_message_id(message)
-    for stage in STAGES:
-        stage(message, context, changes)
-    delivered = serialize(message, prepend=[trace_header(context)])
+    try:
+        for stage in STAGES:
+            stage(message, context, changes)
+        delivered = serialize(message, prepend=[trace_header(context)])
+    except RecursionError:
+        # The email package walks MIME trees recursively; thousands of nested
+        # parts exhaust the stack. No real mail nests like that.
+        changes.append("refused: MIME structure nested too deeply")
+        raise SmtpError(replies.TOO_DEEPLY_NESTED) from None
     return Result(delivered=delivered, original_message_id=original_id, changes=changes)

@@ -23,6 +23,9 @@ from email.generator import BytesGenerator
 from email.message import EmailMessage
 from email.parser import BytesParser
 
+from relay import replies
+from relay.replies import SmtpError
+
 POLICY = email_policy.SMTP.clone(refold_source="none")
 
 _MSGID_RE = re.compile(r"<[^<>\s]{1,250}>")
@@ -32,7 +35,11 @@ MAX_REFERENCES = 50
 
 
 def parse(raw: bytes) -> EmailMessage:
-    return BytesParser(policy=POLICY).parsebytes(raw)
+    try:
+        return BytesParser(policy=POLICY).parsebytes(raw)
+    except RecursionError:
+        # The parser recurses per nesting level; no real mail nests thousands deep.
+        raise SmtpError(replies.TOO_DEEPLY_NESTED) from None
 
 
 def serialize(message: EmailMessage, prepend: list[str] = ()) -> bytes:
@@ -88,9 +95,14 @@ def referenced_ids(message: EmailMessage) -> list[str]:
 # --- text parts -----------------------------------------------------------------
 
 def text_parts(message: EmailMessage):
-    """Every text/* part (in embedded messages too), multipart containers skipped."""
+    """Every leaf part a person could read as text (in embedded messages
+    too): text/*, and a multipart or message part that the parser could not
+    split (a missing boundary leaves its whole body as one string, which
+    must not slip past the scrubbing as an opaque container)."""
     for part in message.walk():
-        if part.get_content_maintype() == "text" and not part.is_multipart():
+        if part.is_multipart():
+            continue
+        if part.get_content_maintype() in ("text", "multipart", "message"):
             yield part
 
 

@@ -10,6 +10,7 @@ translate are dropped: they are the sender's client's and can name its host.
 
 from __future__ import annotations
 
+from collections import Counter
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import format_datetime
@@ -71,11 +72,10 @@ def rewrite_headers(message: EmailMessage, context, changes: list[str]) -> None:
     in_reply_to = [i for v in raw_values(message, "In-Reply-To") for i in message_ids_in(v)]
     references = [i for v in raw_values(message, "References") for i in message_ids_in(v)]
 
-    dropped: dict[str, int] = {}
-    for name in list(dict.fromkeys(message.keys())):
-        if not is_kept(name):
-            dropped[name] = len(message.get_all(name, []))
-            del message[name]
+    # One pass over the header list: deleting name by name rescans every
+    # header each time, which a message with 20,000 headers turns into minutes.
+    dropped = Counter(name for name, _ in message._headers if not is_kept(name))
+    message._headers = [(name, value) for name, value in message._headers if is_kept(name)]
     for name, count in dropped.items():
         changes.append(f"dropped header {name}" + (f" ({count}x)" if count > 1 else ""))
 
