@@ -27,9 +27,12 @@ def sender_check(message: EmailMessage, context, changes: list[str]) -> None:
         raise SmtpError(replies.FROM_HEADER_MISSING)
     try:
         mailboxes = values[0].addresses
+        # `addresses` flattens groups, so "From: Team: buyer@x;" would pass
+        # as one mailbox; RFC 5322 From is a mailbox-list and allows no group.
+        in_group = any(group.display_name is not None for group in values[0].groups)
     except (AttributeError, ValueError, IndexError, TypeError):
-        mailboxes = ()
-    if len(mailboxes) != 1 or not mailboxes[0].addr_spec:
+        mailboxes, in_group = (), False
+    if len(mailboxes) != 1 or in_group or not mailboxes[0].addr_spec:
         changes.append("refused: From header is not a single mailbox")
         raise SmtpError(replies.FROM_HEADER_MISSING)
     if addresses.normalize(mailboxes[0].addr_spec) != context.sender.address:

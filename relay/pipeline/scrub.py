@@ -12,6 +12,7 @@ left exactly as received.
 
 from __future__ import annotations
 
+import html
 import re
 from email.message import EmailMessage
 
@@ -23,19 +24,54 @@ _NAMED_ENTITIES = {"@": ("&commat;",), ".": ("&period;",), "-": ("&hyphen;", "&d
 
 def _char_pattern(char: str) -> str:
     """A regex for one character in any spelling HTML or a URL allows."""
-    code = ord(char)
-    spellings = [re.escape(char), f"&#0*{code};?", f"&#[xX]0*{code:x};?"]
-    if code < 128:
-        spellings.append(f"%{code:02x}")
+    spellings = [re.escape(char)]
+    # Both cases: IGNORECASE covers the literal letter but not the code in
+    # an escape, and "%55" (U) reaches the same mailbox as "%75" (u).
+    for code in sorted({ord(char.lower()), ord(char.upper())}):
+        spellings.extend([f"&#0*{code};?", f"&#[xX]0*{code:x};?"])
+        if code < 128:
+            spellings.append(f"%{code:02x}")
     spellings.extend(_NAMED_ENTITIES.get(char, ()))
     return "(?:" + "|".join(spellings) + ")"
 
 
 def address_pattern(address: str) -> str:
-    body = "".join(_char_pattern(c) for c in address)
-    # Not a piece of a longer address: no address character right before,
-    # no domain continuing right after.
-    return rf"(?<![\w.+\-=&#%]){body}(?![\w\-]|\.[\w\-])"
+    local, at, domain = address.rpartition("@")
+    body = "".join(_char_pattern(c) for c in local)
+    # The @ is a named group: the substitute keeps its spelling (`_spelled_like`).
+    body += f"(?P<at>{_char_pattern(at)})" if at else ""
+    body += "".join(_char_pattern(c) for c in domain)
+    # Not a piece of a longer address: no domain continuing right after.
+    # (What may stand right before is decided in `_after_address_char`.)
+    return rf"{body}(?![\w\-]|\.[\w\-])"
+
+
+# A character that, right before a match, makes it the tail of a longer
+# address. "=" is not one of them although RFC 5322 allows it in a local
+# part: before an address it is nearly always a key=value delimiter
+# (`mailto:?to=`, `?email=`, an unquoted HTML attribute), and in the rare
+# real local part with "=" (BATV `prvs=tag=user@`) the mailbox behind it is
+# the party's own, so replacing is the safe side.
+_ADDRESS_CHAR = re.compile(r"[\w.+\-&#%]")
+# An escape ending right before a match; what it stands for decides, so that
+# "%3Cbuyer@…" (an encoded "<") is a boundary and "&#120;buyer@…" ("x") is
+# not. An escaped "&", "#" or "%" ("&amp;buyer@…") is a delimiter there.
+_ESCAPED_ADDRESS_CHAR = re.compile(r"[\w.+\-]")
+_ESCAPE_AT_END = re.compile(
+    r"(?:%[0-9a-f]{2}|&#x0*[0-9a-f]{1,6};?|&#0*[0-9]{1,7};?|&[a-z][a-z0-9]{1,31};)\Z", re.IGNORECASE)
+
+
+def _after_address_char(text: str, start: int) -> bool:
+    """True when the character before `start` (after undoing an HTML or URL
+    escape) belongs to an address, i.e. a match there is a longer address."""
+    if start == 0:
+        return False
+    escape = _ESCAPE_AT_END.search(text, max(0, start - 40), start)
+    if escape:
+        spelled = escape.group(0)
+        char = chr(int(spelled[1:], 16)) if spelled.startswith("%") else html.unescape(spelled)
+        return bool(char) and _ESCAPED_ADDRESS_CHAR.fullmatch(char[-1]) is not None
+    return _ADDRESS_CHAR.fullmatch(text[start - 1]) is not None
 
 
 class AddressReplacer:
@@ -51,9 +87,27 @@ class AddressReplacer:
     def replace(self, text: str) -> tuple[str, int]:
         total = 0
         for pattern, substitute in self._patterns:
-            text, count = pattern.subn(substitute, text)
-            total += count
+            pieces, pos, scan = [], 0, 0
+            while (match := pattern.search(text, scan)) is not None:
+                if _after_address_char(text, match.start()):
+                    # Part of a longer address; a real one may still start
+                    # inside this match, so go on one character later.
+                    scan = match.start() + 1
+                    continue
+                pieces += [text[pos:match.start()], _spelled_like(substitute, match)]
+                pos = scan = match.end()
+                total += 1
+            text = "".join(pieces) + text[pos:]
         return text, total
+
+
+def _spelled_like(substitute: str, match: re.Match) -> str:
+    """`substitute` with its @ spelled "%40" where the match had it so: in
+    an RFC 2231 file name (filename*=utf-8''…) or a URL a bare "@" is not
+    allowed, and a parser cuts the value short there."""
+    if (match.groupdict().get("at") or "").startswith("%"):
+        return substitute.replace("@", "%40")
+    return substitute
 
 
 def replacer_for(context) -> AddressReplacer:
@@ -63,19 +117,31 @@ def replacer_for(context) -> AddressReplacer:
     })
 
 
+# Top-level headers the header pass leaves alone: From, To and Message-ID
+# are the relay's own (To must keep the recipient's real address),
+# In-Reply-To and References hold translated ids only, and Subject has a
+# pass of its own. Every other header left at the top after the rewrite
+# (Date, MIME-Version, Auto-Submitted, Content-*) is scrubbed: each may
+# carry a comment or parameter, and an address in one reaches the recipient.
+_TOP_HEADERS_SKIPPED = frozenset({"from", "to", "message-id", "in-reply-to", "references", "subject"})
+
+
 def scrub_addresses(message: EmailMessage, context, changes: list[str]) -> None:
     replacer = replacer_for(context)
     _scrub_subject(message, replacer, changes)
     for index, part in enumerate(message.walk()):
-        if part is not message:
-            _scrub_part_headers(part, index, replacer, changes)
+        if part is message:
+            _scrub_headers(part, replacer, changes, "", skip=_TOP_HEADERS_SKIPPED)
+        else:
+            _scrub_headers(part, replacer, changes, f" of part {index}")
+        if part.is_multipart():
+            _scrub_preamble_epilogue(part, index, replacer, changes)
     for index, part in enumerate(text_parts(message)):
         text = read_text(part)
         new_text, count = replacer.replace(text)
         if count:
             write_text(part, new_text)
             changes.append(f"replaced {count} party address(es) in {part.get_content_type()} part {index}")
-    _scrub_top_content_headers(message, replacer, changes)
 
 
 def _scrub_subject(message: EmailMessage, replacer: AddressReplacer, changes: list[str]) -> None:
@@ -95,47 +161,46 @@ def _scrub_subject(message: EmailMessage, replacer: AddressReplacer, changes: li
         changes.append(f"replaced {total} party address(es) in Subject")
 
 
-def _scrub_part_headers(part: EmailMessage, index: int, replacer: AddressReplacer, changes: list[str]) -> None:
-    """Headers of a MIME part or embedded message, matched on the raw value
-    and on the decoded one (an encoded-word can spell an address)."""
-    for name, value in list(part.items()):
-        raw = _raw(part, name)
+def _scrub_headers(part: EmailMessage, replacer: AddressReplacer, changes: list[str],
+                   where: str, skip: frozenset[str] = frozenset()) -> None:
+    """Headers of a MIME part or embedded message (or the kept top-level
+    ones), matched on the raw value and on the decoded one (an encoded-word
+    can spell an address).
+
+    Header by header in place, by position: a name may repeat (the
+    Received lines of a forwarded message, a doubled Content-Description)
+    and every copy must be seen; looking a value up by name finds only the
+    first. In place also keeps the order and leaves untouched headers
+    byte-for-byte as received.
+    """
+    for i, (name, value) in enumerate(list(part._headers)):
+        if name.lower() in skip:
+            continue
+        raw = str(value)  # the source text for headers as received
         new_raw, count = replacer.replace(raw)
         if not count:
-            decoded, count = replacer.replace(str(value))
+            decoded, count = replacer.replace(str(part.policy.header_fetch_parse(name, value)))
             if not count:
                 continue
             new_raw = _without_surrogates(decoded)
-        _replace_header(part, name, raw, new_raw)
-        changes.append(f"replaced {count} party address(es) in {name} of part {index}")
+        unfolded = re.sub(r"\r?\n(?=[ \t])", "", new_raw)
+        part._headers[i] = part.policy.header_store_parse(name, unfolded)
+        changes.append(f"replaced {count} party address(es) in {name}{where}")
 
 
-def _scrub_top_content_headers(message: EmailMessage, replacer: AddressReplacer, changes: list[str]) -> None:
-    for name in list(message.keys()):
-        if not name.lower().startswith("content-"):
+def _scrub_preamble_epilogue(part: EmailMessage, index: int, replacer: AddressReplacer,
+                             changes: list[str]) -> None:
+    """The text before the first and after the last boundary of a multipart
+    is no part, but it is in the delivered bytes, and some clients (and any
+    "view source") show it."""
+    for attr in ("preamble", "epilogue"):
+        text = getattr(part, attr)
+        if not text:
             continue
-        raw = _raw(message, name)
-        new_raw, count = replacer.replace(raw)
+        new_text, count = replacer.replace(text)
         if count:
-            _replace_header(message, name, raw, new_raw)
-            changes.append(f"replaced {count} party address(es) in {name}")
-
-
-def _raw(part: EmailMessage, name: str) -> str:
-    for key, value in part._headers:
-        if key == name:
-            return str(value)
-    return ""
-
-
-def _replace_header(part: EmailMessage, name: str, old_raw: str, new_raw: str) -> None:
-    # Keep the header's position: the header list is order-sensitive for
-    # embedded messages, and rebuilding it would refold untouched headers.
-    for i, (key, value) in enumerate(part._headers):
-        if key == name and str(value) == old_raw:
-            unfolded = re.sub(r"\r?\n(?=[ \t])", "", new_raw)
-            part._headers[i] = part.policy.header_store_parse(key, unfolded)
-            return
+            setattr(part, attr, new_text)
+            changes.append(f"replaced {count} party address(es) in the {attr} of part {index}")
 
 
 def _without_surrogates(text: str) -> str:

@@ -30,7 +30,7 @@ def test_threading_across_three_replies(relay, upstream):
     send(relay, pair.buyer, pair.seller_alias,
          message(pair.buyer, pair.seller_alias, message_id="<b1@mail.example>"))
     r1, irt, refs = headers_of(upstream.wait_for(1)[0])
-    assert r1.endswith("@marketplace.example>") and "b1" not in r1
+    assert r1.endswith("@marketplace.example>") and "b1@mail.example" not in r1
     assert irt is None and refs is None
 
     # 2. The seller's client replies to what it saw (r1).
