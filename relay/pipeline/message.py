@@ -86,7 +86,12 @@ def set_id_list(message: EmailMessage, name: str, ids: list[str]) -> None:
 def referenced_ids(message: EmailMessage) -> list[str]:
     """Every id the message names: its own and those it replies to."""
     ids = []
-    for name in ("Message-ID", "In-Reply-To", "References"):
+    # References first: the slice below keeps the newest ids, and the
+    # parent (In-Reply-To, normally also the last of References) and the
+    # message's own id must survive a long References header. Listed first
+    # they were cut by it, and a reply in a thread of 52+ messages lost
+    # its In-Reply-To.
+    for name in ("References", "In-Reply-To", "Message-ID"):
         for value in raw_values(message, name):
             ids.extend(message_ids_in(value))
     return list(dict.fromkeys(ids))[-(MAX_REFERENCES + 2):]

@@ -12,7 +12,6 @@ left exactly as received.
 
 from __future__ import annotations
 
-import html
 import re
 from email.message import EmailMessage
 
@@ -53,25 +52,21 @@ def address_pattern(address: str) -> str:
 # real local part with "=" (BATV `prvs=tag=user@`) the mailbox behind it is
 # the party's own, so replacing is the safe side.
 _ADDRESS_CHAR = re.compile(r"[\w.+\-&#%]")
-# An escape ending right before a match; what it stands for decides, so that
-# "%3Cbuyer@…" (an encoded "<") is a boundary and "&#120;buyer@…" ("x") is
-# not. An escaped "&", "#" or "%" ("&amp;buyer@…") is a delimiter there.
-_ESCAPED_ADDRESS_CHAR = re.compile(r"[\w.+\-]")
-_ESCAPE_AT_END = re.compile(
-    r"(?:%[0-9a-f]{2}|&#x0*[0-9a-f]{1,6};?|&#0*[0-9]{1,7};?|&[a-z][a-z0-9]{1,31};)\Z", re.IGNORECASE)
+# A %-escape or an HTML character reference without its ";" ending right
+# before a match: its last character ("C" of "%3C", "0" of "&#60") is no
+# address character, whatever the escape stands for. Reading it as a
+# boundary even when it encodes a letter ("&#120buyer@…") errs on the safe
+# side: in text/plain nobody decodes the escape, and the address would
+# stand there readable.
+_ESCAPE_AT_END = re.compile(r"(?:%[0-9a-f]{2}|&#x[0-9a-f]+|&#[0-9]+)\Z", re.IGNORECASE)
 
 
 def _after_address_char(text: str, start: int) -> bool:
-    """True when the character before `start` (after undoing an HTML or URL
-    escape) belongs to an address, i.e. a match there is a longer address."""
-    if start == 0:
+    """True when the character before `start` belongs to an address, i.e. a
+    match at `start` is the tail of a longer address."""
+    if start == 0 or _ADDRESS_CHAR.fullmatch(text[start - 1]) is None:
         return False
-    escape = _ESCAPE_AT_END.search(text, max(0, start - 40), start)
-    if escape:
-        spelled = escape.group(0)
-        char = chr(int(spelled[1:], 16)) if spelled.startswith("%") else html.unescape(spelled)
-        return bool(char) and _ESCAPED_ADDRESS_CHAR.fullmatch(char[-1]) is not None
-    return _ADDRESS_CHAR.fullmatch(text[start - 1]) is not None
+    return _ESCAPE_AT_END.search(text, max(0, start - 40), start) is None
 
 
 class AddressReplacer:
