@@ -69,7 +69,9 @@ LOOKUP_FAILED = Reply(451, "4.3.0", "Temporary lookup failure, try again later")
 # --- DATA: policy -------------------------------------------------------------
 FROM_HEADER_MISSING = Reply(550, "5.7.1", "Message has no usable From header")
 FROM_HEADER_MISMATCH = Reply(550, "5.7.1", "From header does not match the envelope sender")
-TOO_DEEPLY_NESTED = Reply(554, "5.6.0", "Message structure is nested too deeply")
+TOO_DEEPLY_NESTED = Reply(554, "5.6.0", "Message structure is nested too deeply or has too many parts")
+ENCODED_MESSAGE_PART = Reply(
+    554, "5.6.0", "An attached message must not have a transfer encoding (RFC 2046 section 5.2.1)")
 TOO_MANY_HOPS = Reply(554, "5.4.6", "Too many hops: mail loop detected")
 
 # --- DATA: transient ----------------------------------------------------------

@@ -8,7 +8,7 @@ the store (the Message-ID map) is looked up by the handler beforehand and
 handed in through `Context`. The handler runs the whole thing in a worker
 thread with a time limit, so a hostile message cannot stall the server.
 
-Order (DESIGN §2): loop check → sender check → header rewrite → address
+Order (DESIGN §2): loop check → structure check → sender check → header rewrite → address
 scrubbing → trace headers. Later issues add HTML sanitizing, link
 stripping, the attachment check and DKIM signing at their places in
 `STAGES` / `serialize`.
@@ -58,6 +58,7 @@ class Result:
 
 STAGES = (
     checks.loop_check,
+    checks.structure_check,
     checks.sender_check,
     rewrite.rewrite_headers,
     scrub.scrub_addresses,

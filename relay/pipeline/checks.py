@@ -17,6 +17,33 @@ def loop_check(message: EmailMessage, context, changes: list[str]) -> None:
         raise SmtpError(replies.TOO_MANY_HOPS)
 
 
+# No real mail comes near these; past them a message is an attack on the
+# parser (each level and part costs work in every later stage).
+MAX_MIME_DEPTH = 50
+MAX_MIME_PARTS = 1000
+
+
+def structure_check(message: EmailMessage, context, changes: list[str]) -> None:
+    """Refuse MIME trees that are too deep or too wide, and message/* parts
+    with a transfer encoding (RFC 2046 §5.2.1 forbids it): the parser leaves
+    such an embedded message as opaque base64 that no later stage could
+    read, so a party's address would pass hidden inside it."""
+    stack, parts = [(message, 0)], 0
+    while stack:  # iterative: walk() recurses, and depth is what we check
+        part, depth = stack.pop()
+        parts += 1
+        if depth > MAX_MIME_DEPTH or parts > MAX_MIME_PARTS:
+            changes.append(f"refused: MIME structure over {MAX_MIME_DEPTH} levels or {MAX_MIME_PARTS} parts")
+            raise SmtpError(replies.TOO_DEEPLY_NESTED)
+        if part.get_content_maintype() == "message":
+            cte = str(part.get("Content-Transfer-Encoding", "")).strip().lower()
+            if cte not in ("", "7bit", "8bit", "binary"):
+                changes.append(f"refused: {part.get_content_type()} part with {cte} transfer encoding")
+                raise SmtpError(replies.ENCODED_MESSAGE_PART)
+        if part.is_multipart():
+            stack.extend((child, depth + 1) for child in part.get_payload())
+
+
 def sender_check(message: EmailMessage, context, changes: list[str]) -> None:
     """The header From: must be exactly one mailbox, the sender's registered
     address: the envelope was checked at RCPT, and a message must not claim

@@ -672,6 +672,17 @@ REJECTIONS = [
     ("from-garbage", eml("", from_="From: <<<>>>"), 550, "5.7.1"),
     ("fifty-one-received", eml(TOO_MANY_RECEIVED), 554, "5.4.6"),
     ("fifty-one-received-before-from-check", eml(TOO_MANY_RECEIVED, from_=None), 554, "5.4.6"),
+    # An embedded message may not be base64 (RFC 2046 §5.2.1); the parser
+    # would leave it opaque and the buyer's address would pass inside.
+    ("message-rfc822-base64-encoded",
+     eml('Content-Type: multipart/mixed; boundary="b"\nMIME-Version: 1.0',
+         "--b\nContent-Type: text/plain\n\nsee attached\n--b\nContent-Type: message/rfc822\n"
+         "Content-Transfer-Encoding: base64\n\n"
+         + base64.b64encode(b"From: buyer@mail.example\r\nSubject: hi\r\n\nfrom buyer@mail.example\r\n").decode()
+         + "\n--b--\n"), 554, "5.6.0"),
+    ("thousand-and-one-parts",
+     eml('Content-Type: multipart/mixed; boundary="b"\nMIME-Version: 1.0',
+         "".join("--b\nContent-Type: text/plain\n\npart\n" for _ in range(1001)) + "--b--\n"), 554, "5.6.0"),
 ]
 
 
