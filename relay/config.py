@@ -66,7 +66,7 @@ class UpstreamTarget:
 class InboundConfig:
     listen: Endpoint = Endpoint("127.0.0.1", 2525)
     hostname: str = ""
-    max_message_bytes: int = 36700160
+    max_message_bytes: int = 0  # 0: derived from the attachment limit (Config.size_limit)
     processing_timeout: float = 60.0
 
 
@@ -84,13 +84,64 @@ class UpstreamConfig:
     ca_file: str = ""
 
 
+# HTML that mail clients render and that carries no script: layout tables,
+# inline formatting, lists, headings, images and links.
+DEFAULT_HTML_TAGS = (
+    "a", "abbr", "b", "big", "blockquote", "br", "caption", "center", "cite", "code", "col",
+    "colgroup", "dd", "del", "div", "dl", "dt", "em", "font", "h1", "h2", "h3", "h4", "h5", "h6",
+    "hr", "i", "img", "ins", "kbd", "li", "ol", "p", "pre", "q", "s", "small", "span", "strike",
+    "strong", "sub", "sup", "table", "tbody", "td", "tfoot", "th", "thead", "tr", "tt", "u", "ul",
+)
+DEFAULT_HTML_ATTRIBUTES = (
+    ("*", ("align", "valign", "dir", "lang", "title", "style", "class", "width", "height", "bgcolor")),
+    ("a", ("href", "name", "target")),
+    ("img", ("src", "alt", "border", "hspace", "vspace")),
+    ("font", ("color", "face", "size")),
+    ("table", ("border", "cellpadding", "cellspacing", "background")),
+    ("td", ("colspan", "rowspan", "nowrap", "background")),
+    ("th", ("colspan", "rowspan", "nowrap", "background", "scope")),
+    ("ol", ("start", "type")),
+    ("ul", ("type",)),
+    ("li", ("value",)),
+    ("col", ("span",)),
+    ("colgroup", ("span",)),
+    ("hr", ("size", "noshade")),
+    ("blockquote", ("cite",)),
+    ("q", ("cite",)),
+    ("del", ("cite", "datetime")),
+    ("ins", ("cite", "datetime")),
+)
+# bleach's CSS allowlist plus the box properties mail layouts rely on; no
+# property that takes a url() (background, list-style-image, content…).
+DEFAULT_CSS_PROPERTIES = (
+    "background-color", "border", "border-bottom", "border-bottom-color", "border-collapse",
+    "border-color", "border-left", "border-left-color", "border-radius", "border-right",
+    "border-right-color", "border-spacing", "border-style", "border-top", "border-top-color",
+    "border-width", "clear", "color", "direction", "display", "float", "font", "font-family",
+    "font-size", "font-style", "font-variant", "font-weight", "height", "letter-spacing",
+    "line-height", "margin", "margin-bottom", "margin-left", "margin-right", "margin-top",
+    "max-width", "min-width", "padding", "padding-bottom", "padding-left", "padding-right",
+    "padding-top", "table-layout", "text-align", "text-decoration", "text-indent",
+    "text-transform", "vertical-align", "white-space", "width", "word-break",
+)
+
+
 @dataclass(frozen=True)
 class PolicyConfig:
     allowed_link_domains: tuple[str, ...] = ("marketplace.example",)
     attachment_types: tuple[str, ...] = ("pdf", "txt", "jpg", "jpeg", "png", "gif", "doc", "docx")
     max_attachment_bytes: int = 10485760
+    max_text_part_bytes: int = 2097152
+    html_tags: tuple[str, ...] = DEFAULT_HTML_TAGS
+    html_attributes: tuple[tuple[str, tuple[str, ...]], ...] = DEFAULT_HTML_ATTRIBUTES
+    html_css_properties: tuple[str, ...] = DEFAULT_CSS_PROPERTIES
+    redact_phone_numbers: bool = False
+    phone_regions: tuple[str, ...] = ("us",)
     daily_message_base: int = 600
     daily_message_per_order: int = 5
+
+    def attribute_map(self) -> dict[str, list[str]]:
+        return {tag: list(names) for tag, names in self.html_attributes}
 
 
 @dataclass(frozen=True)
@@ -117,6 +168,18 @@ class Config:
     @property
     def greeting_hostname(self) -> str:
         return self.inbound.hostname or self.domain
+
+    @property
+    def size_limit(self) -> int:
+        """The SIZE the listener advertises and enforces. Derived, unless set,
+        so that a message whose attachments are over the limit is refused
+        at MAIL FROM (when the client declares SIZE) or while DATA is read:
+        base64 grows data by 4/3 and its CRLF every 76 characters by 78/76,
+        plus room for the text parts and headers."""
+        if self.inbound.max_message_bytes:
+            return self.inbound.max_message_bytes
+        encoded = self.policy.max_attachment_bytes * 4 // 3 * 78 // 76
+        return encoded + 2 * self.policy.max_text_part_bytes + 1048576
 
 
 def config_path(cli_value: str | None, environ: typing.Mapping[str, str] = os.environ) -> Path:
@@ -190,6 +253,17 @@ def _convert(key: str, kind, raw):
         if raw <= 0:
             raise ConfigError(f"{key}: must be greater than 0, got {raw}")
         return float(raw)
+    if kind is bool:
+        if not isinstance(raw, bool):
+            raise ConfigError(f"{key}: expected true or false, got {_describe(raw)}")
+        return raw
+    if kind == tuple[tuple[str, tuple[str, ...]], ...]:
+        if not isinstance(raw, dict) or not all(
+                isinstance(v, list) and all(isinstance(x, str) for x in v) for v in raw.values()):
+            raise ConfigError(f"{key}: expected a table of lists of strings, as in {{ a = [\"href\"] }}, "
+                              f"got {_describe(raw)}")
+        return tuple((tag.strip().lower(), tuple(x.strip().lower() for x in names))
+                     for tag, names in raw.items())
     if kind == tuple[str, ...]:
         if not isinstance(raw, list) or not all(isinstance(x, str) for x in raw):
             raise ConfigError(f"{key}: expected a list of strings, got {_describe(raw)}")
@@ -217,12 +291,22 @@ def _check(section, prefix: str) -> None:
     elif isinstance(section, InboundConfig):
         if section.hostname and not _HOSTNAME_RE.match(section.hostname.lower()):
             raise ConfigError(f"{prefix}hostname: not a host name: {section.hostname!r}")
-        if section.max_message_bytes < 1024:
-            raise ConfigError(f"{prefix}max_message_bytes: must be at least 1024")
+        if 0 < section.max_message_bytes < 1024:
+            raise ConfigError(f"{prefix}max_message_bytes: must be 0 (derived) or at least 1024")
     elif isinstance(section, PolicyConfig):
         for domain in section.allowed_link_domains:
             if not _HOSTNAME_RE.match(domain):
                 raise ConfigError(f"{prefix}allowed_link_domains: not a domain name: {domain!r}")
+        for region in section.phone_regions:
+            if not re.fullmatch(r"[a-z]{2}", region):
+                raise ConfigError(f"{prefix}phone_regions: expected two-letter region codes, got {region!r}")
+        for name in section.attachment_types:
+            if not re.fullmatch(r"[a-z0-9]{1,10}", name):
+                raise ConfigError(f"{prefix}attachment_types: expected file extensions without a dot, got {name!r}")
+        if section.max_attachment_bytes < 1:
+            raise ConfigError(f"{prefix}max_attachment_bytes: must be at least 1")
+        if section.max_text_part_bytes < 1024:
+            raise ConfigError(f"{prefix}max_text_part_bytes: must be at least 1024")
     elif isinstance(section, ArchiveConfig):
         if section.retention_days < 1:
             raise ConfigError(f"{prefix}retention_days: must be at least 1")
@@ -308,7 +392,12 @@ def effective(config: Config) -> dict:
             return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
         if isinstance(value, (Endpoint, UpstreamTarget)):
             return str(value)
+        if isinstance(value, tuple) and value and all(
+                isinstance(v, tuple) and len(v) == 2 and isinstance(v[1], tuple) for v in value):
+            return {k: list(v) for k, v in value}
         if isinstance(value, tuple):
             return list(value)
         return value
-    return plain(config)
+    settings = plain(config)
+    settings["inbound"]["effective_size_limit"] = config.size_limit
+    return settings

@@ -25,6 +25,7 @@ from datetime import datetime, timezone
 from relay import addresses, pipeline, replies
 from relay.config import Config
 from relay.forward import DeliveryError, Upstream
+from relay.pipeline.changes import ChangeLog
 from relay.replies import Reply, SmtpError
 from relay.store import ArchiveEntry, Party, Relationship, StoreUnavailable, utc_now
 
@@ -129,7 +130,7 @@ class RelayHandler:
         route: Route = envelope.relay_route
         raw: bytes = envelope.original_content
         transaction_id = secrets.token_hex(6)
-        changes: list[str] = []
+        changes = ChangeLog()
         delivered: bytes | None = None
         original_id = None
         relay_id = addresses.new_message_id(self.config.domain)
@@ -172,9 +173,9 @@ class RelayHandler:
         if reply is replies.DELIVERED and archive_id is not None:
             reply = reply.with_text(f"{reply.text} (archive {archive_id})")
         log.info(
-            "message archive=%s relationship=%s direction=%s verdict=%s bytes=%d ms=%.1f reply=%r",
+            "message archive=%s relationship=%s direction=%s verdict=%s bytes=%d ms=%.1f policy=%s reply=%r",
             archive_id, route.relationship.id, route.direction, verdict, len(raw),
-            (time.monotonic() - started) * 1000, reply.line(),
+            (time.monotonic() - started) * 1000, changes.policy_summary().replace(" ", ""), reply.line(),
         )
         return reply
 
@@ -198,6 +199,7 @@ class RelayHandler:
                 transaction_id=transaction_id,
                 thread_rows=tuple(rows),
                 protocol=self.protocol,
+                policy=self.config.policy,
             )
             result = await asyncio.wait_for(
                 asyncio.to_thread(pipeline.process, message, context, changes), timeout)

@@ -72,6 +72,9 @@ FROM_HEADER_MISMATCH = Reply(550, "5.7.1", "From header does not match the envel
 TOO_DEEPLY_NESTED = Reply(554, "5.6.0", "Message structure is nested too deeply or has too many parts")
 ENCODED_MESSAGE_PART = Reply(
     554, "5.6.0", "An attached message must not have a transfer encoding (RFC 2046 section 5.2.1)")
+TEXT_PART_TOO_BIG = Reply(552, "5.3.4", "A text part exceeds the size limit")
+ATTACHMENT_NOT_ALLOWED = Reply(550, "5.7.1", "Attachment type not allowed")
+ATTACHMENTS_TOO_BIG = Reply(552, "5.3.4", "Attachments exceed the size limit")
 TOO_MANY_HOPS = Reply(554, "5.4.6", "Too many hops: mail loop detected")
 
 # --- DATA: transient ----------------------------------------------------------

@@ -68,7 +68,7 @@ class RelayServer:
                 handler,
                 hostname=self.config.greeting_hostname,
                 ident=IDENT,
-                data_size_limit=self.config.inbound.max_message_bytes,
+                data_size_limit=self.config.size_limit,
                 enable_SMTPUTF8=True,
                 decode_data=False,
                 # The inbound side takes mail for aliases only; no AUTH here.

@@ -8,10 +8,11 @@ the store (the Message-ID map) is looked up by the handler beforehand and
 handed in through `Context`. The handler runs the whole thing in a worker
 thread with a time limit, so a hostile message cannot stall the server.
 
-Order (DESIGN §2): loop check → structure check → sender check → header rewrite → address
-scrubbing → trace headers. Later issues add HTML sanitizing, link
-stripping, the attachment check and DKIM signing at their places in
-`STAGES` / `serialize`.
+Order (DESIGN §2): loop check → structure check → sender check → header
+rewrite → address scrubbing → attachment check → text size check → HTML
+sanitizing (with the link policy inside HTML) → link stripping in other
+text → the X-Relay-Policy summary and trace header. DKIM signing (a later
+issue) wraps `serialize`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from datetime import datetime
 from email.message import EmailMessage
 
 from relay import replies
-from relay.pipeline import checks, rewrite, scrub
+from relay.config import PolicyConfig
+from relay.pipeline import attachments, checks, links, rewrite, sanitize, scrub
+from relay.pipeline.changes import ChangeLog
 from relay.pipeline.message import parse, referenced_ids, serialize
 from relay.pipeline.rewrite import trace_header
 from relay.replies import SmtpError
@@ -47,6 +50,7 @@ class Context:
     thread_rows: tuple[MessageIdRow, ...] = ()
     max_hops: int = 50
     protocol: str = "ESMTP"
+    policy: PolicyConfig = PolicyConfig()
 
 
 @dataclass
@@ -54,6 +58,7 @@ class Result:
     delivered: bytes
     original_message_id: str | None
     changes: list[str] = field(default_factory=list)
+    policy_summary: str = "clean"
 
 
 STAGES = (
@@ -62,6 +67,12 @@ STAGES = (
     checks.sender_check,
     rewrite.rewrite_headers,
     scrub.scrub_addresses,
+    # Content rules (DESIGN §4). Attachments and sizes first: both are cheap
+    # and refuse outright, before any work is spent sanitizing.
+    attachments.check_attachments,
+    sanitize.check_text_sizes,
+    sanitize.sanitize_html,
+    links.strip_links,
 )
 
 
@@ -71,14 +82,21 @@ def process(message: EmailMessage, context: Context, changes: list[str]) -> Resu
     `changes` is filled as stages go, so that a refusal half-way still
     leaves a record of what was looked at for the archive.
     """
+    log = changes if isinstance(changes, ChangeLog) else ChangeLog()
     original_id = rewrite.original_message_id(message)
     try:
         for stage in STAGES:
-            stage(message, context, changes)
+            stage(message, context, log)
+        summary = log.policy_summary()
+        message["X-Relay-Policy"] = summary
         delivered = serialize(message, prepend=[trace_header(context)])
     except RecursionError:
         # The email package walks MIME trees recursively; thousands of nested
         # parts exhaust the stack. No real mail nests like that.
-        changes.append("refused: MIME structure nested too deeply")
+        log.append("refused: MIME structure nested too deeply")
         raise SmtpError(replies.TOO_DEEPLY_NESTED) from None
-    return Result(delivered=delivered, original_message_id=original_id, changes=changes)
+    finally:
+        if log is not changes:
+            changes.extend(log)
+    return Result(delivered=delivered, original_message_id=original_id, changes=changes,
+                  policy_summary=summary)

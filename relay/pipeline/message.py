@@ -128,9 +128,17 @@ def read_text(part: EmailMessage) -> str:
     return data.decode(_codec(part), errors="surrogateescape")
 
 
-def write_text(part: EmailMessage, text: str) -> None:
-    """Store `text` in `part` with its original charset and transfer encoding."""
-    data = text.encode(_codec(part), errors="surrogateescape")
+def write_text(part: EmailMessage, text: str, html: bool = False) -> None:
+    """Store `text` in `part` with its original charset and transfer encoding.
+
+    Characters the charset cannot hold (a sanitized HTML part may gain some)
+    become character references in HTML and "?" elsewhere.
+    """
+    codec = _codec(part)
+    try:
+        data = text.encode(codec, errors="surrogateescape")
+    except UnicodeEncodeError:
+        data = text.encode(codec, errors="xmlcharrefreplace" if html else "replace")
     cte = (part.get("Content-Transfer-Encoding") or "7bit").strip().lower()
     if cte == "base64":
         payload = base64.encodebytes(data).decode("ascii")

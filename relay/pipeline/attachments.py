@@ -1,0 +1,157 @@
+"""The attachment check (DESIGN §4): allowed types by name *and* content,
+and a size limit on all of them together.
+
+An attachment is every leaf part that is not body text: anything with a
+file name, anything marked `Content-Disposition: attachment`, and every
+non-text part (inline images referenced by `cid:` included). Its names are
+read as mail clients read them — the `filename` of Content-Disposition and
+the `name` of Content-Type, RFC 2231 continuations and encoded-words
+decoded by the email package — and every name must pass: the strictest
+wins. A name passes when its last extension (after the trailing dots and
+spaces Windows ignores are gone) is in `[policy] attachment_types`; the
+content passes when its magic bytes, identified by the `filetype` package,
+agree with that extension. A part without a name passes on content alone.
+
+Detached signatures (PGP, S/MIME) are removed instead of refused: the relay
+rewrites the signed content, so the signature could only fail.
+"""
+
+from __future__ import annotations
+
+import re
+from email.message import EmailMessage
+
+import filetype
+
+from relay import replies
+from relay.replies import SmtpError
+
+# Extensions whose content is plain text: checked for being text, since
+# text has no magic bytes.
+TEXT_EXTENSIONS = frozenset({"txt", "csv", "log", "md"})
+# Spellings that name one format.
+SAME_FORMAT = {"jpeg": "jpg", "jpe": "jpg", "tiff": "tif", "htm": "html"}
+# The OLE2 compound-file signature: .doc (and .xls, .ppt, .msg) start so;
+# filetype recognises .doc only with more of the file present.
+OLE2_MAGIC = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"
+OLE2_EXTENSIONS = frozenset({"doc", "xls", "ppt"})
+SIGNATURE_TYPES = frozenset({"application/pgp-signature", "application/pkcs7-signature",
+                             "application/x-pkcs7-signature"})
+
+
+def _names(part: EmailMessage) -> list[str]:
+    names = []
+    for header, param in (("Content-Disposition", "filename"), ("Content-Type", "name")):
+        value = part.get(header)
+        params = getattr(value, "params", None) or {}
+        name = params.get(param)
+        if name:
+            names.append(str(name))
+    return names
+
+
+def _clean_name(name: str) -> str:
+    # Only the last path component counts, and Windows drops trailing dots
+    # and spaces ("evil.exe. " opens as evil.exe).
+    name = re.split(r"[/\\]", name)[-1]
+    return name.replace("\x00", "").strip().rstrip(". ")
+
+
+def extension(name: str) -> str:
+    name = _clean_name(name).lower()
+    if "." not in name:
+        return ""
+    ext = name.rsplit(".", 1)[1]
+    return SAME_FORMAT.get(ext, ext)
+
+
+def _looks_like_text(data: bytes) -> bool:
+    sample = data[:65536]
+    if sample.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return True  # UTF-16 with a byte-order mark
+    if b"\x00" in sample:
+        return False
+    controls = sum(1 for byte in sample if byte < 32 and byte not in (9, 10, 12, 13))
+    return controls <= len(sample) // 100
+
+
+def content_type_of(data: bytes) -> str | None:
+    """The format the bytes are, as an extension ('pdf', 'png', …), or
+    'txt' for text, or None when unknown."""
+    if data.startswith(OLE2_MAGIC):
+        return "doc"
+    kind = filetype.guess(data)
+    if kind is not None:
+        return SAME_FORMAT.get(kind.extension, kind.extension)
+    if _looks_like_text(data):
+        return "txt"
+    return None
+
+
+def content_matches(ext: str, data: bytes) -> bool:
+    found = content_type_of(data)
+    if ext in TEXT_EXTENSIONS:
+        return found == "txt"
+    if ext in OLE2_EXTENSIONS:
+        return found == "doc"
+    return found == ext
+
+
+def _is_attachment(part: EmailMessage) -> bool:
+    if part.get_content_disposition() == "attachment" or _names(part):
+        return True
+    return part.get_content_maintype() not in ("text", "multipart", "message")
+
+
+def _printable(name: str) -> str:
+    """A file name fit to quote in a reply line: ASCII, no quotes, short."""
+    name = "".join(c if 32 <= ord(c) < 127 and c not in '"\\' else "?" for c in name)
+    return name if len(name) <= 60 else name[:57] + "..."
+
+
+def check_attachments(message: EmailMessage, context, changes) -> None:
+    policy = context.policy
+    allowed = {SAME_FORMAT.get(t, t) for t in policy.attachment_types}
+    allowed_text = ", ".join(policy.attachment_types)
+    _remove_signatures(message, changes)
+    total = 0
+    for index, part in enumerate(message.walk()):
+        if part.is_multipart() or not _is_attachment(part):
+            continue
+        data = part.get_payload(decode=True) or b""
+        total += len(data)
+        names = _names(part)
+        label = names[0] if names else f"unnamed {part.get_content_type()} part"
+        for name in names or [None]:
+            ext = extension(name) if name is not None else content_type_of(data)
+            if ext not in allowed:
+                reason = f"type {ext or 'unknown'} is not allowed"
+            elif not content_matches(ext, data):
+                reason = f"its content is not {ext} ({content_type_of(data) or 'unknown'})"
+            else:
+                continue
+            changes.append(f"refused: attachment {label!r} (part {index}): {reason}")
+            raise SmtpError(replies.ATTACHMENT_NOT_ALLOWED.with_text(
+                f'Attachment "{_printable(name or label)}" is not allowed; allowed types: {allowed_text}'))
+    if total > policy.max_attachment_bytes:
+        changes.append(f"refused: attachments total {total} bytes (limit {policy.max_attachment_bytes})")
+        raise SmtpError(replies.ATTACHMENTS_TOO_BIG.with_text(
+            f"Attachments total {total} bytes, over the limit of {policy.max_attachment_bytes} bytes"))
+
+
+def _remove_signatures(message: EmailMessage, changes) -> None:
+    for part in message.walk():
+        if not part.is_multipart():
+            continue
+        children = part.get_payload()
+        kept = [child for child in children if child.get_content_type() not in SIGNATURE_TYPES]
+        if len(kept) == len(children):
+            continue
+        part.set_payload(kept)
+        if part.get_content_subtype() == "signed":
+            # What is left is not signed any more; say so honestly.
+            part.set_type("multipart/mixed")
+            part.del_param("protocol")
+            part.del_param("micalg")
+        changes.append(f"removed {len(children) - len(kept)} detached signature part(s): "
+                       "the rewritten content would not verify")
