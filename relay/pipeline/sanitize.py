@@ -54,13 +54,20 @@ _TEXT_TOKENS = ("Characters", "SpaceCharacters", "Entity")
 _CSS_URL_FUNCTIONS = frozenset({"url", "src", "image", "image-set", "-webkit-image-set", "cross-fade"})
 
 
-class _NormalizeStyle(Filter):
-    """For the unfiltered baseline only: write each style attribute the way
-    bleach's CSS sanitizer writes it, keeping every declaration, so a style
-    the sanitizer leaves alone does not count as a change."""
+class _Baseline(Filter):
+    """For the unfiltered baseline only: normalize the stream the way bleach's
+    sanitizer does when it removes nothing — entities in text become
+    Entity tokens, and each style attribute is written the way the CSS
+    sanitizer writes it, keeping every declaration — so a part the
+    sanitizer leaves alone does not count as a change."""
 
     def __iter__(self):
         for token in super().__iter__():
+            if token["type"] == "Characters":
+                # A method that reads only its token argument.
+                result = BleachSanitizerFilter.sanitize_characters(None, dict(token))
+                yield from (result if isinstance(result, list) else [result])
+                continue
             if token["type"] in ("StartTag", "EmptyTag") and token.get("data"):
                 data = dict(token["data"])
                 for key, value in data.items():
@@ -228,7 +235,7 @@ class MailHtmlCleaner(Cleaner):
     def clean_html(self, text: str, links: LinkPolicy) -> tuple[str, Counter, bool]:
         """(clean HTML, removal counts, whether anything changed)."""
         dom = self.parser.parseFragment(text)
-        baseline = self.serializer.render(_NormalizeStyle(self.walker(dom)))
+        baseline = self.serializer.render(_Baseline(self.walker(dom)))
         counts: Counter = Counter()
         before: Counter = Counter()
         after: Counter = Counter()
