@@ -184,7 +184,8 @@ def bench_message(to: str) -> bytes:
         + "</body></html>\n",
         subtype="html",
     )
-    msg.add_attachment(bytes(range(256)) * 5, maintype="application", subtype="pdf",
+    # A real PDF header: the relay checks attachment content, not just names.
+    msg.add_attachment(b"%PDF-1.4\n" + bytes(range(256)) * 5 + b"\n%%EOF\n", maintype="application", subtype="pdf",
                        filename="receipt.pdf")
     return msg.as_bytes(policy=policy.SMTP)
 

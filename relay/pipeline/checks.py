@@ -5,6 +5,7 @@ from __future__ import annotations
 from email.message import EmailMessage
 
 from relay import addresses, replies
+from relay.pipeline.message import content_type, maintype
 from relay.replies import SmtpError
 
 
@@ -35,10 +36,10 @@ def structure_check(message: EmailMessage, context, changes: list[str]) -> None:
         if depth > MAX_MIME_DEPTH or parts > MAX_MIME_PARTS:
             changes.append(f"refused: MIME structure over {MAX_MIME_DEPTH} levels or {MAX_MIME_PARTS} parts")
             raise SmtpError(replies.TOO_DEEPLY_NESTED)
-        if part.get_content_maintype() == "message":
+        if maintype(part) == "message":
             cte = str(part.get("Content-Transfer-Encoding", "")).strip().lower()
             if cte not in ("", "7bit", "8bit", "binary"):
-                changes.append(f"refused: {part.get_content_type()} part with {cte} transfer encoding")
+                changes.append(f"refused: {content_type(part)} part with {cte} transfer encoding")
                 raise SmtpError(replies.ENCODED_MESSAGE_PART)
         if part.is_multipart():
             stack.extend((child, depth + 1) for child in part.get_payload())
