@@ -72,9 +72,19 @@ class InboundConfig:
 
 @dataclass(frozen=True)
 class SubmissionConfig:
-    listen: Endpoint = Endpoint("127.0.0.1", 5870)
+    listen: Endpoint | None = Endpoint("127.0.0.1", 5870)  # STARTTLS (the 587 role); "" → off
+    listen_tls: Endpoint | None = Endpoint("127.0.0.1", 4650)  # implicit TLS (the 465 role); "" → off
     tls_cert: str = ""
     tls_key: str = ""
+    # Failed AUTH: the reply to the n-th failure in a row (per account and
+    # per client IP) waits failure_delay × 2^(n-1) seconds, at most
+    # max_failure_delay; after max_failures in failure_window seconds the
+    # client IP gets 421 4.7.0 at once and is disconnected until the window
+    # has passed. A right password is accepted whenever it is tried.
+    failure_delay: float = 0.5
+    max_failure_delay: float = 16.0
+    max_failures: int = 10
+    failure_window: float = 900.0
 
 
 @dataclass(frozen=True)
@@ -137,8 +147,15 @@ class PolicyConfig:
     html_css_properties: tuple[str, ...] = DEFAULT_CSS_PROPERTIES
     redact_phone_numbers: bool = False
     phone_regions: tuple[str, ...] = ("us",)
+    # Daily cap: a seller sends at most base + per_order × ceil(orders in the
+    # last order_window_days / order_window_days) messages per window_hours.
     daily_message_base: int = 600
     daily_message_per_order: int = 5
+    daily_window_hours: int = 24
+    order_window_days: int = 7
+    # A seller may start a conversation only within this many days of the
+    # relationship's latest order (0: no limit); replies are not limited.
+    proactive_window_days: int = 30
 
     def attribute_map(self) -> dict[str, list[str]]:
         return {tag: list(names) for tag, names in self.html_attributes}
@@ -225,7 +242,7 @@ def _build(cls: type, data: typing.Mapping[str, typing.Any], prefix: str):
         key = f"{prefix}{f.name}"
         raw = data[f.name]
         kind = hints[f.name]
-        if dataclasses.is_dataclass(kind) and kind not in (Endpoint, UpstreamTarget):
+        if isinstance(kind, type) and dataclasses.is_dataclass(kind) and kind not in (Endpoint, UpstreamTarget):
             if not isinstance(raw, dict):
                 raise ConfigError(f"{key}: expected a table [{key}], got {_describe(raw)}")
             values[f.name] = _build(kind, raw, prefix=f"{key}.")
@@ -270,6 +287,10 @@ def _convert(key: str, kind, raw):
         return tuple(x.strip().lower() for x in raw)
     if kind is Endpoint:
         return parse_endpoint(key, raw)
+    if kind == Endpoint | None:
+        if raw == "":
+            return None
+        return parse_endpoint(key, raw)
     if kind is UpstreamTarget:
         return parse_upstream_url(key, raw)
     raise AssertionError(f"no converter for {key}: {kind}")  # a bug in this module
@@ -307,6 +328,14 @@ def _check(section, prefix: str) -> None:
             raise ConfigError(f"{prefix}max_attachment_bytes: must be at least 1")
         if section.max_text_part_bytes < 1024:
             raise ConfigError(f"{prefix}max_text_part_bytes: must be at least 1024")
+        for name in ("daily_window_hours", "order_window_days"):
+            if getattr(section, name) < 1:
+                raise ConfigError(f"{prefix}{name}: must be at least 1")
+    elif isinstance(section, SubmissionConfig):
+        if bool(section.tls_cert) != bool(section.tls_key):
+            raise ConfigError(f"{prefix}tls_cert, {prefix}tls_key: give both, or neither for a self-signed pair")
+        if section.max_failures < 1:
+            raise ConfigError(f"{prefix}max_failures: must be at least 1")
     elif isinstance(section, ArchiveConfig):
         if section.retention_days < 1:
             raise ConfigError(f"{prefix}retention_days: must be at least 1")
@@ -392,6 +421,8 @@ def effective(config: Config) -> dict:
             return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
         if isinstance(value, (Endpoint, UpstreamTarget)):
             return str(value)
+        if value is None:
+            return ""
         if isinstance(value, tuple) and value and all(
                 isinstance(v, tuple) and len(v) == 2 and isinstance(v[1], tuple) for v in value):
             return {k: list(v) for k, v in value}

@@ -16,18 +16,24 @@ must still be archived. `drain()` waits for those on shutdown.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import logging
+import math
 import secrets
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
-from relay import addresses, pipeline, replies
+from aiosmtpd.smtp import MISSING, AuthResult
+
+from relay import addresses, auth, pipeline, replies
+from relay.auth import Throttle
 from relay.config import Config
 from relay.forward import DeliveryError, Upstream
 from relay.pipeline.changes import ChangeLog
 from relay.replies import Reply, SmtpError
-from relay.store import ArchiveEntry, Party, Relationship, StoreUnavailable, utc_now
+from relay.store import ArchiveEntry, Party, Relationship, StoreUnavailable, iso
 
 log = logging.getLogger("relay.handler")
 
@@ -56,12 +62,33 @@ def route_for(relationship: Relationship, alias: str) -> Route:
                  relationship.seller_alias, relationship.buyer_alias)
 
 
+def utc_clock() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def daily_cap(policy, orders_in_window: int, override: int | None) -> int:
+    """DESIGN §4: base + per_order × daily order volume, where the volume is
+    the orders of the last order_window_days divided by that many days,
+    rounded up (or the seller's `--daily-orders` override)."""
+    volume = override if override is not None else math.ceil(orders_in_window / policy.order_window_days)
+    return policy.daily_message_base + policy.daily_message_per_order * volume
+
+
 class RelayHandler:
-    def __init__(self, config: Config, store, upstream: Upstream, protocol: str = "ESMTP"):
+    """One per listener kind: `submission=False` for the inbound (MX/postfix)
+    side, where the envelope sender must be the counterpart; `True` for the
+    sellers' authenticated submission listeners, where the logged-in seller
+    is the sender whatever the envelope says."""
+
+    def __init__(self, config: Config, store, upstream: Upstream, protocol: str = "ESMTP",
+                 submission: bool = False, throttle: Throttle | None = None, clock=utc_clock):
         self.config = config
         self.store = store
         self.upstream = upstream
         self.protocol = protocol
+        self.submission = submission
+        self.throttle = throttle
+        self.clock = clock
         self._in_flight: set[asyncio.Task] = set()
         self.closing = False
 
@@ -76,7 +103,7 @@ class RelayHandler:
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         try:
-            reply = await self._recipient(envelope, address)
+            reply = await self._recipient(session, envelope, address)
         except StoreUnavailable as exc:
             log.warning("rcpt lookup failed: %s", exc)
             reply = replies.LOOKUP_FAILED
@@ -92,6 +119,73 @@ class RelayHandler:
         reply = await asyncio.shield(task)
         return reply.line()
 
+    # --- AUTH (submission only) -------------------------------------------------
+    # aiosmtpd's own PLAIN/LOGIN call a synchronous authenticator; ours must
+    # look up the store and run scrypt off the loop, so the mechanisms are
+    # implemented here (aiosmtpd prefers a handler's auth_* methods).
+
+    async def auth_PLAIN(self, server, args):
+        if len(args) == 1:
+            # challenge_auth answers a bad or aborted response itself.
+            credentials = await server.challenge_auth("")
+            if credentials is MISSING:
+                return AuthResult(success=False, handled=True)
+        else:
+            credentials = await self._decode(server, args[1].encode())
+            if credentials is None:
+                return AuthResult(success=False, handled=True)
+        try:
+            # RFC 4616: authzid NUL authcid NUL password; authzid ignored.
+            _, login, password = credentials.split(b"\x00")
+        except ValueError:
+            await server.push(replies.AUTH_MALFORMED.line())
+            return AuthResult(success=False, handled=True)
+        return await self._login(server, login, password)
+
+    async def auth_LOGIN(self, server, args):
+        if len(args) == 1:
+            login = await server.challenge_auth("Username:")
+            if login is MISSING:
+                return AuthResult(success=False, handled=True)
+        else:
+            login = await self._decode(server, args[1].encode())
+            if login is None:
+                return AuthResult(success=False, handled=True)
+        password = await server.challenge_auth("Password:")
+        if password is MISSING:
+            return AuthResult(success=False, handled=True)
+        return await self._login(server, login, password)
+
+    async def _decode(self, server, data: bytes) -> bytes | None:
+        try:
+            return base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            await server.push(replies.AUTH_BAD_BASE64.line())
+            return None
+
+    async def _login(self, server, login: bytes, password: bytes):
+        peer = str(server.session.peer[0]) if server.session.peer else ""
+        if self.throttle.blocked(peer):
+            await server.push(replies.AUTH_TOO_MANY_FAILURES.line())
+            server.transport.close()
+            return AuthResult(success=False, handled=True)
+        account = login.decode("utf-8", errors="replace").strip().lower()[:320]
+        try:
+            found = await self.store.password_hash(account) if addresses.is_valid(account) else None
+        except StoreUnavailable:
+            await server.push(replies.AUTH_TEMPORARY_FAILURE.line())
+            return AuthResult(success=False, handled=True)
+        stored = found[1] if found else None
+        ok = await asyncio.to_thread(auth.verify_password, password, stored)
+        if ok and found:
+            self.throttle.success(account, peer)
+            log.info("seller %s logged in from %s", found[0].id, peer)
+            return AuthResult(success=True, auth_data=found[0])
+        delay = self.throttle.failure(account, peer)
+        log.warning("failed login from %s (waiting %.1f s)", peer, delay)
+        await asyncio.sleep(delay)
+        return AuthResult(success=False)
+
     async def handle_exception(self, error):
         # aiosmtpd's default would answer "500 Error: (ExcName) text", which
         # is both wrong (not our client's fault) and a leak of internals.
@@ -100,18 +194,23 @@ class RelayHandler:
 
     # --- RCPT -----------------------------------------------------------------
 
-    async def _recipient(self, envelope, address: str) -> Reply:
+    async def _recipient(self, session, envelope, address: str) -> Reply:
         alias = addresses.normalize(address)
         local, domain = addresses.split(alias)
         if domain != self.config.domain:
-            return replies.NOT_OUR_DOMAIN
+            # Submission must never relay to arbitrary addresses.
+            return replies.RELAY_DENIED if self.submission else replies.NOT_OUR_DOMAIN
         if not addresses.is_alias_token(local):
             return replies.UNKNOWN_ALIAS
         relationship = await self.store.relationship_by_alias(alias)
         if relationship is None:
             return replies.UNKNOWN_ALIAS
         route = route_for(relationship, alias)
-        if addresses.normalize(envelope.mail_from or "") != route.sender.address:
+        if self.submission:
+            seller: Party = session.auth_data
+            if route.direction != SELLER_TO_BUYER or route.sender.id != seller.id:
+                return replies.NOT_YOUR_BUYER
+        elif addresses.normalize(envelope.mail_from or "") != route.sender.address:
             # Say nothing about who the counterpart is.
             return replies.NOT_COUNTERPART
         current: Route | None = getattr(envelope, "relay_route", None)
@@ -119,9 +218,28 @@ class RelayHandler:
             if current.relationship.id != relationship.id or current.direction != route.direction:
                 return replies.OTHER_RELATIONSHIP
             return replies.RECIPIENT_DUPLICATE
+        if route.direction == SELLER_TO_BUYER:
+            over = await self._over_daily_cap(route.sender)
+            if over is not None:
+                return over
         envelope.relay_route = route
         envelope.rcpt_tos.append(address)
         return replies.RECIPIENT_OK
+
+    async def _over_daily_cap(self, seller: Party) -> Reply | None:
+        policy = self.config.policy
+        now = self.clock()
+        window_start = now - timedelta(hours=policy.daily_window_hours)
+        orders = await self.store.seller_orders_since(
+            seller.id, iso(now - timedelta(days=policy.order_window_days)))
+        cap = daily_cap(policy, orders, seller.daily_orders)
+        sent, oldest = await self.store.seller_sends_since(seller.id, iso(window_start))
+        if sent < cap:
+            return None
+        frees_at = datetime.fromisoformat(oldest.replace("Z", "+00:00")) + timedelta(hours=policy.daily_window_hours)
+        return replies.DAILY_CAP.with_text(
+            f"Daily sending limit of {cap} messages reached; "
+            f"the next message can be sent after {frees_at.strftime('%Y-%m-%d %H:%M:%S')} UTC")
 
     # --- DATA -----------------------------------------------------------------
 
@@ -143,7 +261,7 @@ class RelayHandler:
             delivered = None
 
         entry = ArchiveEntry(
-            received_at=utc_now(),
+            received_at=iso(self.clock()),
             relationship_id=route.relationship.id,
             direction=route.direction,
             client_address=str(session.peer[0]) if session.peer else "",
@@ -186,6 +304,9 @@ class RelayHandler:
         try:
             message = await asyncio.wait_for(asyncio.to_thread(pipeline.parse, raw), timeout)
             rows = await self.store.message_id_rows(route.relationship.id, pipeline.referenced_ids(message))
+            latest_order = None
+            if route.direction == SELLER_TO_BUYER:
+                latest_order = await self.store.latest_order_at(route.relationship.id)
             context = pipeline.Context(
                 domain=self.config.domain,
                 hostname=self.config.greeting_hostname,
@@ -195,11 +316,13 @@ class RelayHandler:
                 sender_alias=route.sender_alias,
                 recipient_alias=route.recipient_alias,
                 relay_message_id=relay_id,
-                received_at=datetime.now(timezone.utc),
+                received_at=self.clock(),
                 transaction_id=transaction_id,
                 thread_rows=tuple(rows),
                 protocol=self.protocol,
                 policy=self.config.policy,
+                authenticated=self.submission,
+                latest_order_at=datetime.fromisoformat(latest_order.replace("Z", "+00:00")) if latest_order else None,
             )
             result = await asyncio.wait_for(
                 asyncio.to_thread(pipeline.process, message, context, changes), timeout)

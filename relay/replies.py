@@ -64,9 +64,20 @@ NOT_COUNTERPART = Reply(550, "5.7.1", "Sender is not permitted to write to this 
 OTHER_RELATIONSHIP = Reply(
     452, "4.5.3", "Too many recipients: send to this alias in a separate transaction"
 )
+RELAY_DENIED = Reply(550, "5.7.1", "Relaying denied: write to your buyers' aliases only")
+NOT_YOUR_BUYER = Reply(550, "5.7.1", "This alias is not one of your buyers")
+DAILY_CAP = Reply(450, "4.7.1", "Daily sending limit reached")
 LOOKUP_FAILED = Reply(451, "4.3.0", "Temporary lookup failure, try again later")
 
+# --- AUTH -------------------------------------------------------------------
+AUTH_MALFORMED = Reply(501, "5.5.2", "Cannot parse the AUTH response")
+AUTH_BAD_BASE64 = Reply(501, "5.5.2", "Cannot decode base64")
+AUTH_TOO_MANY_FAILURES = Reply(421, "4.7.0", "Too many failed logins from your address, try again later")
+AUTH_TEMPORARY_FAILURE = Reply(454, "4.7.0", "Temporary authentication failure")
+
 # --- DATA: policy -------------------------------------------------------------
+OPTED_OUT = Reply(550, "5.7.1", "buyer does not accept unsolicited messages")
+OUTSIDE_PROACTIVE_WINDOW = Reply(550, "5.7.1", "Outside the contact window")
 FROM_HEADER_MISSING = Reply(550, "5.7.1", "Message has no usable From header")
 FROM_HEADER_MISMATCH = Reply(550, "5.7.1", "From header does not match the envelope sender")
 TOO_DEEPLY_NESTED = Reply(554, "5.6.0", "Message structure is nested too deeply or has too many parts")

@@ -17,6 +17,7 @@ from aiosmtpd.smtp import SMTP, AuthResult
 from relay import config as config_module
 from relay.config import Endpoint, UpstreamTarget
 from relay.server import ThreadedRelay
+from relay.store import utc_now
 
 
 @dataclass
@@ -183,8 +184,8 @@ class RunningRelay:
             self.call(store.add_party("seller", seller, seller_name))
         if self.call(store.get_party("buyer", buyer)) is None:
             self.call(store.add_party("buyer", buyer, buyer_name))
-        relationship, _ = self.call(store.add_order(order, seller, buyer, "2026-11-01T00:00:00Z",
-                                                    self.config.domain))
+        # Placed now: seller messages are inside the contact window.
+        relationship, _ = self.call(store.add_order(order, seller, buyer, utc_now(), self.config.domain))
         return Pair(seller, buyer, relationship.seller_alias, relationship.buyer_alias, relationship.id)
 
     def archive(self, archive_id: int) -> dict:

@@ -8,8 +8,8 @@ the store (the Message-ID map) is looked up by the handler beforehand and
 handed in through `Context`. The handler runs the whole thing in a worker
 thread with a time limit, so a hostile message cannot stall the server.
 
-Order (DESIGN §2): loop check → structure check → sender check → header
-rewrite → address scrubbing → attachment check → text size check → HTML
+Order (DESIGN §2): loop check → structure check → sender check → sending
+rules (opt-out, contact window) → header rewrite → address scrubbing → attachment check → text size check → HTML
 sanitizing (with the link policy inside HTML) → link stripping in other
 text → the X-Relay-Policy summary and trace header. DKIM signing (a later
 issue) wraps `serialize`.
@@ -51,6 +51,10 @@ class Context:
     max_hops: int = 50
     protocol: str = "ESMTP"
     policy: PolicyConfig = PolicyConfig()
+    # The sender logged in on the submission listener: its identity is the
+    # account, so the header From: is not compared (it is replaced anyway).
+    authenticated: bool = False
+    latest_order_at: datetime | None = None  # of the relationship; seller messages only
 
 
 @dataclass
@@ -65,6 +69,7 @@ STAGES = (
     checks.loop_check,
     checks.structure_check,
     checks.sender_check,
+    checks.sending_rules,
     rewrite.rewrite_headers,
     scrub.scrub_addresses,
     # Content rules (DESIGN §4). Attachments and sizes first: both are cheap

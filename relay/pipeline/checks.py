@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from email.message import EmailMessage
 
 from relay import addresses, replies
-from relay.pipeline.message import content_type, maintype
+from relay.pipeline.message import content_type, maintype, message_ids_in, raw_values
 from relay.replies import SmtpError
 
 
@@ -49,6 +50,8 @@ def sender_check(message: EmailMessage, context, changes: list[str]) -> None:
     """The header From: must be exactly one mailbox, the sender's registered
     address: the envelope was checked at RCPT, and a message must not claim
     another author in its header."""
+    if context.authenticated:
+        return
     values = message.get_all("From", [])
     if len(values) != 1:
         changes.append(f"refused: {len(values)} From headers")
@@ -66,3 +69,34 @@ def sender_check(message: EmailMessage, context, changes: list[str]) -> None:
     if addresses.normalize(mailboxes[0].addr_spec) != context.sender.address:
         changes.append("refused: From header names another address than the envelope sender")
         raise SmtpError(replies.FROM_HEADER_MISMATCH)
+
+
+def _replies_to_buyer(message: EmailMessage, context) -> bool:
+    """True if In-Reply-To/References name a message the buyer sent in this
+    relationship (under either id: the buyer's own, or the relay's that the
+    seller received). The message's own Message-ID does not count: a seller
+    could set it to anything."""
+    named = set()
+    for name in ("In-Reply-To", "References"):
+        for value in raw_values(message, name):
+            named.update(message_ids_in(value))
+    return any(row.sender_id == context.recipient.id and (row.relay_id in named or row.original_id in named)
+               for row in context.thread_rows)
+
+
+def sending_rules(message: EmailMessage, context, changes: list[str]) -> None:
+    """DESIGN §4 for seller messages: an opted-out buyer receives only replies
+    in a thread the buyer wrote in, and a seller starts a conversation only
+    within `proactive_window_days` of the relationship's latest order."""
+    if context.direction != "seller_to_buyer" or _replies_to_buyer(message, context):
+        return
+    if context.recipient.opted_out:
+        changes.append("refused: the buyer opted out of unsolicited messages and this is no reply")
+        raise SmtpError(replies.OPTED_OUT)
+    days = context.policy.proactive_window_days
+    if days and (context.latest_order_at is None
+                 or context.received_at - context.latest_order_at > timedelta(days=days)):
+        changes.append(f"refused: no order in the last {days} days and this is no reply to the buyer")
+        raise SmtpError(replies.OUTSIDE_PROACTIVE_WINDOW.with_text(
+            f"Outside the contact window: a seller may start a conversation only within {days} days "
+            "of the latest order; reply to the buyer's message instead"))

@@ -39,6 +39,8 @@ class Party:
     role: str  # "seller" or "buyer"
     address: str
     display_name: str
+    opted_out: bool = False  # buyers: refuses seller-initiated messages
+    daily_orders: int | None = None  # sellers: overrides the order count of the daily cap
 
 
 @dataclass(frozen=True)
@@ -128,8 +130,14 @@ def chain_hash(metadata: dict, raw_sha256: str, delivered_sha256: str | None, pr
     return hashlib.sha256(canonical.encode("ascii")).hexdigest()
 
 
+def iso(moment: datetime) -> str:
+    """The one timestamp format of the store: UTC, microseconds, 'Z'. Stored
+    as text, so that comparing strings compares times."""
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
 def utc_now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return iso(datetime.now(timezone.utc))
 
 
 async def open_store(database: str):

@@ -55,8 +55,8 @@ def migrations() -> list[tuple[int, str]]:
 
 _RELATIONSHIP_SELECT = """
     SELECT r.id, r.seller_alias, r.buyer_alias, r.created_at,
-           s.id, s.address, s.display_name,
-           b.id, b.address, b.display_name
+           s.id, s.address, s.display_name, s.opted_out, s.daily_orders,
+           b.id, b.address, b.display_name, b.opted_out, b.daily_orders
       FROM relationships r
       JOIN parties s ON s.id = r.seller_id
       JOIN parties b ON b.id = r.buyer_id
@@ -69,8 +69,8 @@ def _relationship(row) -> Relationship:
         seller_alias=row[1],
         buyer_alias=row[2],
         created_at=row[3],
-        seller=Party(row[4], "seller", row[5], row[6]),
-        buyer=Party(row[7], "buyer", row[8], row[9]),
+        seller=Party(row[4], "seller", row[5], row[6], bool(row[7]), row[8]),
+        buyer=Party(row[9], "buyer", row[10], row[11], bool(row[12]), row[13]),
     )
 
 
@@ -189,10 +189,67 @@ class SqliteStore:
 
     async def get_party(self, role: str, address: str) -> Party | None:
         row = await self._fetchone(
-            "SELECT id, address, display_name FROM parties WHERE role = ? AND address = ?",
+            "SELECT id, address, display_name, opted_out, daily_orders FROM parties"
+            " WHERE role = ? AND address = ?",
             (role, addresses.normalize(address)),
         )
-        return None if row is None else Party(row[0], role, row[1], row[2])
+        return None if row is None else Party(row[0], role, row[1], row[2], bool(row[3]), row[4])
+
+    async def _update_party(self, role: str, address: str, column: str, value) -> Party:
+        assert column in ("password_hash", "daily_orders", "opted_out")  # never from input
+        async with self._transaction() as db:
+            with _unavailable_on_db_error():
+                cursor = await db.execute(
+                    f"UPDATE parties SET {column} = ? WHERE role = ? AND address = ?",
+                    (value, role, addresses.normalize(address)))
+        if cursor.rowcount == 0:
+            raise NotFound(f"no {role} {addresses.normalize(address)}; add it with `relay {role} add`")
+        party = await self.get_party(role, address)
+        assert party is not None
+        return party
+
+    async def set_password_hash(self, seller: str, password_hash: str) -> Party:
+        return await self._update_party("seller", seller, "password_hash", password_hash)
+
+    async def password_hash(self, seller: str) -> tuple[Party, str] | None:
+        """The seller and its stored hash, or None if unknown or without one."""
+        row = await self._fetchone(
+            "SELECT id, address, display_name, opted_out, daily_orders, password_hash FROM parties"
+            " WHERE role = 'seller' AND address = ?", (addresses.normalize(seller),))
+        if row is None or not row[5]:
+            return None
+        return Party(row[0], "seller", row[1], row[2], bool(row[3]), row[4]), row[5]
+
+    async def set_daily_orders(self, seller: str, daily_orders: int | None) -> Party:
+        return await self._update_party("seller", seller, "daily_orders", daily_orders)
+
+    async def set_opted_out(self, buyer: str, opted_out: bool) -> Party:
+        return await self._update_party("buyer", buyer, "opted_out", int(opted_out))
+
+    # --- the sending rules ------------------------------------------------------
+
+    async def seller_sends_since(self, seller_id: int, since: str) -> tuple[int, str | None]:
+        """(messages the seller sent since `since`, the oldest of them)."""
+        row = await self._fetchone(
+            "SELECT COUNT(*), MIN(sent_at) FROM seller_sends WHERE seller_id = ? AND sent_at >= ?",
+            (seller_id, since))
+        return row[0], row[1]
+
+    async def seller_orders_since(self, seller_id: int, since: str) -> int:
+        row = await self._fetchone(
+            "SELECT COUNT(*) FROM orders o JOIN relationships r ON r.id = o.relationship_id"
+            " WHERE r.seller_id = ? AND o.placed_at >= ?", (seller_id, since))
+        return row[0]
+
+    async def latest_order_at(self, relationship_id: int) -> str | None:
+        row = await self._fetchone(
+            "SELECT MAX(placed_at) FROM orders WHERE relationship_id = ?", (relationship_id,))
+        return row[0]
+
+    async def seller_relationships(self, seller: str) -> list[Relationship]:
+        rows = await self._fetchall(_RELATIONSHIP_SELECT + " WHERE s.address = ? ORDER BY r.id",
+                                    (addresses.normalize(seller),))
+        return [_relationship(row) for row in rows]
 
     async def add_order(
         self, order_ref: str, seller: str, buyer: str, placed_at: str, domain: str
@@ -338,6 +395,10 @@ class SqliteStore:
                     ),
                 )
                 archive_id = cursor.lastrowid
+                if entry.verdict == "delivered" and entry.direction == "seller_to_buyer" and entry.sender_id:
+                    await db.execute(
+                        "INSERT INTO seller_sends (seller_id, archive_id, sent_at) VALUES (?, ?, ?)",
+                        (entry.sender_id, archive_id, entry.received_at))
                 if entry.relay_message_id and entry.verdict == "delivered":
                     await db.execute(
                         "INSERT INTO message_ids (relationship_id, sender_id, original_id,"

@@ -18,7 +18,7 @@ import email.policy
 import html
 import re
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from email.message import EmailMessage
 from functools import cached_property
 from typing import Callable
@@ -53,6 +53,8 @@ def make_context(direction: str = "buyer_to_seller", **overrides) -> pipeline.Co
         relay_message_id=RELAY_ID,
         received_at=RECEIVED_AT,
         transaction_id="t1",
+        # A recent order: seller messages are inside the contact window.
+        latest_order_at=RECEIVED_AT - timedelta(days=1),
         **parties,
     )
     values.update(overrides)
@@ -350,8 +352,11 @@ PDF_PART = ("Content-Type: application/pdf; name=\"invoice.pdf\"\n"
             "Content-Disposition: attachment; filename=\"invoice.pdf\"\n"
             "Content-Transfer-Encoding: base64\n\n" + "\n".join(PDF_LINES))
 
+# Attached without a file name: a named one ("forwarded.eml") is a file of
+# type eml to the attachment check, refused unless eml is an allowed type
+# (tests/cases/attachments.tsv); this case is about scrubbing its inside.
 EMBEDDED = """Content-Type: message/rfc822
-Content-Disposition: attachment; filename="forwarded.eml"
+Content-Disposition: attachment
 
 Received: from laptop.mail.example by mx.mail.example for <buyer@mail.example>; Wed, 25 Nov 2026 08:00:00 +0100
 From: Bea <buyer@mail.example>

@@ -27,6 +27,7 @@ def context(phones: bool = False) -> pipeline.Context:
         relay_message_id="<r1@marketplace.example>",
         received_at=datetime(2026, 11, 27, tzinfo=timezone.utc), transaction_id="t1",
         policy=PolicyConfig(redact_phone_numbers=phones),
+        latest_order_at=datetime(2026, 11, 20, tzinfo=timezone.utc),
     )
 
 
