@@ -13,11 +13,12 @@ import asyncio
 import json
 import logging
 import sys
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
-from relay import __version__, addresses, config as config_module
+from relay import __version__, addresses, auth, config as config_module
 from relay.config import Config, ConfigError
-from relay.store import StoreError, StoreUnavailable, open_store
+from relay.handler import daily_cap
+from relay.store import StoreError, StoreUnavailable, iso, open_store
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -58,6 +59,25 @@ def build_parser() -> argparse.ArgumentParser:
         add.add_argument("email")
         add.add_argument("--name", default="", help="display name shown to the counterpart")
         add.add_argument("--json", action="store_true")
+        if role == "seller":
+            add.add_argument("--password-stdin", action="store_true",
+                             help="read the submission password from standard input")
+            add.add_argument("--daily-orders", type=int, metavar="N",
+                             help="use N as the daily order volume of the sending cap")
+            passwd = sub.add_parser("passwd", help="set the submission password (read from stdin)")
+            passwd.add_argument("email")
+            limits = sub.add_parser("set-daily-orders", help="override (or with 'auto', stop overriding) "
+                                                             "the daily order volume of the cap")
+            limits.add_argument("email")
+            limits.add_argument("value", metavar="N|auto")
+            show = sub.add_parser("show", help="the seller's cap, its use and its buyers' opt-outs")
+            show.add_argument("email")
+            show.add_argument("--json", action="store_true")
+        else:
+            for verb, text in (("opt-out", "refuse seller-initiated messages"),
+                               ("opt-in", "accept seller-initiated messages again")):
+                choice = sub.add_parser(verb, help=text)
+                choice.add_argument("email")
 
     order = commands.add_parser("order", help="record orders")
     order_commands = order.add_subparsers(dest="order_command", metavar="COMMAND", parser_class=_Parser)
@@ -177,17 +197,119 @@ def cmd_check_config(args, config: Config) -> int:
     return 0
 
 
+def _read_password() -> str:
+    """The password from stdin: the first line, without its line end (so
+    `echo secret | relay seller passwd …` and a here-string both work)."""
+    password = sys.stdin.readline().rstrip("\r\n")
+    if len(password) < 8:
+        raise UsageError("the password must have at least 8 characters")
+    if len(password.encode()) > auth.MAX_PASSWORD_BYTES:
+        raise UsageError(f"the password must have at most {auth.MAX_PASSWORD_BYTES} bytes")
+    return password
+
+
 def _add_party(role: str):
     def command(args, config: Config) -> int:
         if not addresses.is_valid(args.email):
             raise UsageError(f"not an email address: {args.email!r}")
         if addresses.split(args.email)[1] == config.domain:
             raise UsageError(f"{args.email} is in the relay's own domain; give the {role}'s real address")
-        party = asyncio.run(_with_store(config, lambda store: store.add_party(role, args.email, args.name)))
+        password_hash = None
+        if getattr(args, "password_stdin", False):
+            password_hash = auth.hash_password(_read_password())
+        daily_orders = getattr(args, "daily_orders", None)
+        if daily_orders is not None and daily_orders < 0:
+            raise UsageError("--daily-orders must not be negative")
+
+        async def work(store):
+            party = await store.add_party(role, args.email, args.name)
+            if password_hash:
+                party = await store.set_password_hash(party.address, password_hash)
+            if daily_orders is not None:
+                party = await store.set_daily_orders(party.address, daily_orders)
+            return party
+
+        party = asyncio.run(_with_store(config, work))
         if args.json:
             _print_json({"id": party.id, "role": role, "address": party.address, "name": party.display_name})
         else:
             print(f"{role} {party.address} registered")
+        return 0
+    return command
+
+
+def cmd_seller_passwd(args, config: Config) -> int:
+    password_hash = auth.hash_password(_read_password())
+    party = asyncio.run(_with_store(config, lambda store: store.set_password_hash(args.email, password_hash)))
+    print(f"password set for seller {party.address}")
+    return 0
+
+
+def cmd_seller_set_daily_orders(args, config: Config) -> int:
+    if args.value == "auto":
+        value = None
+    elif args.value.isdigit():
+        value = int(args.value)
+    else:
+        raise UsageError(f"expected a number of orders or 'auto', got {args.value!r}")
+    party = asyncio.run(_with_store(config, lambda store: store.set_daily_orders(args.email, value)))
+    print(f"seller {party.address}: daily order volume "
+          + ("from the orders of the last days" if value is None else f"set to {value}"))
+    return 0
+
+
+def cmd_seller_show(args, config: Config) -> int:
+    policy = config.policy
+
+    async def work(store):
+        seller = await store.get_party("seller", args.email)
+        if seller is None:
+            return None
+        now = datetime.now(timezone.utc)
+        orders = await store.seller_orders_since(seller.id, iso(now - timedelta(days=policy.order_window_days)))
+        sent, oldest = await store.seller_sends_since(seller.id, iso(now - timedelta(hours=policy.daily_window_hours)))
+        relationships = await store.seller_relationships(seller.address)
+        has_password = await store.password_hash(seller.address) is not None
+        return seller, orders, sent, oldest, relationships, has_password
+
+    found = asyncio.run(_with_store(config, work))
+    if found is None:
+        print(f"relay: no seller {addresses.normalize(args.email)}", file=sys.stderr)
+        return EXIT_FAILURE
+    seller, orders, sent, oldest, relationships, has_password = found
+    cap = daily_cap(policy, orders, seller.daily_orders)
+    data = {
+        "seller": seller.address,
+        "name": seller.display_name,
+        "submission_password": has_password,
+        "daily_cap": cap,
+        "daily_orders_override": seller.daily_orders,
+        "orders_in_window": orders,
+        "sent_in_window": sent,
+        "window_hours": policy.daily_window_hours,
+        "oldest_in_window": oldest,
+        "buyers": [{"buyer": r.buyer.address, "buyer_alias": r.buyer_alias, "relationship": r.id,
+                    "opted_out": r.buyer.opted_out} for r in relationships],
+    }
+    if args.json:
+        _print_json(data)
+        return 0
+    print(f"seller {seller.address} ({seller.display_name or 'no name'})"
+          f"{'' if has_password else ', no submission password'}")
+    volume = (f"override {seller.daily_orders}" if seller.daily_orders is not None
+              else f"{orders} order(s) in {policy.order_window_days} days")
+    print(f"daily cap: {cap} ({volume}); sent in the last {policy.daily_window_hours} h: {sent}")
+    for buyer in data["buyers"]:
+        print(f"  buyer {buyer['buyer']}  alias {buyer['buyer_alias']}"
+              + ("  OPTED OUT" if buyer["opted_out"] else ""))
+    return 0
+
+
+def _opt(opted_out: bool):
+    def command(args, config: Config) -> int:
+        party = asyncio.run(_with_store(config, lambda store: store.set_opted_out(args.email, opted_out)))
+        print(f"buyer {party.address} " + ("refuses" if opted_out else "accepts")
+              + " seller-initiated messages")
         return 0
     return command
 
@@ -202,7 +324,7 @@ def _placed_at(value: str | None) -> str:
             raise UsageError(f"--placed-at: not an ISO 8601 date or time: {value!r}") from None
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=timezone.utc)
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return iso(moment)
 
 
 def cmd_order_add(args, config: Config) -> int:
@@ -266,6 +388,11 @@ COMMANDS = {
     "check-config": cmd_check_config,
     "seller add": _add_party("seller"),
     "buyer add": _add_party("buyer"),
+    "seller passwd": cmd_seller_passwd,
+    "seller set-daily-orders": cmd_seller_set_daily_orders,
+    "seller show": cmd_seller_show,
+    "buyer opt-out": _opt(True),
+    "buyer opt-in": _opt(False),
     "order add": cmd_order_add,
     "relationship show": cmd_relationship_show,
 }

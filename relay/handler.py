@@ -184,7 +184,8 @@ class RelayHandler:
         delay = self.throttle.failure(account, peer)
         log.warning("failed login from %s (waiting %.1f s)", peer, delay)
         await asyncio.sleep(delay)
-        return AuthResult(success=False)
+        # handled=False: aiosmtpd answers "535 5.7.8 Authentication credentials invalid".
+        return AuthResult(success=False, handled=False)
 
     async def handle_exception(self, error):
         # aiosmtpd's default would answer "500 Error: (ExcName) text", which

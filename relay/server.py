@@ -14,14 +14,17 @@ import asyncio
 import logging
 import signal
 import threading
+import warnings
 import weakref
+from pathlib import Path
 
 from aiosmtpd.smtp import SMTP
 
-from relay import __version__
+from relay import __version__, tls
+from relay.auth import Throttle
 from relay.config import Config, Endpoint
 from relay.forward import MaildirUpstream, make_upstream
-from relay.handler import RelayHandler
+from relay.handler import RelayHandler, utc_clock
 from relay.store import open_store
 
 log = logging.getLogger("relay.server")
@@ -31,13 +34,21 @@ DRAIN_SECONDS = 60.0
 
 
 class RelayServer:
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, clock=utc_clock):
         self.config = config
+        self.clock = clock
         self.store = None
-        self.handler: RelayHandler | None = None
+        self.handlers: list[RelayHandler] = []
         self._servers: list[asyncio.base_events.Server] = []
         self._sessions: weakref.WeakSet[SMTP] = weakref.WeakSet()
         self.inbound_address: tuple[str, int] | None = None
+        self.submission_address: tuple[str, int] | None = None
+        self.submission_tls_address: tuple[str, int] | None = None
+
+    @property
+    def handler(self) -> RelayHandler | None:
+        """The inbound listener's handler."""
+        return self.handlers[0] if self.handlers else None
 
     async def start(self) -> None:
         config = self.config
@@ -51,34 +62,68 @@ class RelayServer:
                 log.warning(
                     "UPSTREAM IS %s: delivered mail is written to files there, not sent to anyone. "
                     "Set [upstream] url to your smarthost for real delivery.", upstream)
-            self.handler = RelayHandler(config, self.store, upstream)
-            server = await self._listen(config.inbound.listen, self.handler)
+            inbound = RelayHandler(config, self.store, upstream, clock=self.clock)
+            self.handlers.append(inbound)
+            server = await self._listen(config.inbound.listen, inbound, self._inbound_session)
             self.inbound_address = server.sockets[0].getsockname()[:2]
             log.info("inbound listener on %s:%s, upstream %s, domain %s",
                      *self.inbound_address, upstream, config.domain)
+            await self._start_submission(upstream)
         except BaseException:
-            await self.store.close()
+            await self.stop(drain_seconds=0)
             raise
 
-    async def _listen(self, endpoint: Endpoint, handler: RelayHandler) -> asyncio.base_events.Server:
+    async def _start_submission(self, upstream) -> None:
+        sub = self.config.submission
+        if sub.listen is None and sub.listen_tls is None:
+            return
+        cert, key = sub.tls_cert, sub.tls_key
+        if not cert:
+            cert, key = tls.self_signed_pair(Path(self.config.database).parent / "tls",
+                                             self.config.greeting_hostname)
+        context = tls.server_context(cert, key)
+        throttle = Throttle(sub.failure_delay, sub.max_failure_delay, sub.max_failures, sub.failure_window)
+        handler = RelayHandler(self.config, self.store, upstream, protocol="ESMTPSA", submission=True,
+                               throttle=throttle, clock=self.clock)
+        self.handlers.append(handler)
+        if sub.listen is not None:
+            server = await self._listen(sub.listen, handler, lambda h: self._submission_session(h, context))
+            self.submission_address = server.sockets[0].getsockname()[:2]
+            log.info("submission listener (STARTTLS) on %s:%s", *self.submission_address)
+        if sub.listen_tls is not None:
+            server = await self._listen(sub.listen_tls, handler, self._submission_tls_session, ssl=context)
+            self.submission_tls_address = server.sockets[0].getsockname()[:2]
+            log.info("submission listener (implicit TLS) on %s:%s", *self.submission_tls_address)
+
+    def _common(self) -> dict:
+        return dict(hostname=self.config.greeting_hostname, ident=IDENT,
+                    data_size_limit=self.config.size_limit, enable_SMTPUTF8=True, decode_data=False)
+
+    def _inbound_session(self, handler: RelayHandler) -> SMTP:
+        # The inbound side takes mail for aliases only; no AUTH here.
+        return SMTP(handler, auth_exclude_mechanism=["LOGIN", "PLAIN"], **self._common())
+
+    def _submission_session(self, handler: RelayHandler, context) -> SMTP:
+        # RFC 8314 / 6409: STARTTLS before anything else, AUTH before MAIL.
+        return SMTP(handler, tls_context=context, require_starttls=True, auth_required=True,
+                    auth_require_tls=True, **self._common())
+
+    def _submission_tls_session(self, handler: RelayHandler) -> SMTP:
+        # The socket is TLS from the first byte; aiosmtpd only knows of
+        # STARTTLS, so it must be told AUTH is safe here (and warns so).
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return SMTP(handler, auth_required=True, auth_require_tls=False, **self._common())
+
+    async def _listen(self, endpoint: Endpoint, handler: RelayHandler, make_session, ssl=None):
         loop = asyncio.get_running_loop()
 
         def session_factory() -> SMTP:
-            session = SMTP(
-                handler,
-                hostname=self.config.greeting_hostname,
-                ident=IDENT,
-                data_size_limit=self.config.size_limit,
-                enable_SMTPUTF8=True,
-                decode_data=False,
-                # The inbound side takes mail for aliases only; no AUTH here.
-                auth_exclude_mechanism=["LOGIN", "PLAIN"],
-                loop=loop,
-            )
+            session = make_session(handler)
             self._sessions.add(session)
             return session
 
-        server = await loop.create_server(session_factory, host=endpoint.host, port=endpoint.port)
+        server = await loop.create_server(session_factory, host=endpoint.host, port=endpoint.port, ssl=ssl)
         self._servers.append(server)
         return server
 
@@ -86,11 +131,12 @@ class RelayServer:
         """Stop accepting, finish the messages in flight, close everything."""
         for server in self._servers:
             server.close()
-        if self.handler is not None:
-            if self.handler.in_flight:
-                log.info("draining %d message(s) in flight", self.handler.in_flight)
-            if not await self.handler.drain(drain_seconds):
-                log.error("gave up waiting for messages in flight after %.0f s", drain_seconds)
+        in_flight = sum(handler.in_flight for handler in self.handlers)
+        if in_flight:
+            log.info("draining %d message(s) in flight", in_flight)
+        drained = await asyncio.gather(*(handler.drain(drain_seconds) for handler in self.handlers))
+        if not all(drained):
+            log.error("gave up waiting for messages in flight after %.0f s", drain_seconds)
         for session in list(self._sessions):
             if session.transport is not None:
                 session.transport.close()
@@ -124,8 +170,8 @@ class ThreadedRelay:
     """A RelayServer on its own event loop in a thread, for blocking clients
     such as smtplib in tests and benchmarks (like aiosmtpd's Controller)."""
 
-    def __init__(self, config: Config):
-        self.server = RelayServer(config)
+    def __init__(self, config: Config, clock=utc_clock):
+        self.server = RelayServer(config, clock=clock)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="relay", daemon=True)
 

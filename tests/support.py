@@ -149,8 +149,10 @@ def make_config(tmp_path, upstream_url: str, **overrides) -> config_module.Confi
     inbound = replace(base.inbound, listen=Endpoint("127.0.0.1", 0),
                       processing_timeout=overrides.pop("processing_timeout", 30.0),
                       max_message_bytes=overrides.pop("max_message_bytes", base.inbound.max_message_bytes))
+    submission = replace(base.submission, listen=Endpoint("127.0.0.1", 0), listen_tls=Endpoint("127.0.0.1", 0),
+                         **overrides.pop("submission", {}))
     return replace(base, database=str(tmp_path / "relay.sqlite3"), upstream=upstream,
-                   inbound=inbound, **overrides)
+                   inbound=inbound, submission=submission, **overrides)
 
 
 @dataclass
@@ -165,10 +167,13 @@ class Pair:
 
 
 class RunningRelay:
-    def __init__(self, config):
+    def __init__(self, config, clock=None):
         self.config = config
-        self.threaded = ThreadedRelay(config)
+        self.threaded = ThreadedRelay(config, **({"clock": clock} if clock else {}))
         self.host, self.port = self.threaded.start()
+        server = self.threaded.server
+        self.submission_port = server.submission_address[1] if server.submission_address else None
+        self.submission_tls_port = server.submission_tls_address[1] if server.submission_tls_address else None
 
     @property
     def store(self):

@@ -33,7 +33,8 @@ def workdir(tmp_path):
     """A working directory holding the shipped config, listening on a free port."""
     (tmp_path / "config").mkdir()
     text = (ROOT / "config" / "relay.toml").read_text()
-    text = text.replace('listen = "127.0.0.1:2525"', 'listen = "127.0.0.1:0"')
+    for port in ("2525", "5870", "4650"):
+        text = text.replace(f'"127.0.0.1:{port}"', '"127.0.0.1:0"')
     (tmp_path / "config" / "relay.toml").write_text(text)
     return tmp_path
 
@@ -120,6 +121,7 @@ def test_db_upgrade_and_check_config(workdir):
     assert f"up to date at version {latest}" in again.stdout
     settings = json.loads(relay_cmd(workdir, "check-config", "--json").stdout)
     assert settings["inbound"]["listen"] == "127.0.0.1:0"
+    assert settings["submission"]["listen_tls"] == "127.0.0.1:0"
     assert settings["upstream"]["url"] == "maildir:var/outbox"
     text = relay_cmd(workdir, "check-config").stdout
     assert 'domain = "marketplace.example"' in text and "[upstream]" in text
