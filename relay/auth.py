@@ -51,7 +51,7 @@ def verify_password(password: bytes, stored: str | None) -> bool:
         scheme, n, r, p, salt, digest = (stored or "").split("$")
         n, r, p = int(n), int(r), int(p)
         salt_bytes, expected = base64.b64decode(salt), base64.b64decode(digest)
-        assert scheme == "scrypt" and n <= 2**20 and r <= 32 and p <= 16
+        assert scheme == "scrypt" and 2 <= n <= 2**20 and n & (n - 1) == 0 and 1 <= r <= 32 and 1 <= p <= 16
     except (ValueError, AssertionError, TypeError):
         scheme, n, r, p, salt_bytes, expected = "scrypt", SCRYPT_N, SCRYPT_R, SCRYPT_P, _DUMMY_SALT, b""
     actual = hashlib.scrypt(password, salt=salt_bytes, n=n, r=r, p=p, maxmem=64 * 1024 * 1024,
