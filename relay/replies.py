@@ -80,6 +80,7 @@ OPTED_OUT = Reply(550, "5.7.1", "buyer does not accept unsolicited messages")
 OUTSIDE_PROACTIVE_WINDOW = Reply(550, "5.7.1", "Outside the contact window")
 FROM_HEADER_MISSING = Reply(550, "5.7.1", "Message has no usable From header")
 FROM_HEADER_MISMATCH = Reply(550, "5.7.1", "From header does not match the envelope sender")
+UNPARSEABLE = Reply(554, "5.6.0", "Message could not be parsed: malformed MIME headers")
 TOO_DEEPLY_NESTED = Reply(554, "5.6.0", "Message structure is nested too deeply or has too many parts")
 ENCODED_MESSAGE_PART = Reply(
     554, "5.6.0", "An attached message must not have a transfer encoding (RFC 2046 section 5.2.1)")

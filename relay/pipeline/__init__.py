@@ -25,7 +25,7 @@ from relay import replies
 from relay.config import PolicyConfig
 from relay.pipeline import attachments, checks, links, rewrite, sanitize, scrub
 from relay.pipeline.changes import ChangeLog
-from relay.pipeline.message import parse, referenced_ids, serialize
+from relay.pipeline.message import parse, raised_by_email_package, referenced_ids, serialize
 from relay.pipeline.rewrite import trace_header
 from relay.replies import SmtpError
 from relay.store import MessageIdRow, Party
@@ -100,6 +100,13 @@ def process(message: EmailMessage, context: Context, changes: list[str]) -> Resu
         # parts exhaust the stack. No real mail nests like that.
         log.append("refused: MIME structure nested too deeply")
         raise SmtpError(replies.TOO_DEEPLY_NESTED) from None
+    except SmtpError:
+        raise
+    except Exception as error:
+        if not raised_by_email_package(error):
+            raise
+        log.append(f"refused: the email package cannot read a header ({type(error).__name__}: {error})")
+        raise SmtpError(replies.UNPARSEABLE) from error
     finally:
         if log is not changes:
             changes.extend(log)

@@ -3,14 +3,19 @@ and a size limit on all of them together.
 
 An attachment is every leaf part that is not body text: anything with a
 file name, anything marked `Content-Disposition: attachment`, and every
-non-text part (inline images referenced by `cid:` included). Its names are
-read as mail clients read them — the `filename` of Content-Disposition and
-the `name` of Content-Type, RFC 2231 continuations and encoded-words
-decoded by the email package — and every name must pass: the strictest
-wins. A name passes when its last extension (after the trailing dots and
-spaces Windows ignores are gone) is in `[policy] attachment_types`; the
-content passes when its magic bytes, identified by the `filetype` package,
-agree with that extension. A part without a name passes on content alone.
+non-text part (inline images referenced by `cid:` included). An attached
+message (message/rfc822) is a container: its own parts are checked one by
+one, and the part itself only by the name it is attached under, if any
+("fwd.eml" is a file a client saves like any other). Names are read as
+mail clients read them — the `filename` of Content-Disposition and the
+`name` of Content-Type, RFC 2231 continuations and encoded-words decoded by
+the email package, and once more the lenient way (`_lenient_names`) — and
+every name must pass: the strictest wins. A name passes when its last
+extension (after the trailing dots and spaces Windows ignores are gone) is
+in `[policy] attachment_types`; the content passes when its magic bytes,
+identified by the `filetype` package, agree with that extension (text must
+be text, and markup a browser would render is not). A part without a name
+passes on content alone.
 
 Detached signatures (PGP, S/MIME) are removed instead of refused: the relay
 rewrites the signed content, so the signature could only fail.
@@ -19,11 +24,15 @@ rewrites the signed content, so the signature could only fail.
 from __future__ import annotations
 
 import re
+from email import message as legacy_message
+from email import utils as email_utils
+from email.header import decode_header, make_header
 from email.message import EmailMessage
 
 import filetype
 
 from relay import replies
+from relay.pipeline.message import raw_values
 from relay.replies import SmtpError
 
 # Extensions whose content is plain text: checked for being text, since
@@ -47,6 +56,37 @@ def _names(part: EmailMessage) -> list[str]:
         name = params.get(param)
         if name:
             names.append(str(name))
+        names.extend(_lenient_names(part, header, param))
+    # A C string ends at NUL: "evil.exe\0.pdf" is saved as evil.exe by some
+    # clients (and by the Windows file API), as evil.exe.pdf by others.
+    names.extend(name.split("\x00", 1)[0] for name in list(names) if "\x00" in name)
+    return list(dict.fromkeys(name for name in names if name))
+
+
+def _lenient_names(part: EmailMessage, header: str, param: str) -> list[str]:
+    """Every value of `param` in the raw `header`, read the lenient legacy
+    way. The parser above settles ambiguity for one reading, but clients
+    settle it differently: with `filename="notes.txt"; filename*=utf-8''run.js`
+    it keeps the first while RFC 6266-minded clients take the `*` form; it
+    stops an unquoted value at a space (`filename=a.pdf .exe`), drops
+    continuations after a gap, and drops an unquoted encoded-word, where
+    others read on. This reading keeps duplicates, reads to the `;`, joins
+    every continuation and decodes encoded-words anywhere."""
+    names = []
+    for raw in raw_values(part, header):
+        legacy = legacy_message.Message()
+        # Unfold (RFC 5322 §2.2.3) before splitting at the semicolons.
+        legacy[header] = re.sub(r"\r?\n(?=[ \t])", "", raw)
+        for key, value in legacy.get_params(header=header, failobj=[]):
+            if key != param:
+                continue
+            value = email_utils.collapse_rfc2231_value(value)
+            if "=?" in value:
+                try:
+                    value = str(make_header(decode_header(value)))
+                except (LookupError, ValueError, UnicodeError):
+                    pass  # undecodable: the name as written is still checked
+            names.append(value)
     return names
 
 
@@ -63,6 +103,23 @@ def extension(name: str) -> str:
         return ""
     ext = name.rsplit(".", 1)[1]
     return SAME_FORMAT.get(ext, ext)
+
+
+# Markup a browser sniffs as HTML or XML whatever the file is called (the
+# WHATWG MIME Sniffing patterns, after leading whitespace and a UTF-8 BOM):
+# such a "notes.txt" is a web page (HTML smuggling), not text.
+_MARKUP = re.compile(
+    rb"\A(?:\xef\xbb\xbf)?[\t\n\x0c\r ]*(?:"
+    rb"(?P<html><(?:!doctype html|html|head|script|iframe|h1|div|font|table|a|style|title|b|body|br|p)[ >]|<!--)"
+    rb"|(?P<xml><\?xml))", re.IGNORECASE)
+
+
+def _markup(data: bytes) -> str | None:
+    head = data[:1024]
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        head = head.decode("utf-16", errors="ignore").encode("utf-8")
+    match = _MARKUP.match(head)
+    return match.lastgroup if match else None
 
 
 def _looks_like_text(data: bytes) -> bool:
@@ -83,6 +140,9 @@ def content_type_of(data: bytes) -> str | None:
     kind = filetype.guess(data)
     if kind is not None:
         return SAME_FORMAT.get(kind.extension, kind.extension)
+    markup = _markup(data)
+    if markup is not None:
+        return markup
     if _looks_like_text(data):
         return "txt"
     return None
@@ -116,17 +176,24 @@ def check_attachments(message: EmailMessage, context, changes) -> None:
     _remove_signatures(message, changes)
     total = 0
     for index, part in enumerate(message.walk()):
-        if part.is_multipart() or not _is_attachment(part):
+        container = part.is_multipart() and part.get_content_maintype() == "message"
+        if container and _names(part):
+            # An attached message: the walk goes on into its parts, each
+            # checked on its own; here only its name, with no bytes of its
+            # own to compare the name against.
+            data = None
+        elif part.is_multipart() or not _is_attachment(part):
             continue
-        data = part.get_payload(decode=True) or b""
-        total += len(data)
+        else:
+            data = part.get_payload(decode=True) or b""
+            total += len(data)
         names = _names(part)
         label = names[0] if names else f"unnamed {part.get_content_type()} part"
         for name in names or [None]:
             ext = extension(name) if name is not None else content_type_of(data)
             if ext not in allowed:
                 reason = f"type {ext or 'unknown'} is not allowed"
-            elif not content_matches(ext, data):
+            elif data is not None and not content_matches(ext, data):
                 reason = f"its content is not {ext} ({content_type_of(data) or 'unknown'})"
             else:
                 continue

@@ -14,6 +14,8 @@ transfer encoding, so a quoted-printable part stays quoted-printable.
 from __future__ import annotations
 
 import base64
+import email
+import os
 import codecs
 import io
 import quopri
@@ -34,12 +36,32 @@ _MSGID_RE = re.compile(r"<[^<>\s]{1,250}>")
 MAX_REFERENCES = 50
 
 
+_EMAIL_PACKAGE = os.path.dirname(email.__file__)
+
+
+def raised_by_email_package(error: BaseException) -> bool:
+    """True if `error` was raised inside the standard library's email
+    package: its header parser has corner cases that raise IndexError and
+    the like on malformed input. Such a failure is a property of the
+    message, so it recurs on every retry: a permanent refusal, not a 451."""
+    tb = error.__traceback__
+    last = None
+    while tb is not None:
+        last = tb
+        tb = tb.tb_next
+    return last is not None and last.tb_frame.f_code.co_filename.startswith(_EMAIL_PACKAGE)
+
+
 def parse(raw: bytes) -> EmailMessage:
     try:
         return BytesParser(policy=POLICY).parsebytes(raw)
     except RecursionError:
         # The parser recurses per nesting level; no real mail nests thousands deep.
         raise SmtpError(replies.TOO_DEEPLY_NESTED) from None
+    except Exception as error:
+        if raised_by_email_package(error):
+            raise SmtpError(replies.UNPARSEABLE) from error
+        raise
 
 
 def serialize(message: EmailMessage, prepend: list[str] = ()) -> bytes:

@@ -34,6 +34,10 @@ CASES = [
     ("unterminated-multipart", (HEAD + 'Content-Type: multipart/mixed; boundary="zz"\r\n\r\n--zz\r\n'
                                 "Content-Type: text/html\r\n\r\n<a href=\"mailto:{buyer}\">me</a>\r\n").encode(),
      250, "2.0.0"),
+    # The stdlib's header parser raises IndexError on this parameter; the
+    # cause is in the message, so the refusal is permanent (not 451 forever).
+    ("content-type-bare-star-parameter", (HEAD + "Content-Type: text/plain; Q*\r\n\r\n{buyer}\r\n").encode(),
+     554, "5.6.0"),
     ("nested-40-deep", (HEAD + nested(40)).encode(), 250, "2.0.0"),
     ("nested-200-deep", (HEAD + nested(200)).encode(), 554, "5.6.0"),
     ("nested-3000-deep", (HEAD + nested(3000)).encode(), 554, "5.6.0"),
