@@ -167,6 +167,11 @@ class ArchiveConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    listen: Endpoint | None = None  # host:port for /metrics and /healthz; "" → off
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
 
@@ -180,6 +185,7 @@ class Config:
     upstream: UpstreamConfig = UpstreamConfig()
     policy: PolicyConfig = PolicyConfig()
     archive: ArchiveConfig = ArchiveConfig()
+    metrics: MetricsConfig = MetricsConfig()
     log: LogConfig = LogConfig()
 
     @property

@@ -42,6 +42,8 @@ class DeliveryError(Exception):
 class Upstream(Protocol):
     async def deliver(self, mail_from: str, rcpt_to: str, data: bytes) -> str: ...
 
+    async def ping(self) -> None: ...
+
 
 def reply_for_upstream(code: int, message: str = "") -> Reply:
     """The reply the client sees for an upstream's refusal `code`."""
@@ -106,6 +108,16 @@ class SmtpUpstream:
             raise DeliveryError(reply_for_upstream(code, message), f"upstream said {code} {message}")
         return response
 
+    async def ping(self) -> None:
+        """Connect, greet and quit: raises if the upstream is not answering."""
+        client = aiosmtplib.SMTP(hostname=self.target.host, port=self.target.port,
+                                 use_tls=self.target.scheme == "smtps",
+                                 start_tls=self.target.scheme == "smtp+starttls",
+                                 tls_context=self.tls_context, timeout=self.timeout,
+                                 local_hostname=self.local_hostname)
+        await client.connect()
+        await client.quit()
+
 
 class MaildirUpstream:
     """Writes each message to DIR/<time>.<random>.eml; never a half-written file."""
@@ -122,6 +134,13 @@ class MaildirUpstream:
         except OSError as exc:
             raise DeliveryError(replies.UPSTREAM_UNAVAILABLE,
                                 f"cannot write to {self.directory}: {exc.strerror}") from None
+
+    async def ping(self) -> None:
+        def check():
+            self.directory.mkdir(parents=True, exist_ok=True)
+            if not os.access(self.directory, os.W_OK):
+                raise PermissionError(f"{self.directory} is not writable")
+        await asyncio.to_thread(check)
 
     def _write(self, data: bytes) -> str:
         tmp_dir = self.directory / ".tmp"

@@ -31,6 +31,7 @@ from relay import addresses, auth, pipeline, replies
 from relay.auth import Throttle
 from relay.config import Config
 from relay.forward import DeliveryError, Upstream
+from relay.metrics import Metrics
 from relay.pipeline.changes import ChangeLog
 from relay.replies import Reply, SmtpError
 from relay.store import ArchiveEntry, Party, Relationship, StoreUnavailable, iso
@@ -81,7 +82,8 @@ class RelayHandler:
     is the sender whatever the envelope says."""
 
     def __init__(self, config: Config, store, upstream: Upstream, protocol: str = "ESMTP",
-                 submission: bool = False, throttle: Throttle | None = None, clock=utc_clock):
+                 submission: bool = False, throttle: Throttle | None = None, clock=utc_clock,
+                 metrics: Metrics | None = None):
         self.config = config
         self.store = store
         self.upstream = upstream
@@ -89,6 +91,7 @@ class RelayHandler:
         self.submission = submission
         self.throttle = throttle
         self.clock = clock
+        self.metrics = metrics or Metrics()
         self._in_flight: set[asyncio.Task] = set()
         self.closing = False
 
@@ -110,12 +113,15 @@ class RelayHandler:
         except Exception:
             log.exception("unexpected error in RCPT")
             reply = replies.INTERNAL_ERROR
+        self.metrics.refused("rcpt", reply)
         return reply.line()
 
     async def handle_DATA(self, server, session, envelope):
         task = asyncio.ensure_future(self._message(session, envelope))
         self._in_flight.add(task)
+        self.metrics.in_flight.inc()
         task.add_done_callback(self._in_flight.discard)
+        task.add_done_callback(lambda _: self.metrics.in_flight.dec())
         reply = await asyncio.shield(task)
         return reply.line()
 
@@ -289,6 +295,8 @@ class RelayHandler:
                 log.error("message %s was delivered but not archived; the client will retry",
                           transaction_id)
                 reply = replies.ARCHIVE_FAILED
+        self.metrics.messages.labels(route.direction, verdict).inc()
+        self.metrics.refused("data", reply)
         if reply is replies.DELIVERED and archive_id is not None:
             reply = reply.with_text(f"{reply.text} (archive {archive_id})")
         log.info(
@@ -336,13 +344,16 @@ class RelayHandler:
             changes.append(f"processing exceeded {timeout:g} s")
             return replies.PROCESSING_TIMEOUT, "deferred", None, None
 
+        started = time.monotonic()
         try:
             detail = await self.upstream.deliver(route.sender_alias, route.recipient.address, result.delivered)
         except DeliveryError as exc:
+            self.metrics.upstream_seconds.observe(time.monotonic() - started)
             log.warning("delivery of message %s failed: %s", transaction_id, exc.detail)
             changes.append(f"upstream: {exc.detail}")
             verdict = "deferred" if exc.reply.transient else "failed"
             return exc.reply, verdict, result.delivered, result.original_message_id
+        self.metrics.upstream_seconds.observe(time.monotonic() - started)
         log.debug("message %s delivered: %s", transaction_id, detail)
         return replies.DELIVERED, "delivered", result.delivered, result.original_message_id
 

@@ -25,6 +25,7 @@ from relay.auth import Throttle
 from relay.config import Config, Endpoint
 from relay.forward import MaildirUpstream, make_upstream
 from relay.handler import RelayHandler, utc_clock
+from relay.metrics import Metrics, MetricsServer
 from relay.store import open_store
 
 log = logging.getLogger("relay.server")
@@ -44,6 +45,10 @@ class RelayServer:
         self.inbound_address: tuple[str, int] | None = None
         self.submission_address: tuple[str, int] | None = None
         self.submission_tls_address: tuple[str, int] | None = None
+        self.metrics = Metrics()
+        self.metrics_server: MetricsServer | None = None
+        self.metrics_address: tuple[str, int] | None = None
+        self.upstream = None
 
     @property
     def handler(self) -> RelayHandler | None:
@@ -57,18 +62,23 @@ class RelayServer:
             applied = await self.store.upgrade()
             if applied:
                 log.info("database %s migrated to version %s", config.database, applied[-1])
-            upstream = make_upstream(config.upstream, config.greeting_hostname)
+            upstream = self.upstream = make_upstream(config.upstream, config.greeting_hostname)
             if isinstance(upstream, MaildirUpstream):
                 log.warning(
                     "UPSTREAM IS %s: delivered mail is written to files there, not sent to anyone. "
                     "Set [upstream] url to your smarthost for real delivery.", upstream)
-            inbound = RelayHandler(config, self.store, upstream, clock=self.clock)
+            inbound = RelayHandler(config, self.store, upstream, clock=self.clock, metrics=self.metrics)
             self.handlers.append(inbound)
-            server = await self._listen(config.inbound.listen, inbound, self._inbound_session)
+            server = await self._listen(config.inbound.listen, inbound, self._inbound_session, "inbound")
             self.inbound_address = server.sockets[0].getsockname()[:2]
             log.info("inbound listener on %s:%s, upstream %s, domain %s",
                      *self.inbound_address, upstream, config.domain)
             await self._start_submission(upstream)
+            if config.metrics.listen is not None:
+                self.metrics_server = MetricsServer(config.metrics.listen, self, asyncio.get_running_loop())
+                self.metrics_server.start()
+                self.metrics_address = self.metrics_server.address
+                log.info("metrics on http://%s:%s/metrics", *self.metrics_address)
         except BaseException:
             await self.stop(drain_seconds=0)
             raise
@@ -84,14 +94,16 @@ class RelayServer:
         context = tls.server_context(cert, key)
         throttle = Throttle(sub.failure_delay, sub.max_failure_delay, sub.max_failures, sub.failure_window)
         handler = RelayHandler(self.config, self.store, upstream, protocol="ESMTPSA", submission=True,
-                               throttle=throttle, clock=self.clock)
+                               throttle=throttle, clock=self.clock, metrics=self.metrics)
         self.handlers.append(handler)
         if sub.listen is not None:
-            server = await self._listen(sub.listen, handler, lambda h: self._submission_session(h, context))
+            server = await self._listen(sub.listen, handler, lambda h: self._submission_session(h, context),
+                                        "submission")
             self.submission_address = server.sockets[0].getsockname()[:2]
             log.info("submission listener (STARTTLS) on %s:%s", *self.submission_address)
         if sub.listen_tls is not None:
-            server = await self._listen(sub.listen_tls, handler, self._submission_tls_session, ssl=context)
+            server = await self._listen(sub.listen_tls, handler, self._submission_tls_session, "submission_tls",
+                                        ssl=context)
             self.submission_tls_address = server.sockets[0].getsockname()[:2]
             log.info("submission listener (implicit TLS) on %s:%s", *self.submission_tls_address)
 
@@ -115,12 +127,32 @@ class RelayServer:
             warnings.simplefilter("ignore")
             return SMTP(handler, auth_required=True, auth_require_tls=False, **self._common())
 
-    async def _listen(self, endpoint: Endpoint, handler: RelayHandler, make_session, ssl=None):
+    async def _listen(self, endpoint: Endpoint, handler: RelayHandler, make_session, listener: str, ssl=None):
         loop = asyncio.get_running_loop()
+        gauge = self.metrics.open_connections.labels(listener)
 
         def session_factory() -> SMTP:
             session = make_session(handler)
             self._sessions.add(session)
+            # Counted from the protocol's own start and end; aiosmtpd has no
+            # hook for either, so wrap the two methods of this instance.
+            # STARTTLS calls connection_made a second time: count once.
+            made, lost = session.connection_made, session.connection_lost
+            counted = []
+
+            def connection_made(transport):
+                if not counted:
+                    counted.append(True)
+                    gauge.inc()
+                made(transport)
+
+            def connection_lost(exc):
+                if counted:
+                    counted.clear()
+                    gauge.dec()
+                lost(exc)
+
+            session.connection_made, session.connection_lost = connection_made, connection_lost
             return session
 
         server = await loop.create_server(session_factory, host=endpoint.host, port=endpoint.port, ssl=ssl)
@@ -131,6 +163,9 @@ class RelayServer:
         """Stop accepting, finish the messages in flight, close everything."""
         for server in self._servers:
             server.close()
+        if self.metrics_server is not None:
+            await asyncio.to_thread(self.metrics_server.stop)
+            self.metrics_server = None
         in_flight = sum(handler.in_flight for handler in self.handlers)
         if in_flight:
             log.info("draining %d message(s) in flight", in_flight)
