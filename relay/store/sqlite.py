@@ -431,6 +431,18 @@ class SqliteStore:
         return [row[0] for row in await self._fetchall("SELECT id FROM archive ORDER BY id")]
 
 
+    # --- health and metrics --------------------------------------------------
+
+    async def ping(self) -> None:
+        """Raise StoreUnavailable unless the database answers a query."""
+        await self._fetchone("SELECT 1 FROM schema_migrations LIMIT 1")
+
+    async def archive_size(self) -> int:
+        """The highest archive id: the number of rows ever archived, cheap at any size."""
+        row = await self._fetchone("SELECT COALESCE(MAX(id), 0) FROM archive")
+        return row[0]
+
+
 def _statements(script: str) -> list[str]:
     """Split a migration into statements, using sqlite3's own completeness
     test rather than guessing at semicolons inside strings or triggers."""
