@@ -12,8 +12,10 @@ domain.
 
 `LinkPolicy.clean_text()` finds bare URLs and email addresses in text with
 linkify-it-py (told every TLD in the Public Suffix List, so ``evil.xyz/x``
-is a link too) and replaces the ones not allowed with fixed placeholders;
-optionally phone numbers too, found by Google's phonenumbers.
+is a link too), gives the text between its matches a second look for the
+addresses and host names it passes over (``'bob@evil.test'``,
+``see:evil.com``), and replaces the ones not allowed with fixed
+placeholders; optionally phone numbers too, found by Google's phonenumbers.
 
 The `strip_links` stage applies that to every text part that is not HTML
 (HTML parts are handled token by token in `sanitize.py`, with the same
@@ -25,6 +27,7 @@ from __future__ import annotations
 import html
 import re
 import threading
+import unicodedata
 import urllib.parse
 from collections import Counter
 from email.message import EmailMessage
@@ -45,6 +48,10 @@ PHONE_REMOVED = "[phone removed]"
 # Browsers drop these anywhere in a URL (WHATWG URL: tab and newline) and
 # strip C0 controls and spaces around it.
 _URL_NOISE = re.compile(r"[\t\n\r]")
+# str.strip() takes a set of characters, not a range: " \x00-\x1f" stripped
+# space, NUL, "-" and US only, so "\x01https://…" kept its control character
+# and "-//host" lost its hyphen.
+_C0_AND_SPACE = "".join(map(chr, range(0x21)))
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.\-]*):")
 # RFC 2606 names are not in the Public Suffix List but are what tests and
 # examples use; a link to them is still a link.
@@ -65,6 +72,54 @@ def _all_tlds() -> list[str]:
 
 
 _TLDS = _all_tlds()
+_TLD_SET = frozenset(_TLDS)
+
+
+def _is_tld(label: str) -> bool:
+    label = unicodedata.normalize("NFKC", label).lower()
+    if label.startswith("xn--"):
+        try:
+            label = label.encode("ascii").decode("idna")
+        except UnicodeError:
+            return False
+    return label in _TLD_SET
+
+
+# linkify-it finds a bare address or host name only after a space or one of
+# a few characters, and its local part takes in more than an address has.
+# So 'bob@evil.test' (quoted), *bob@evil.test*, [bob@evil.test],
+# alias,bob@evil.test, ?cc=bob@evil.test, bøb@evil.test, `evil.com`,
+# _evil.com_, see:evil.com, x/evil.com and evil。com (a full stop browsers
+# read as ".") went through untouched, while "Email:alias@…" counted as one
+# address and took the alias with it. Text between its matches therefore
+# gets a second look (`_between`) with the two patterns below.
+#
+# An address: a local part of letters, digits and ". + - _ &" (not quotes or
+# brackets, which wrap addresses far more often than they belong to one; not
+# ": = , ;", which end a label, a key or a list item: "cc=alias@…" is the
+# alias, "&alias@…" is another address) and a dotted domain whose last label
+# is letters (or punycode). Any such address that is not an alias goes,
+# whatever its TLD. Possessive, and a run of local-part characters is tried
+# from its start only, so the scan stays linear.
+_EMAIL = re.compile(
+    r"(?<![\w.+\-&])[\w.+\-&]++@"
+    r"(?:[^\W_](?:[\w\-]*[^\W_])?\.)+(?:[xX][nN]--[a-zA-Z0-9\-]+|[^\W\d_]{2,63})"
+    r"(?![^\W_]|[.\-][^\W_])"
+)
+# A host name: text is cut into runs of word characters, hyphens and dots
+# (any of the four dots IDNA knows); a run that is, once "_", "-" and dots
+# are trimmed off its ends, labels ending in a TLD of the Public Suffix List
+# is a host, like linkify-it's fuzzy links. Runs do not overlap: linear.
+# The ideographic full stops count only between labels that are ASCII (after
+# NFKC, so full-width letters too): "。" ends CJK sentences, and "…です。みんな"
+# is Japanese text, not a host in the TLD "みんな".
+_DOTS = ".\u3002\uff0e\uff61"
+_RUN = re.compile(rf"[\w\-{_DOTS}]+")
+_RUN_EDGES = "_-" + _DOTS
+_DOT = re.compile(rf"[{_DOTS}]")
+_LABEL = re.compile(r"[^\W_]+(?:-+[^\W_]+)*")
+_PORT_PATH = re.compile(r"(?::\d{1,5})?(?:[/?#][^\s<>\"'`|]*)?")
+_TRAILING_PUNCT = ".,;:!?)]}*_'\""
 # LinkifyIt keeps per-call state on the instance, and stages run in worker
 # threads: one instance per thread.
 _local = threading.local()
@@ -79,15 +134,28 @@ def _linkify() -> LinkifyIt:
     return finder
 
 
+# What a host name may be made of once in ASCII (letters, digits, hyphens,
+# dots; underscores, which browsers accept).
+_ASCII_HOST = re.compile(r"[a-z0-9_.\-]+")
+
+
 def _idna_host(host: str) -> str | None:
     """The host as a browser would look it up, in ASCII; None if not a name."""
     host = urllib.parse.unquote(host).strip().rstrip(".").lower()
     if not host:
         return None
     try:
-        return host.encode("idna").decode("ascii").lower()
+        ascii_host = host.encode("idna").decode("ascii").lower()
     except UnicodeError:
         return None
+    # A %-escape or a full-width form can put a delimiter into the host:
+    # "evil.test%2f.marketplace.example" decodes to "evil.test/.marketplace
+    # .example", which ends in an allowed domain but is read as evil.test by
+    # any client that decodes before splitting (browsers refuse such a host
+    # outright). A host with anything but name characters is no name.
+    if not _ASCII_HOST.fullmatch(ascii_host):
+        return None
+    return ascii_host
 
 
 class LinkPolicy:
@@ -107,7 +175,7 @@ class LinkPolicy:
         return any(ascii_host == d or ascii_host.endswith("." + d) for d in self.allowed_domains)
 
     def url_allowed(self, url: str) -> bool:
-        url = _URL_NOISE.sub("", html.unescape(url)).strip(" \x00-\x1f").replace("\\", "/")
+        url = _URL_NOISE.sub("", html.unescape(url)).strip(_C0_AND_SPACE).replace("\\", "/")
         scheme_match = _SCHEME.match(url)
         scheme = scheme_match.group(1).lower() if scheme_match else ""
         if not scheme:
@@ -128,12 +196,19 @@ class LinkPolicy:
         """RFC 6068: addresses in the path and in to/cc/bcc fields; every
         one must be an alias, and there must be one."""
         path, _, query = rest.partition("?")
-        fields = [urllib.parse.unquote(path)]
+        fields, texts = [urllib.parse.unquote(path)], []
         for key, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
-            if key.lower() in ("to", "cc", "bcc"):
-                fields.append(value)
-        recipients = [addresses.normalize(addr) for _, addr in getaddresses(fields) if addr]
-        return bool(recipients) and all(r in self.aliases for r in recipients)
+            (fields if key.lower() in ("to", "cc", "bcc") else texts).append(value)
+        pairs = getaddresses(fields)
+        recipients = [addresses.normalize(addr) for _, addr in pairs if addr]
+        if not recipients or not all(r in self.aliases for r in recipients):
+            return False
+        # The rest of the link is text that lands in the reader's compose
+        # window: display names and comments ("alias (bob@evil.test)"),
+        # subject=, body= and any other header field. An address, link or
+        # phone number there is as readable as in the message itself.
+        texts += [name for name, _ in pairs]
+        return not any(self.clean_text(text)[1] for text in texts)
 
     def _http_allowed(self, url: str) -> bool:
         try:
@@ -155,8 +230,14 @@ class LinkPolicy:
             start, end = match.index, match.last_index
             if start < pos:
                 continue
-            pieces.append(self._phones(text[pos:start], removed))
-            if match.schema == "mailto:":
+            pieces.append(self._between(text[pos:start], removed))
+            found = text[start:end]
+            if (match.schema == "mailto:" and not found.lower().startswith("mailto:")
+                    and _EMAIL.search(found)):
+                # A bare address as linkify-it took it ("Email:bob@…",
+                # "cc=alias@…"): decide on the address itself.
+                pieces.append(self._emails(found, removed, rest=str))
+            elif match.schema == "mailto:":
                 address = match.url[len("mailto:"):]
                 if addresses.normalize(address) in self.aliases:
                     pieces.append(text[start:end])
@@ -164,13 +245,66 @@ class LinkPolicy:
                     pieces.append(EMAIL_REMOVED)
                     removed["emails"] += 1
             elif self.url_allowed(match.url):
-                pieces.append(text[start:end])
+                # An allowed link is still text the reader sees:
+                # "https://marketplace.example/?u=bob@evil.test" must not
+                # carry an address through. (Its path is not searched for
+                # host names: product slugs would suffer.)
+                pieces.append(self._emails(found, removed, rest=str))
             else:
                 pieces.append(LINK_REMOVED)
                 removed["links"] += 1
             pos = end
-        pieces.append(self._phones(text[pos:], removed))
+        pieces.append(self._between(text[pos:], removed))
         return "".join(pieces), removed
+
+    def _between(self, text: str, removed: Counter) -> str:
+        """Text linkify-it found nothing in: addresses and host names it
+        passed over (see `_EMAIL`), then phone numbers."""
+        return self._emails(text, removed, rest=lambda rest: self._hosts(rest, removed))
+
+    def _emails(self, text: str, removed: Counter, rest) -> str:
+        """Every address in `text` but the aliases replaced; `rest` applied
+        to the text around them."""
+        pieces, pos = [], 0
+        for match in _EMAIL.finditer(text):
+            if addresses.normalize(match.group()) in self.aliases:
+                continue
+            pieces += [rest(text[pos:match.start()]), EMAIL_REMOVED]
+            removed["emails"] += 1
+            pos = match.end()
+        pieces.append(rest(text[pos:]))
+        return "".join(pieces)
+
+    def _hosts(self, text: str, removed: Counter) -> str:
+        """Host names (with port and path) not allowed replaced; phone
+        numbers looked for around them."""
+        pieces, pos, scanned = [], 0, 0
+        for run in _RUN.finditer(text):
+            if run.start() < scanned:
+                continue
+            host = run.group().strip(_RUN_EDGES)
+            if not _DOT.search(host):
+                continue
+            labels = _DOT.split(host)
+            if not all(_LABEL.fullmatch(label) for label in labels) or not _is_tld(labels[-1]):
+                continue
+            if (any(dot in host for dot in _DOTS[1:])
+                    and not unicodedata.normalize("NFKC", "".join(labels)).isascii()):
+                continue
+            start = run.start() + len(run.group()) - len(run.group().lstrip(_RUN_EDGES))
+            end = start + len(host)
+            if end == run.end():
+                end = _PORT_PATH.match(text, end).end()
+                while end > start + len(host) and text[end - 1] in _TRAILING_PUNCT:
+                    end -= 1
+            scanned = end
+            if self.url_allowed("http://" + text[start:end]):
+                continue
+            pieces += [self._phones(text[pos:start], removed), LINK_REMOVED]
+            removed["links"] += 1
+            pos = end
+        pieces.append(self._phones(text[pos:], removed))
+        return "".join(pieces)
 
     def _phones(self, text: str, removed: Counter) -> str:
         if not self.redact_phones or not any(c.isdigit() for c in text):
