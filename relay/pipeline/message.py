@@ -14,6 +14,7 @@ transfer encoding, so a quoted-printable part stays quoted-printable.
 from __future__ import annotations
 
 import base64
+import functools
 import email
 import os
 import codecs
@@ -28,7 +29,29 @@ from email.parser import BytesParser
 from relay import replies
 from relay.replies import SmtpError
 
-POLICY = email_policy.SMTP.clone(refold_source="none")
+class _Policy(email_policy.EmailPolicy):
+    """The SMTP policy, remembering parsed headers.
+
+    The email package parses a header anew each time it is read, and the
+    parser, the generator and the stages read Content-Type alone dozens of
+    times per message: well over half of the pipeline's time went there.
+    Header objects are immutable, so equal (name, value) pairs share one,
+    across messages too. Long values are not kept (bounded memory).
+    """
+
+    def header_fetch_parse(self, name, value):
+        if hasattr(value, "name") or len(value) > _CACHED_HEADER_CHARS:
+            return super().header_fetch_parse(name, value)
+        return _parsed_header(name, value)
+
+
+_CACHED_HEADER_CHARS = 998
+POLICY = _Policy(linesep="\r\n", refold_source="none")
+
+
+@functools.lru_cache(maxsize=4096)
+def _parsed_header(name: str, value: str):
+    return email_policy.EmailPolicy.header_fetch_parse(POLICY, name, value)
 
 _MSGID_RE = re.compile(r"<[^<>\s]{1,250}>")
 # Ids kept in a translated References header; older ones add nothing to
