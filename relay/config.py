@@ -68,6 +68,8 @@ class InboundConfig:
     hostname: str = ""
     max_message_bytes: int = 0  # 0: derived from the attachment limit (Config.size_limit)
     processing_timeout: float = 60.0
+    max_received: int = 50  # more Received: headers than this → 554 5.4.6
+    max_relay_hops: int = 3  # more of the relay's own Received: lines than this → 554 5.4.6
 
 
 @dataclass(frozen=True)
@@ -162,6 +164,18 @@ class PolicyConfig:
 
 
 @dataclass(frozen=True)
+class DkimConfig:
+    selector: str = "relay"
+    key_file: str = ""  # PEM RSA key; empty → made as var/dkim/<selector>.pem at first start
+
+
+@dataclass(frozen=True)
+class BounceConfig:
+    lifetime_days: int = 7  # how long a VERP bounce address stays valid
+    secret_file: str = ""  # HMAC key; empty → made as var/bounce.key at first start
+
+
+@dataclass(frozen=True)
 class ArchiveConfig:
     retention_days: int = 730
 
@@ -185,12 +199,19 @@ class Config:
     upstream: UpstreamConfig = UpstreamConfig()
     policy: PolicyConfig = PolicyConfig()
     archive: ArchiveConfig = ArchiveConfig()
+    dkim: DkimConfig = DkimConfig()
+    bounce: BounceConfig = BounceConfig()
     metrics: MetricsConfig = MetricsConfig()
     log: LogConfig = LogConfig()
 
     @property
     def greeting_hostname(self) -> str:
         return self.inbound.hostname or self.domain
+
+    @property
+    def state_dir(self) -> Path:
+        """Where generated keys live: the database's folder (var/ by default)."""
+        return Path(self.database).parent
 
     @property
     def size_limit(self) -> int:
@@ -320,6 +341,8 @@ def _check(section, prefix: str) -> None:
             raise ConfigError(f"{prefix}hostname: not a host name: {section.hostname!r}")
         if 0 < section.max_message_bytes < 1024:
             raise ConfigError(f"{prefix}max_message_bytes: must be 0 (derived) or at least 1024")
+        if section.max_received < 1 or section.max_relay_hops < 1:
+            raise ConfigError(f"{prefix}max_received, {prefix}max_relay_hops: must be at least 1")
     elif isinstance(section, PolicyConfig):
         for domain in section.allowed_link_domains:
             if not _HOSTNAME_RE.match(domain):
@@ -342,6 +365,12 @@ def _check(section, prefix: str) -> None:
             raise ConfigError(f"{prefix}tls_cert, {prefix}tls_key: give both, or neither for a self-signed pair")
         if section.max_failures < 1:
             raise ConfigError(f"{prefix}max_failures: must be at least 1")
+    elif isinstance(section, DkimConfig):
+        if not re.fullmatch(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*", section.selector):
+            raise ConfigError(f"{prefix}selector: not a DNS label: {section.selector!r}")
+    elif isinstance(section, BounceConfig):
+        if section.lifetime_days < 1:
+            raise ConfigError(f"{prefix}lifetime_days: must be at least 1")
     elif isinstance(section, ArchiveConfig):
         if section.retention_days < 1:
             raise ConfigError(f"{prefix}retention_days: must be at least 1")

@@ -83,7 +83,7 @@ class RelayHandler:
 
     def __init__(self, config: Config, store, upstream: Upstream, protocol: str = "ESMTP",
                  submission: bool = False, throttle: Throttle | None = None, clock=utc_clock,
-                 metrics: Metrics | None = None):
+                 metrics: Metrics | None = None, dkim_key=None):
         self.config = config
         self.store = store
         self.upstream = upstream
@@ -92,6 +92,7 @@ class RelayHandler:
         self.throttle = throttle
         self.clock = clock
         self.metrics = metrics or Metrics()
+        self.dkim_key = dkim_key
         self._in_flight: set[asyncio.Task] = set()
         self.closing = False
 
@@ -329,6 +330,9 @@ class RelayHandler:
                 transaction_id=transaction_id,
                 thread_rows=tuple(rows),
                 protocol=self.protocol,
+                max_hops=self.config.inbound.max_received,
+                max_relay_hops=self.config.inbound.max_relay_hops,
+                dkim_key=self.dkim_key,
                 policy=self.config.policy,
                 authenticated=self.submission,
                 latest_order_at=datetime.fromisoformat(latest_order.replace("Z", "+00:00")) if latest_order else None,

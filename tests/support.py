@@ -5,6 +5,8 @@ loopback sockets."""
 from __future__ import annotations
 
 import asyncio
+import tempfile
+from pathlib import Path
 import socket
 import ssl
 import threading
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from aiosmtpd.smtp import SMTP, AuthResult
 
 from relay import config as config_module
+from relay import dkim
 from relay.config import Endpoint, UpstreamTarget
 from relay.server import ThreadedRelay
 from relay.store import utc_now
@@ -138,6 +141,18 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
+_DKIM_KEY_DIR = tempfile.mkdtemp(prefix="relay-test-dkim-")
+
+
+def shared_dkim_key_file() -> str:
+    """One DKIM key for the whole test run: making a 2048-bit RSA key per
+    relay would cost seconds over the suite."""
+    path = Path(_DKIM_KEY_DIR) / "relay.pem"
+    if not path.exists():
+        dkim.write_key(path, dkim.generate_private_pem())
+    return str(path)
+
+
 def make_config(tmp_path, upstream_url: str, **overrides) -> config_module.Config:
     base = config_module.Config()
     upstream = replace(
@@ -151,8 +166,9 @@ def make_config(tmp_path, upstream_url: str, **overrides) -> config_module.Confi
                       max_message_bytes=overrides.pop("max_message_bytes", base.inbound.max_message_bytes))
     submission = replace(base.submission, listen=Endpoint("127.0.0.1", 0), listen_tls=Endpoint("127.0.0.1", 0),
                          **overrides.pop("submission", {}))
+    dkim_config = overrides.pop("dkim", replace(base.dkim, key_file=shared_dkim_key_file()))
     return replace(base, database=str(tmp_path / "relay.sqlite3"), upstream=upstream,
-                   inbound=inbound, submission=submission, **overrides)
+                   inbound=inbound, submission=submission, dkim=dkim_config, **overrides)
 
 
 @dataclass

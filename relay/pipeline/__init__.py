@@ -11,8 +11,8 @@ thread with a time limit, so a hostile message cannot stall the server.
 Order (DESIGN §2): loop check → structure check → sender check → sending
 rules (opt-out, contact window) → header rewrite → address scrubbing → attachment check → text size check → HTML
 sanitizing (with the link policy inside HTML) → link stripping in other
-text → the X-Relay-Policy summary and trace header. DKIM signing (a later
-issue) wraps `serialize`.
+text → the X-Relay-Policy summary, Authentication-Results and trace header →
+DKIM signing of the final bytes.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from email.message import EmailMessage
 
-from relay import replies
+from relay import dkim, replies
 from relay.config import PolicyConfig
+from relay.dkim import DkimKey
 from relay.pipeline import attachments, checks, links, rewrite, sanitize, scrub
 from relay.pipeline.changes import ChangeLog
 from relay.pipeline.message import parse, raised_by_email_package, referenced_ids, serialize
@@ -49,12 +50,15 @@ class Context:
     transaction_id: str
     thread_rows: tuple[MessageIdRow, ...] = ()
     max_hops: int = 50
+    max_relay_hops: int = 3
     protocol: str = "ESMTP"
     policy: PolicyConfig = PolicyConfig()
     # The sender logged in on the submission listener: its identity is the
     # account, so the header From: is not compared (it is replaced anyway).
     authenticated: bool = False
     latest_order_at: datetime | None = None  # of the relationship; seller messages only
+    dkim_key: DkimKey | None = None  # sign the delivered bytes (last of all)
+    auth_results: str | None = None  # Authentication-Results value from the inbound checks
 
 
 @dataclass
@@ -94,7 +98,12 @@ def process(message: EmailMessage, context: Context, changes: list[str]) -> Resu
             stage(message, context, log)
         summary = log.policy_summary()
         message["X-Relay-Policy"] = summary
-        delivered = serialize(message, prepend=[trace_header(context)])
+        trace = [trace_header(context)]
+        if context.auth_results:
+            trace.insert(0, f"Authentication-Results: {context.auth_results}")
+        delivered = serialize(message, prepend=trace)
+        if context.dkim_key is not None:
+            delivered = dkim.sign(delivered, context.dkim_key)
     except RecursionError:
         # The email package walks MIME trees recursively; thousands of nested
         # parts exhaust the stack. No real mail nests like that.

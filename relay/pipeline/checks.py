@@ -13,9 +13,16 @@ from relay.replies import SmtpError
 def loop_check(message: EmailMessage, context, changes: list[str]) -> None:
     """Refuse a message that has passed through too many hops (RFC 5321
     §6.3): a loop between the relay and a forwarding mailbox ends here."""
-    hops = len(message.get_all("Received", []))
-    if hops > context.max_hops:
-        changes.append(f"refused: {hops} Received headers (limit {context.max_hops})")
+    received = raw_values(message, "Received")
+    if len(received) > context.max_hops:
+        changes.append(f"refused: {len(received)} Received headers (limit {context.max_hops})")
+        raise SmtpError(replies.TOO_MANY_HOPS)
+    # The relay's own trace lines: a message that went through this relay
+    # more than a few times is circling (an alias forwarding to an alias).
+    own = f"by {context.hostname} (relay)"
+    mine = sum(1 for value in received if value.strip().startswith(own))
+    if mine > context.max_relay_hops:
+        changes.append(f"refused: passed this relay {mine} times (limit {context.max_relay_hops})")
         raise SmtpError(replies.TOO_MANY_HOPS)
 
 

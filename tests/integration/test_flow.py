@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import email
 import smtplib
+from pathlib import Path
 from email import policy
 
 import pytest
@@ -114,3 +115,24 @@ def test_greeting_names_the_relay(relay):
         assert code == 220
         assert b"relay" in banner
         assert b"Python" not in banner
+
+
+def test_delivered_mail_carries_a_verifying_dkim_signature(relay, upstream):
+    import dkim as dkimpy
+
+    from relay import dkim
+
+    pair = relay.pair()
+    send(relay, pair.buyer, [pair.seller_alias], message(pair.buyer, pair.seller_alias))
+    [got] = upstream.wait_for(1)
+    assert got.data.startswith(b"DKIM-Signature: ")
+    record = dkim.dns_record(Path(relay.config.dkim.key_file).read_bytes()).encode()
+    published = {b"relay._domainkey.marketplace.example.": record}
+    assert dkimpy.verify(got.data, dnsfunc=lambda name, timeout=5: published.get(name))
+    signature = got.data.split(b"\r\n\r\n", 1)[0].decode()
+    assert "d=marketplace.example" in signature and "s=relay" in signature
+    # Over-signed: From listed more often than it occurs, so an added From breaks it.
+    header_list = signature.split("h=", 1)[1].split(";", 1)[0].replace("\r\n", "").replace(" ", "").lower()
+    assert header_list.split(":").count("from") == 2
+    tampered = got.data.replace(b"\r\n\r\n", b"\r\nFrom: someone@else.example\r\n\r\n", 1)
+    assert not dkimpy.verify(tampered, dnsfunc=lambda name, timeout=5: published.get(name))

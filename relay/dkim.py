@@ -1,0 +1,96 @@
+"""DKIM signing of delivered mail, with `d=` the relay's domain.
+
+Every message leaves `From:` an alias in the relay's domain, so receivers
+judge it by that domain's DMARC policy: the relay signs it (dkimpy, relaxed
+canonicalization, rsa-sha256) over the bytes exactly as delivered, last of
+all, and over-signs the headers whose addition later would change what a
+reader sees (each is listed once more than it occurs, so a header added in
+transit breaks the signature).
+
+The key is an RSA PEM file (`[dkim] key_file`); without one, a 2048-bit key
+is made in var/dkim/ at first start and the DNS record to publish is logged.
+`relay dkim keygen --out FILE` makes one on purpose and prints the record.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import dkim as dkimpy
+
+log = logging.getLogger("relay.dkim")
+
+OVERSIGNED = (b"From", b"To", b"Subject", b"Date", b"Message-ID", b"In-Reply-To", b"References")
+SIGNED_ONCE = (b"MIME-Version", b"Content-Type", b"Content-Transfer-Encoding", b"X-Relay-Policy",
+               b"Auto-Submitted")
+
+
+@dataclass(frozen=True)
+class DkimKey:
+    selector: str
+    domain: str
+    private_pem: bytes = b""
+
+    def __repr__(self) -> str:  # never print the key
+        return f"DkimKey(selector={self.selector!r}, domain={self.domain!r})"
+
+
+def generate_private_pem(bits: int = 2048) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                             serialization.NoEncryption())
+
+
+def dns_record(private_pem: bytes) -> str:
+    """The TXT record value to publish at <selector>._domainkey.<domain>."""
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_private_key(private_pem, password=None)
+    der = key.public_key().public_bytes(serialization.Encoding.DER,
+                                        serialization.PublicFormat.SubjectPublicKeyInfo)
+    return f"v=DKIM1; k=rsa; p={base64.b64encode(der).decode('ascii')}"
+
+
+def write_key(path: Path, private_pem: bytes) -> None:
+    """Write atomically, readable by the owner only."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(private_pem)
+    os.replace(tmp, path)
+
+
+def load_key(config) -> DkimKey:
+    """The configured key, or the one made in var/dkim/ (made now if missing)."""
+    selector, domain = config.dkim.selector, config.domain
+    if config.dkim.key_file:
+        return DkimKey(selector, domain, Path(config.dkim.key_file).read_bytes())
+    path = config.state_dir / "dkim" / f"{selector}.pem"
+    if not path.exists():
+        write_key(path, generate_private_pem())
+        log.warning("made a DKIM key in %s; publish this TXT record at %s._domainkey.%s: %s",
+                    path, selector, domain, dns_record(path.read_bytes()))
+    return DkimKey(selector, domain, path.read_bytes())
+
+
+def sign(data: bytes, key: DkimKey) -> bytes:
+    """`data` with a DKIM-Signature header in front."""
+    present = {line.split(b":", 1)[0].strip().lower()
+               for line in data.split(b"\r\n\r\n", 1)[0].split(b"\r\n") if line[:1] not in (b" ", b"\t")}
+    include = []
+    for name in OVERSIGNED:
+        count = sum(1 for line in data.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+                    if line.lower().startswith(name.lower() + b":"))
+        include.extend([name] * (count + 1))
+    include.extend(name for name in SIGNED_ONCE if name.lower() in present)
+    signature = dkimpy.sign(data, key.selector.encode(), key.domain.encode(), key.private_pem,
+                            canonicalize=(b"relaxed", b"relaxed"), include_headers=include)
+    return signature + data
