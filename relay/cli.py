@@ -14,11 +14,11 @@ import json
 import logging
 import sys
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
-from relay import __version__, addresses, auth, config as config_module
+from relay import __version__, addresses, archive, auth, config as config_module
 from relay.config import Config, ConfigError
-from relay.handler import daily_cap
-from relay.store import StoreError, StoreUnavailable, iso, open_store
+from relay.store import NotFound, StoreError, StoreUnavailable, iso, open_store, sha256_hex
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -98,7 +98,76 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--buyer", metavar="EMAIL")
     show.add_argument("--alias", metavar="ADDRESS")
     show.add_argument("--json", action="store_true")
+
+    _add_dispute_commands(commands)
     return parser
+
+
+VERDICTS = ("delivered", "rejected", "deferred", "failed")
+
+
+def _add_dispute_commands(commands) -> None:
+    """relay archive …, relay purge, relay report … (issue 6)."""
+    archive_parser = commands.add_parser("archive", help="dispute tools: find, show, export and verify messages")
+    sub = archive_parser.add_subparsers(dest="archive_command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    listing = sub.add_parser("list", help="archived messages, newest first")
+    listing.add_argument("--relationship", metavar="R", help="relationship id or either alias")
+    listing.add_argument("--seller", metavar="EMAIL")
+    listing.add_argument("--buyer", metavar="EMAIL")
+    listing.add_argument("--since", metavar="D", help="received at or after D (ISO date or time, UTC)")
+    listing.add_argument("--until", metavar="D", help="received before D (a date: up to its end)")
+    listing.add_argument("--verdict", choices=VERDICTS)
+    listing.add_argument("--limit", type=int, default=50, metavar="N", help="rows per page (default 50)")
+    listing.add_argument("--page", type=int, default=1, metavar="P", help="page number, from 1")
+    listing.add_argument("--json", action="store_true")
+
+    show = sub.add_parser("show", help="one archived message: a summary, or its bytes")
+    show.add_argument("id", type=int, metavar="ID")
+    what = show.add_mutually_exclusive_group()
+    what.add_argument("--raw", action="store_true", help="the bytes exactly as received")
+    what.add_argument("--delivered", action="store_true", help="the bytes as delivered")
+    what.add_argument("--changes", action="store_true", help="what the relay changed and why")
+    show.add_argument("--json", action="store_true", help="the summary as JSON")
+
+    export = sub.add_parser("export", help="a whole conversation, both directions, with a manifest")
+    export.add_argument("--relationship", metavar="R", help="relationship id or either alias")
+    export.add_argument("--seller", metavar="EMAIL")
+    export.add_argument("--buyer", metavar="EMAIL")
+    export.add_argument("--format", required=True, choices=archive.FORMATS)
+    export.add_argument("--as", dest="as_", choices=archive.AS_CHOICES, default="raw",
+                        help="the bytes as received (default) or as delivered")
+    export.add_argument("out", metavar="OUT", help="mbox: the file to write; eml-dir: the folder to create")
+    export.add_argument("--json", action="store_true", help="print the manifest")
+
+    verify = sub.add_parser("verify", help="check the hash chain; exit 1 at any break")
+    verify.add_argument("--head", metavar="SHA256",
+                        help="a head printed by an earlier verify: fail unless the chain still holds it")
+    verify.add_argument("--json", action="store_true")
+
+    hold = sub.add_parser("hold", help="keep a relationship's archive from purge (a dispute)")
+    hold.add_argument("relationship", metavar="R", help="relationship id or either alias")
+    hold.add_argument("--reason", default="", help="a note, e.g. the case number")
+    release = sub.add_parser("release", help="end a hold")
+    release.add_argument("relationship", metavar="R", help="relationship id or either alias")
+    holds = sub.add_parser("holds", help="relationships on hold")
+    holds.add_argument("--json", action="store_true")
+
+    purge = commands.add_parser("purge", help="purge archive rows past [archive] retention_days")
+    purge.add_argument("--dry-run", action="store_true", help="count, change nothing")
+    purge.add_argument("--json", action="store_true")
+
+    report = commands.add_parser("report", help="reports")
+    reports = report.add_subparsers(dest="report_command", metavar="REPORT", parser_class=_Parser)
+    reports.required = True
+    response = reports.add_parser("response-time", help="share of buyer messages answered within 24 h, per seller")
+    response.add_argument("--seller", metavar="EMAIL")
+    response.add_argument("--since", metavar="D", help="buyer messages received at or after D")
+    response.add_argument("--until", metavar="D", help="the report as of D (default: now)")
+    response.add_argument("--json", action="store_true", help="same as --format json")
+    response.add_argument("--format", choices=("text", "json", "html"))
+    response.add_argument("--out", metavar="FILE", help="write the report here instead of to stdout")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -277,6 +346,8 @@ def cmd_seller_show(args, config: Config) -> int:
         print(f"relay: no seller {addresses.normalize(args.email)}", file=sys.stderr)
         return EXIT_FAILURE
     seller, orders, sent, oldest, relationships, has_password = found
+    from relay.handler import daily_cap  # the handler pulls in the whole pipeline: only here
+
     cap = daily_cap(policy, orders, seller.daily_orders)
     data = {
         "seller": seller.address,
@@ -382,6 +453,335 @@ def cmd_relationship_show(args, config: Config) -> int:
     return 0
 
 
+# --- dispute tools -------------------------------------------------------------------
+
+def _when(value: str | None, option: str, end_of_day: bool = False) -> str | None:
+    if value is None:
+        return None
+    try:
+        return archive.parse_when(value, end_of_day)
+    except ValueError as exc:
+        raise UsageError(f"{option}: {exc}") from None
+
+
+async def _relationship_of(store, value: str | None, seller: str | None = None, buyer: str | None = None):
+    """The relationship named by --relationship (id or alias) or by --seller and --buyer."""
+    if value is not None:
+        value = value.strip()
+        if value.isdigit():
+            found = await store.relationship_by_id(int(value))
+        elif "@" in value:
+            found = await store.relationship_by_alias(value)
+        else:
+            raise UsageError(f"--relationship: expected a relationship id or an alias, got {value!r}")
+    else:
+        found = await store.relationship_for_pair(seller, buyer)
+        value = f"between seller {addresses.normalize(seller)} and buyer {addresses.normalize(buyer)}"
+    if found is None:
+        raise NotFound(f"no relationship {value}")
+    return found
+
+
+_ARROWS = {"buyer_to_seller": "buyer→seller", "seller_to_buyer": "seller→buyer", None: "-"}
+
+
+def cmd_archive_list(args, config: Config) -> int:
+    if args.limit < 1 or args.page < 1:
+        raise UsageError("--limit and --page must be at least 1")
+    if args.relationship and (args.seller or args.buyer):
+        raise UsageError("give either --relationship, or --seller and/or --buyer")
+    since, until = _when(args.since, "--since"), _when(args.until, "--until", end_of_day=True)
+
+    async def work(store):
+        relationship_id = None
+        if args.relationship:
+            relationship_id = (await _relationship_of(store, args.relationship)).id
+        return await store.archive_list(
+            relationship_id=relationship_id, seller=args.seller, buyer=args.buyer, since=since, until=until,
+            verdict=args.verdict, limit=args.limit + 1, offset=(args.page - 1) * args.limit)
+
+    rows = asyncio.run(_with_store(config, work))
+    more, rows = len(rows) > args.limit, rows[:args.limit]
+    if args.json:
+        _print_json(rows)
+        return 0
+    if not rows:
+        print("no archived messages match" if args.page == 1 else f"no archived messages on page {args.page}")
+        return 0
+    print(f"{'id':>8}  {'received (UTC)':<27}  {'rel':>5}  {'direction':<12}  {'verdict':<9}  {'bytes':>9}  reply")
+    for row in rows:
+        size = "purged" if row["purged_at"] else str(row["bytes"])
+        print(f"{row['id']:>8}  {row['received_at']:<27}  {row['relationship'] or '-':>5}  "
+              f"{_ARROWS.get(row['direction'], row['direction']):<12}  {row['verdict']:<9}  {size:>9}  "
+              f"{(row['reply'] or '')[:60]}")
+    if more:
+        print(f"more: --page {args.page + 1}")
+    return 0
+
+
+def _show_summary(row: dict, relationship) -> dict:
+    purged = bool(row["purged_at"])
+    return {
+        "id": row["id"],
+        "received_at": row["received_at"],
+        "relationship": row["relationship_id"],
+        "seller": relationship.seller.address if relationship else None,
+        "buyer": relationship.buyer.address if relationship else None,
+        "direction": row["direction"],
+        "client_address": row["client_address"],
+        "mail_from": row["mail_from"],
+        "rcpt_to": row["rcpt_to"],
+        "verdict": row["verdict"],
+        "reply": row["reply"],
+        "changes": row["changes"],
+        "bytes": None if purged else (len(row["raw"]) if row["raw"] is not None else row["raw_size"]),
+        "delivered_bytes": None if purged or row["delivered"] is None else len(row["delivered"]),
+        "raw_sha256": row["raw_sha256"],
+        "delivered_sha256": row["delivered_sha256"],
+        "prev_sha256": row["prev_sha256"],
+        "row_sha256": row["row_sha256"],
+        "auto_reply": None if row["auto_reply"] is None else bool(row["auto_reply"]),
+        "purged_at": row["purged_at"],
+        "decode_error": row["decode_error"],
+    }
+
+
+def cmd_archive_show(args, config: Config) -> int:
+    async def work(store):
+        row = await store.archive_row(args.id)
+        relationship = None
+        if row is not None and row["relationship_id"] is not None:
+            relationship = await store.relationship_by_id(row["relationship_id"])
+        return row, relationship
+
+    row, relationship = asyncio.run(_with_store(config, work))
+    if row is None:
+        raise NotFound(f"no archive row {args.id}")
+    if args.raw or args.delivered:
+        which = "raw" if args.raw else "delivered"
+        if row["purged_at"]:
+            raise NotFound(f"archive row {args.id} was purged at {row['purged_at']} (past retention); "
+                           "its bytes are gone")
+        if row["decode_error"]:
+            raise StoreError(f"archive row {args.id}: {row['decode_error']}; run `relay archive verify`")
+        data = row[which]
+        if data is None:
+            raise NotFound(f"archive row {args.id} has no delivered bytes (verdict {row['verdict']})")
+        if sha256_hex(data) != row[f"{which}_sha256"]:
+            raise StoreError(f"archive row {args.id}: its {which} bytes do not match {which}_sha256 (edited); "
+                             "run `relay archive verify`")
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        return 0
+    summary = _show_summary(row, relationship)
+    if args.changes:
+        removed, added = ([], [])
+        if row["raw"] is not None and row["delivered"] is not None:
+            removed, added = archive.header_changes(row["raw"], row["delivered"])
+        if args.json:
+            _print_json({"id": row["id"], "verdict": row["verdict"], "reply": row["reply"],
+                         "changes": row["changes"], "headers_removed": removed, "headers_added": added})
+            return 0
+        print(f"archive row {row['id']}: {row['verdict']} — {row['reply']}")
+        print("what the relay did:" if row["changes"] else "what the relay did: nothing recorded")
+        for change in row["changes"]:
+            print(f"  - {change}")
+        if row["purged_at"]:
+            print(f"(purged at {row['purged_at']}: the bytes and the list of changes are gone)")
+        elif row["delivered"] is None:
+            print("nothing was delivered, so there is no header comparison")
+        else:
+            print("headers, as received (-) and as delivered (+):")
+            for line in removed:
+                print(f"  - {line}")
+            for line in added:
+                print(f"  + {line}")
+        return 0
+    if args.json:
+        _print_json(summary)
+        return 0
+    print(f"archive row {row['id']}")
+    print(f"received:     {row['received_at']}")
+    if relationship:
+        print(f"relationship: {relationship.id} (seller {relationship.seller.address}, "
+              f"buyer {relationship.buyer.address})")
+    print(f"direction:    {_ARROWS.get(row['direction'], row['direction'])}")
+    print(f"verdict:      {row['verdict']}")
+    if row["purged_at"]:
+        print(f"purged:       {row['purged_at']} — bodies, envelope and changes removed past retention;"
+              " the hashes stay in the chain")
+    else:
+        print(f"client:       {row['client_address']}")
+        print(f"envelope:     MAIL FROM <{row['mail_from']}> RCPT TO {', '.join(row['rcpt_to'])}")
+        print(f"reply:        {row['reply']}")
+        if row["decode_error"]:
+            print(f"bodies:       CANNOT BE READ: {row['decode_error']}")
+        else:
+            print(f"raw:          {summary['bytes']} bytes, sha256 {row['raw_sha256']}   (--raw)")
+            if row["delivered"] is not None:
+                print(f"delivered:    {summary['delivered_bytes']} bytes, sha256 {row['delivered_sha256']}"
+                      "   (--delivered)")
+        print(f"changes:      {len(row['changes'])}   (--changes)")
+    print(f"chain:        prev {row['prev_sha256']}")
+    print(f"              row  {row['row_sha256']}")
+    return 0
+
+
+def cmd_archive_export(args, config: Config) -> int:
+    if args.relationship and (args.seller or args.buyer):
+        raise UsageError("give either --relationship, or --seller and --buyer")
+    if not args.relationship and not (args.seller and args.buyer):
+        raise UsageError("give --relationship, or both --seller and --buyer")
+
+    async def work(store):
+        relationship = await _relationship_of(store, args.relationship, args.seller, args.buyer)
+        header = {"relationship": relationship.id, "seller": relationship.seller.address,
+                  "buyer": relationship.buyer.address, "seller_alias": relationship.seller_alias,
+                  "buyer_alias": relationship.buyer_alias, "exported_at": iso(datetime.now(timezone.utc))}
+        try:
+            exporter = archive.Exporter(Path(args.out), args.format, args.as_, header)
+        except archive.ExportError as exc:
+            raise StoreError(str(exc)) from None
+        try:
+            async for row in store.conversation(relationship.id):
+                exporter.add(row)
+            return exporter.finish()
+        except archive.ExportError as exc:
+            exporter.abort()
+            raise StoreError(str(exc)) from None
+        except BaseException:
+            exporter.abort()
+            raise
+
+    manifest = asyncio.run(_with_store(config, work))
+    if args.json:
+        _print_json(manifest)
+        return 0
+    where = Path(args.out) / "manifest.json" if args.format == "eml-dir" else Path(args.out + ".manifest.json")
+    omitted = f"; {len(manifest['omitted'])} omitted (see the manifest)" if manifest["omitted"] else ""
+    print(f"exported {len(manifest['messages'])} message(s) of relationship {manifest['relationship']}"
+          f" ({args.as_}, {args.format}) to {args.out}; manifest {where}{omitted}")
+    return 0
+
+
+def cmd_archive_verify(args, config: Config) -> int:
+    async def work(store):
+        verifier = archive.ChainVerifier(purge_runs=await store.purge_runs())
+        async for row in store.archive_chain():
+            verifier.feed(row)
+        for table, archive_id in await store.archive_dangling_references():
+            verifier.missing_referenced(table, archive_id)
+        breaks = sorted(verifier.breaks, key=lambda b: b.archive_id)
+        if breaks and breaks[0].kind == "link":
+            predecessor = await store.archive_id_by_row_hash(breaks[0].stored_prev)
+            breaks[0] = archive.explain_link_break(breaks[0], predecessor)
+        head_found = None
+        if args.head:
+            head_found = await store.archive_id_by_row_hash(args.head.strip().lower())
+        return verifier, breaks, head_found
+
+    verifier, breaks, head_found = asyncio.run(_with_store(config, work))
+    if args.head and head_found is None:
+        breaks.append(archive.ChainBreak(0, "head", f"the head {args.head} is no longer in the chain: "
+                                                     "rows after it were rewritten or deleted"))
+    if args.json:
+        _print_json({"ok": not breaks, "rows": verifier.rows, "purged": verifier.purged, "head": verifier.head,
+                     "breaks": [{"archive_id": b.archive_id, "kind": b.kind, "detail": b.detail} for b in breaks]})
+        return EXIT_FAILURE if breaks else 0
+    if breaks:
+        first = breaks[0]
+        text = first.line() if first.kind != "head" else f"archive chain broken: {first.detail}"
+        more = f" (and {len(breaks) - 1} more; --json lists them)" if len(breaks) > 1 else ""
+        print(f"relay: {text}{more}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(verifier.summary())
+    return 0
+
+
+def _hold(args, config: Config, on: bool) -> int:
+    async def work(store):
+        relationship = await _relationship_of(store, args.relationship)
+        if on:
+            return relationship, await store.hold(relationship.id, args.reason)
+        return relationship, await store.release(relationship.id)
+
+    relationship, changed = asyncio.run(_with_store(config, work))
+    if on:
+        print(f"relationship {relationship.id} is on hold: purge keeps its archive"
+              + ("" if changed else " (it already was)"))
+    elif changed:
+        print(f"relationship {relationship.id} released: its archive is purged past retention again")
+    else:
+        print(f"relationship {relationship.id} was not on hold")
+    return 0
+
+
+def cmd_archive_hold(args, config: Config) -> int:
+    return _hold(args, config, True)
+
+
+def cmd_archive_release(args, config: Config) -> int:
+    return _hold(args, config, False)
+
+
+def cmd_archive_holds(args, config: Config) -> int:
+    holds = asyncio.run(_with_store(config, lambda store: store.holds()))
+    if args.json:
+        _print_json(holds)
+        return 0
+    if not holds:
+        print("no relationship is on hold")
+    for hold in holds:
+        print(f"relationship {hold['relationship']} ({hold['seller']} / {hold['buyer']}) on hold since "
+              f"{hold['held_at']}" + (f": {hold['reason']}" if hold["reason"] else ""))
+    return 0
+
+
+def cmd_purge(args, config: Config) -> int:
+    cutoff = archive.retention_cutoff(datetime.now(timezone.utc), config.archive.retention_days)
+    counts = asyncio.run(_with_store(config, lambda store: store.purge(cutoff, dry_run=args.dry_run)))
+    if args.json:
+        _print_json(counts.to_json())
+    else:
+        print(archive.purge_summary(counts))
+    if counts.damaged:
+        print(f"relay: {counts.damaged} archive row(s) past retention fail their hashes and were kept;"
+              " run `relay archive verify`", file=sys.stderr)
+        return EXIT_FAILURE
+    return 0
+
+
+def cmd_report_response_time(args, config: Config) -> int:
+    if args.json and args.format not in (None, "json"):
+        raise UsageError("--json is --format json; give one of them")
+    fmt = "json" if args.json else (args.format or "text")
+    since = _when(args.since, "--since")
+    until = _when(args.until, "--until", end_of_day=True)
+    now = archive.parse_iso(until) if until else datetime.now(timezone.utc)
+
+    async def work(store):
+        if args.seller and await store.get_party("seller", args.seller) is None:
+            raise NotFound(f"no seller {addresses.normalize(args.seller)}")
+        return await store.response_facts(since=since, until=until, seller=args.seller)
+
+    facts, names = asyncio.run(_with_store(config, work))
+    sellers = archive.response_times(
+        facts, now, since=archive.parse_iso(since) if since else None, names=names,
+        sellers=[addresses.normalize(args.seller)] if args.seller else ())
+    if fmt == "json":
+        text = json.dumps(archive.report_json(sellers, now, since), indent=2, sort_keys=True) + "\n"
+    elif fmt == "html":
+        text = archive.render_html(sellers, now, since)
+    else:
+        text = archive.render_text(sellers, now, since)
+    if args.out:
+        archive.write_atomically(Path(args.out), text.encode("utf-8"))
+        print(f"response-time report ({fmt}) written to {args.out}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 COMMANDS = {
     "serve": cmd_serve,
     "db upgrade": cmd_db_upgrade,
@@ -395,4 +795,13 @@ COMMANDS = {
     "buyer opt-in": _opt(False),
     "order add": cmd_order_add,
     "relationship show": cmd_relationship_show,
+    "archive list": cmd_archive_list,
+    "archive show": cmd_archive_show,
+    "archive export": cmd_archive_export,
+    "archive verify": cmd_archive_verify,
+    "archive hold": cmd_archive_hold,
+    "archive release": cmd_archive_release,
+    "archive holds": cmd_archive_holds,
+    "purge": cmd_purge,
+    "report response-time": cmd_report_response_time,
 }

@@ -73,22 +73,11 @@ class SmtpUpstream:
         return str(self.target)
 
     async def deliver(self, mail_from: str, rcpt_to: str, data: bytes) -> str:
-        target = self.target
         try:
-            errors, response = await aiosmtplib.send(
-                data,
-                sender=mail_from,
-                recipients=[rcpt_to],
-                hostname=target.host,
-                port=target.port,
-                username=target.username or None,
-                password=target.password or None,
-                local_hostname=self.local_hostname,
-                use_tls=target.scheme == "smtps",
-                start_tls=target.scheme == "smtp+starttls",
-                tls_context=self.tls_context,
-                timeout=self.timeout,
-            )
+            # The client object rather than aiosmtplib.send(): send() refuses
+            # the empty (null) reverse-path that bounce notices must use.
+            async with self._client() as client:
+                errors, response = await client.sendmail(mail_from, [rcpt_to], data)
         except aiosmtplib.SMTPRecipientsRefused as exc:
             refusal = exc.recipients[0]
             raise DeliveryError(reply_for_upstream(refusal.code, refusal.message),
@@ -108,15 +97,24 @@ class SmtpUpstream:
             raise DeliveryError(reply_for_upstream(code, message), f"upstream said {code} {message}")
         return response
 
+    def _client(self) -> aiosmtplib.SMTP:
+        target = self.target
+        return aiosmtplib.SMTP(
+            hostname=target.host,
+            port=target.port,
+            username=target.username or None,
+            password=target.password or None,
+            local_hostname=self.local_hostname,
+            use_tls=target.scheme == "smtps",
+            start_tls=target.scheme == "smtp+starttls",
+            tls_context=self.tls_context,
+            timeout=self.timeout,
+        )
+
     async def ping(self) -> None:
-        """Connect, greet and quit: raises if the upstream is not answering."""
-        client = aiosmtplib.SMTP(hostname=self.target.host, port=self.target.port,
-                                 use_tls=self.target.scheme == "smtps",
-                                 start_tls=self.target.scheme == "smtp+starttls",
-                                 tls_context=self.tls_context, timeout=self.timeout,
-                                 local_hostname=self.local_hostname)
-        await client.connect()
-        await client.quit()
+        """Connect, greet (and log in) and quit: raises if the upstream is not answering."""
+        async with self._client():
+            pass
 
 
 class MaildirUpstream:

@@ -27,7 +27,7 @@ from datetime import datetime, timedelta, timezone
 
 from aiosmtpd.smtp import MISSING, AuthResult
 
-from relay import addresses, auth, pipeline, replies
+from relay import addresses, auth, bounces, dkim, pipeline, replies
 from relay.auth import Throttle
 from relay.config import Config
 from relay.forward import DeliveryError, Upstream
@@ -83,7 +83,7 @@ class RelayHandler:
 
     def __init__(self, config: Config, store, upstream: Upstream, protocol: str = "ESMTP",
                  submission: bool = False, throttle: Throttle | None = None, clock=utc_clock,
-                 metrics: Metrics | None = None, dkim_key=None):
+                 metrics: Metrics | None = None, dkim_key=None, bounce_secret: bytes = b""):
         self.config = config
         self.store = store
         self.upstream = upstream
@@ -93,6 +93,7 @@ class RelayHandler:
         self.clock = clock
         self.metrics = metrics or Metrics()
         self.dkim_key = dkim_key
+        self.bounce_secret = bounce_secret or secrets.token_bytes(32)
         self._in_flight: set[asyncio.Task] = set()
         self.closing = False
 
@@ -118,7 +119,11 @@ class RelayHandler:
         return reply.line()
 
     async def handle_DATA(self, server, session, envelope):
-        task = asyncio.ensure_future(self._message(session, envelope))
+        if getattr(envelope, "relay_bounce", None) is not None:
+            work = self._bounce(session, envelope)
+        else:
+            work = self._message(session, envelope)
+        task = asyncio.ensure_future(work)
         self._in_flight.add(task)
         self.metrics.in_flight.inc()
         task.add_done_callback(self._in_flight.discard)
@@ -208,8 +213,12 @@ class RelayHandler:
         if domain != self.config.domain:
             # Submission must never relay to arbitrary addresses.
             return replies.RELAY_DENIED if self.submission else replies.NOT_OUR_DOMAIN
+        if bounces.is_bounce_local(local) and not self.submission:
+            return await self._bounce_recipient(envelope, address, local)
         if not addresses.is_alias_token(local):
             return replies.UNKNOWN_ALIAS
+        if getattr(envelope, "relay_bounce", None) is not None:
+            return replies.OTHER_RELATIONSHIP
         relationship = await self.store.relationship_by_alias(alias)
         if relationship is None:
             return replies.UNKNOWN_ALIAS
@@ -233,6 +242,80 @@ class RelayHandler:
         envelope.relay_route = route
         envelope.rcpt_tos.append(address)
         return replies.RECIPIENT_OK
+
+    async def _bounce_recipient(self, envelope, address: str, local: str) -> Reply:
+        """A delivery report coming back to a VERP address of ours."""
+        try:
+            relay_id = bounces.parse_address(local, self.config.domain, self.bounce_secret, self.clock())
+        except bounces.InvalidBounceAddress as why:
+            log.info("refused bounce address (%s)", why)
+            return replies.BOUNCE_ADDRESS_INVALID
+        original = await self.store.message_by_relay_id(relay_id)
+        if original is None:
+            return replies.BOUNCE_ADDRESS_INVALID
+        if getattr(envelope, "relay_route", None) is not None or getattr(envelope, "relay_bounce", None):
+            return replies.OTHER_RELATIONSHIP
+        envelope.relay_bounce = (relay_id, original)
+        envelope.rcpt_tos.append(address)
+        return replies.RECIPIENT_OK
+
+    async def _bounce(self, session, envelope) -> Reply:
+        """Record the report against the bounced message and tell its sender,
+        in general terms, through a notice from mailer-daemon."""
+        relay_id, original = envelope.relay_bounce
+        raw: bytes = envelope.original_content
+        try:
+            message = await asyncio.wait_for(asyncio.to_thread(pipeline.parse, raw),
+                                             self.config.inbound.processing_timeout)
+            reports = bounces.read_dsn(message)
+        except SmtpError:
+            reports = []
+        except asyncio.TimeoutError:
+            return replies.PROCESSING_TIMEOUT
+        failed = [r for r in reports if r.action == "failed"]
+        action = failed[0].action if failed else (reports[0].action if reports else "none")
+        status = failed[0].status if failed else (reports[0].status if reports else "")
+        notified = False
+        try:
+            if failed and not bounces.auto_submitted(message):
+                notified = await self._notify(original, status)
+            await self.store.record_bounce(iso(self.clock()), relay_id, original["archive_id"],
+                                           original["relationship_id"], action, status, notified, raw)
+        except DeliveryError as exc:
+            log.warning("bounce notice for %s not delivered: %s", relay_id, exc.detail)
+            return replies.UPSTREAM_UNAVAILABLE if exc.reply.transient else replies.DELIVERED
+        except StoreUnavailable as exc:
+            log.warning("bounce for %s not recorded: %s", relay_id, exc)
+            return replies.LOOKUP_FAILED
+        except Exception:
+            log.exception("unexpected error handling a bounce for %s", relay_id)
+            return replies.INTERNAL_ERROR
+        log.info("bounce relationship=%s archive=%s action=%s status=%s notified=%s",
+                 original["relationship_id"], original["archive_id"], action, status or "-", notified)
+        return replies.BOUNCE_ACCEPTED
+
+    async def _notify(self, original: dict, status: str) -> bool:
+        """Send the notice; False when there is nobody to tell (an automatic
+        original message, which must never be answered)."""
+        relationship = await self.store.relationship_by_id(original["relationship_id"])
+        if relationship is None:
+            return False
+        if original.get("archive_id"):
+            row = await self.store.archive_row(original["archive_id"])
+            if row and row.get("raw") and bounces.auto_submitted(pipeline.parse(row["raw"])):
+                return False
+        if relationship.seller.id == original["sender_id"]:
+            sender, alias = relationship.seller, relationship.buyer_alias
+        else:
+            sender, alias = relationship.buyer, relationship.seller_alias
+        sent_at = original["created_at"][:16].replace("T", " ") + " UTC"
+        data = bounces.notice(self.config.domain, sender.display_name, sender.address, alias, sent_at,
+                              status, addresses.new_message_id(self.config.domain), self.clock())
+        if self.dkim_key is not None:
+            data = dkim.sign(data, self.dkim_key)
+        # A null envelope sender: a notice must never cause another notice.
+        await self.upstream.deliver("", sender.address, data)
+        return True
 
     async def _over_daily_cap(self, seller: Party) -> Reply | None:
         policy = self.config.policy
@@ -350,7 +433,9 @@ class RelayHandler:
 
         started = time.monotonic()
         try:
-            detail = await self.upstream.deliver(route.sender_alias, route.recipient.address, result.delivered)
+            return_path = bounces.make_address(relay_id, self.config.domain, self.bounce_secret, self.clock(),
+                                               self.config.bounce.lifetime_days)
+            detail = await self.upstream.deliver(return_path, route.recipient.address, result.delivered)
         except DeliveryError as exc:
             self.metrics.upstream_seconds.observe(time.monotonic() - started)
             log.warning("delivery of message %s failed: %s", transaction_id, exc.detail)

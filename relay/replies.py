@@ -67,6 +67,8 @@ OTHER_RELATIONSHIP = Reply(
 RELAY_DENIED = Reply(550, "5.7.1", "Relaying denied: write to your buyers' aliases only")
 NOT_YOUR_BUYER = Reply(550, "5.7.1", "This alias is not one of your buyers")
 DAILY_CAP = Reply(450, "4.7.1", "Daily sending limit reached")
+BOUNCE_ADDRESS_INVALID = Reply(550, "5.1.1", "Recipient address rejected: invalid or expired bounce address")
+BOUNCE_ACCEPTED = Reply(250, "2.0.0", "Delivery report accepted")
 LOOKUP_FAILED = Reply(451, "4.3.0", "Temporary lookup failure, try again later")
 
 # --- AUTH -------------------------------------------------------------------

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from aiosmtpd.smtp import SMTP
 
-from relay import __version__, dkim, tls
+from relay import __version__, bounces, dkim, tls
 from relay.auth import Throttle
 from relay.config import Config, Endpoint
 from relay.forward import MaildirUpstream, make_upstream
@@ -68,8 +68,9 @@ class RelayServer:
                     "UPSTREAM IS %s: delivered mail is written to files there, not sent to anyone. "
                     "Set [upstream] url to your smarthost for real delivery.", upstream)
             self.dkim_key = await asyncio.to_thread(dkim.load_key, config)
+            self.bounce_secret = await asyncio.to_thread(bounces.load_secret, config)
             inbound = RelayHandler(config, self.store, upstream, clock=self.clock, metrics=self.metrics,
-                                   dkim_key=self.dkim_key)
+                                   dkim_key=self.dkim_key, bounce_secret=self.bounce_secret)
             self.handlers.append(inbound)
             server = await self._listen(config.inbound.listen, inbound, self._inbound_session, "inbound")
             self.inbound_address = server.sockets[0].getsockname()[:2]
@@ -97,7 +98,7 @@ class RelayServer:
         throttle = Throttle(sub.failure_delay, sub.max_failure_delay, sub.max_failures, sub.failure_window)
         handler = RelayHandler(self.config, self.store, upstream, protocol="ESMTPSA", submission=True,
                                throttle=throttle, clock=self.clock, metrics=self.metrics,
-                               dkim_key=self.dkim_key)
+                               dkim_key=self.dkim_key, bounce_secret=self.bounce_secret)
         self.handlers.append(handler)
         if sub.listen is not None:
             server = await self._listen(sub.listen, handler, lambda h: self._submission_session(h, context),

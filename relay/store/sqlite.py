@@ -21,17 +21,23 @@ from pathlib import Path
 import aiosqlite
 
 from relay import addresses
+from relay import archive as archive_logic
 from relay.store import (
+    BODY_ENCODING,
     GENESIS_HASH,
     ArchiveEntry,
+    BodyDecodeError,
     Conflict,
     MessageIdRow,
     NotFound,
     Party,
+    PurgeCounts,
     Relationship,
     RelationshipStats,
     StoreUnavailable,
     chain_hash,
+    decode_bodies,
+    encode_bodies,
     sha256_hex,
     utc_now,
 )
@@ -361,9 +367,11 @@ class SqliteStore:
     async def record(self, entry: ArchiveEntry) -> int:
         """Append `entry` to the archive (and its Message-ID map row) in one
         transaction; return the archive id once committed."""
-        raw_sha = sha256_hex(entry.raw)
-        delivered_sha = sha256_hex(entry.delivered)
         metadata = entry.metadata()
+        # Hashing and compressing a 10 MB message takes a while: off the loop,
+        # and before the write lock is taken.
+        raw_sha, delivered_sha, raw_blob, delivered_blob, auto_reply = await asyncio.to_thread(
+            _prepare_bodies, entry.raw, entry.delivered)
         async with self._transaction() as db:
             with _unavailable_on_db_error():
                 async with db.execute(
@@ -374,8 +382,9 @@ class SqliteStore:
                 cursor = await db.execute(
                     "INSERT INTO archive (received_at, relationship_id, direction,"
                     " client_address, mail_from, rcpt_to, verdict, reply, changes,"
-                    " raw, delivered, raw_sha256, delivered_sha256, prev_sha256, row_sha256)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " raw, delivered, raw_sha256, delivered_sha256, prev_sha256, row_sha256,"
+                    " body_encoding, raw_size, delivered_size, auto_reply)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         entry.received_at,
                         entry.relationship_id,
@@ -386,15 +395,22 @@ class SqliteStore:
                         entry.verdict,
                         entry.reply,
                         json.dumps(list(entry.changes)),
-                        entry.raw,
-                        entry.delivered,
+                        b"",  # the bodies live in archive_bodies
+                        None,
                         raw_sha,
                         delivered_sha,
                         prev,
                         chain_hash(metadata, raw_sha, delivered_sha, prev),
+                        BODY_ENCODING,
+                        len(entry.raw),
+                        None if entry.delivered is None else len(entry.delivered),
+                        int(auto_reply),
                     ),
                 )
                 archive_id = cursor.lastrowid
+                await db.execute(
+                    "INSERT INTO archive_bodies (archive_id, raw, delivered) VALUES (?, ?, ?)",
+                    (archive_id, raw_blob, delivered_blob))
                 if entry.verdict == "delivered" and entry.direction == "seller_to_buyer" and entry.sender_id:
                     await db.execute(
                         "INSERT INTO seller_sends (seller_id, archive_id, sent_at) VALUES (?, ?, ?)",
@@ -415,21 +431,305 @@ class SqliteStore:
         return archive_id
 
     async def archive_row(self, archive_id: int) -> dict | None:
-        """One archive row as a dict (for tests and the dispute tools)."""
-        with _unavailable_on_db_error():
-            async with self._db.execute("SELECT * FROM archive WHERE id = ?", (archive_id,)) as cur:
-                row = await cur.fetchone()
-                names = [d[0] for d in cur.description]
-        if row is None:
+        """One archive row as a dict (for tests and the dispute tools): the
+        archive table's columns with `raw` and `delivered` uncompressed
+        (None for a purged row), `rcpt_to`/`changes` as lists, and
+        `decode_error` set when the stored bodies cannot be read."""
+        rows = await self._archive_rows(" WHERE a.id = ?", (archive_id,))
+        if not rows:
             return None
-        result = dict(zip(names, row))
-        result["rcpt_to"] = json.loads(result["rcpt_to"])
-        result["changes"] = json.loads(result["changes"])
-        return result
+        [row] = await asyncio.to_thread(lambda: [_decoded(r) for r in rows])
+        return row
 
     async def archive_ids(self) -> list[int]:
         return [row[0] for row in await self._fetchall("SELECT id FROM archive ORDER BY id")]
 
+    # --- dispute tools (relay archive …, relay purge, relay report) -----------
+
+    async def _archive_rows(self, where: str, params=()) -> list[dict]:
+        """Archive rows joined with their bodies, still encoded."""
+        with _unavailable_on_db_error():
+            async with self._db.execute(
+                "SELECT a.*, length(a.raw) AS inline_raw_size, b.raw AS body_raw,"
+                " b.delivered AS body_delivered"
+                " FROM archive a LEFT JOIN archive_bodies b ON b.archive_id = a.id" + where, params
+            ) as cursor:
+                names = [d[0] for d in cursor.description]
+                return [dict(zip(names, row)) for row in await cursor.fetchall()]
+
+    async def archive_chain(self, batch: int = 500):
+        """Every archive row in id order, decoded (for `relay archive verify`);
+        read in batches so a million rows never sit in memory at once."""
+        last = None
+        while True:
+            if last is None:
+                rows = await self._archive_rows(" ORDER BY a.id LIMIT ?", (batch,))
+            else:
+                rows = await self._archive_rows(" WHERE a.id > ? ORDER BY a.id LIMIT ?", (last, batch))
+            if not rows:
+                return
+            for row in await asyncio.to_thread(lambda: [_decoded(r) for r in rows]):
+                yield row
+            last = rows[-1]["id"]
+
+    async def conversation(self, relationship_id: int, batch: int = 50):
+        """A relationship's archive rows in order, both directions, decoded."""
+        last = None
+        while True:
+            where, params = " WHERE a.relationship_id = ?", [relationship_id]
+            if last is not None:
+                where += " AND a.id > ?"
+                params.append(last)
+            rows = await self._archive_rows(where + " ORDER BY a.id LIMIT ?", (*params, batch))
+            if not rows:
+                return
+            for row in await asyncio.to_thread(lambda: [_decoded(r) for r in rows]):
+                yield row
+            last = rows[-1]["id"]
+
+    async def archive_list(self, *, relationship_id: int | None = None, seller: str | None = None,
+                           buyer: str | None = None, since: str | None = None, until: str | None = None,
+                           verdict: str | None = None, limit: int = 50, offset: int = 0) -> list[dict]:
+        """Archive rows newest first, without bodies; `since` inclusive,
+        `until` exclusive (store timestamps)."""
+        clauses, params = [], []
+        if relationship_id is not None:
+            clauses.append("a.relationship_id = ?")
+            params.append(relationship_id)
+        for role, address in (("seller", seller), ("buyer", buyer)):
+            if address is not None:
+                clauses.append(f"a.relationship_id IN (SELECT r2.id FROM relationships r2"
+                               f" JOIN parties p2 ON p2.id = r2.{role}_id WHERE p2.address = ?)")
+                params.append(addresses.normalize(address))
+        if since is not None:
+            clauses.append("a.received_at >= ?")
+            params.append(since)
+        if until is not None:
+            clauses.append("a.received_at < ?")
+            params.append(until)
+        if verdict is not None:
+            clauses.append("a.verdict = ?")
+            params.append(verdict)
+        where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
+        rows = await self._fetchall(
+            "SELECT a.id, a.received_at, a.relationship_id, a.direction, a.verdict, a.reply,"
+            " COALESCE(a.raw_size, length(a.raw)), COALESCE(a.delivered_size, length(a.delivered)),"
+            " a.purged_at, s.address, b.address"
+            " FROM archive a"
+            " LEFT JOIN relationships r ON r.id = a.relationship_id"
+            " LEFT JOIN parties s ON s.id = r.seller_id"
+            " LEFT JOIN parties b ON b.id = r.buyer_id"
+            f"{where} ORDER BY a.id DESC LIMIT ? OFFSET ?",
+            (*params, limit, offset))
+        return [
+            {"id": row[0], "received_at": row[1], "relationship": row[2], "direction": row[3],
+             "verdict": row[4], "reply": row[5], "bytes": row[6] if not row[8] else None,
+             "delivered_bytes": row[7] if not row[8] else None, "purged_at": row[8],
+             "seller": row[9], "buyer": row[10]}
+            for row in rows
+        ]
+
+    async def archive_id_by_row_hash(self, row_sha256: str) -> int | None:
+        """The row whose row_sha256 is this (a full scan: for diagnosing a break)."""
+        row = await self._fetchone("SELECT id FROM archive WHERE row_sha256 = ? LIMIT 1", (row_sha256,))
+        return None if row is None else row[0]
+
+    async def archive_dangling_references(self, limit: int = 100) -> list[tuple[str, int]]:
+        """(table, archive id) of references to archive rows that do not exist."""
+        rows = await self._fetchall(
+            "SELECT t, archive_id FROM ("
+            " SELECT 'message_ids' AS t, archive_id FROM message_ids m"
+            "  WHERE NOT EXISTS (SELECT 1 FROM archive a WHERE a.id = m.archive_id)"
+            " UNION ALL SELECT 'seller_sends', archive_id FROM seller_sends s"
+            "  WHERE NOT EXISTS (SELECT 1 FROM archive a WHERE a.id = s.archive_id)"
+            " UNION ALL SELECT 'archive_bodies', archive_id FROM archive_bodies b"
+            "  WHERE NOT EXISTS (SELECT 1 FROM archive a WHERE a.id = b.archive_id)"
+            ") ORDER BY archive_id, t LIMIT ?", (limit,))
+        return [(row[0], row[1]) for row in rows]
+
+    async def purge_runs(self) -> dict[int, str]:
+        """Recorded purge runs: id -> cutoff."""
+        return {row[0]: row[1] for row in await self._fetchall("SELECT id, cutoff FROM archive_purges")}
+
+    async def hold(self, relationship_id: int, reason: str = "", at: str | None = None) -> bool:
+        """Keep the relationship's archive from purge; False if already held."""
+        if await self.relationship_by_id(relationship_id) is None:
+            raise NotFound(f"no relationship {relationship_id}")
+        async with self._transaction() as db:
+            with _unavailable_on_db_error():
+                cursor = await db.execute(
+                    "INSERT OR IGNORE INTO archive_holds (relationship_id, held_at, reason) VALUES (?, ?, ?)",
+                    (relationship_id, at or utc_now(), reason))
+        return cursor.rowcount == 1
+
+    async def release(self, relationship_id: int) -> bool:
+        """End a hold; False if there was none."""
+        async with self._transaction() as db:
+            with _unavailable_on_db_error():
+                cursor = await db.execute("DELETE FROM archive_holds WHERE relationship_id = ?",
+                                          (relationship_id,))
+        return cursor.rowcount == 1
+
+    async def holds(self) -> list[dict]:
+        rows = await self._fetchall(
+            "SELECT h.relationship_id, h.held_at, h.reason, s.address, b.address FROM archive_holds h"
+            " JOIN relationships r ON r.id = h.relationship_id"
+            " JOIN parties s ON s.id = r.seller_id JOIN parties b ON b.id = r.buyer_id"
+            " ORDER BY h.relationship_id")
+        return [{"relationship": row[0], "held_at": row[1], "reason": row[2], "seller": row[3],
+                 "buyer": row[4]} for row in rows]
+
+    async def purge(self, before_iso: str, dry_run: bool = False, *, batch: int = 500,
+                    now: str | None = None) -> PurgeCounts:
+        """Turn archive rows received before `before_iso` into tombstones.
+
+        A tombstone keeps id, received_at, relationship, direction, verdict,
+        the auto-reply flag and the four hashes, so `relay archive verify`
+        still checks the chain's linkage across it; bodies, envelope,
+        client address, reply and changes are cleared, and the Message-ID
+        map entries of those rows are deleted. Rows of a relationship on
+        hold are skipped, and so are rows that fail their own hashes (purging
+        them would hide the tampering). Works in batches of `batch` rows,
+        one short write transaction each, so a message arriving meanwhile
+        waits for one batch at most. `relay serve` calls this once a day.
+        """
+        held = await self._fetchone(
+            "SELECT COUNT(*) FROM archive WHERE purged_at IS NULL AND received_at < ?"
+            " AND relationship_id IN (SELECT relationship_id FROM archive_holds)", (before_iso,))
+        counts = dict(rows=0, bytes=0, message_ids=0, damaged=0)
+        run_id = None
+        cursor_key = ("", 0)
+        eligible = ("a.purged_at IS NULL AND (a.relationship_id IS NULL OR a.relationship_id NOT IN"
+                    " (SELECT relationship_id FROM archive_holds))")
+        while True:
+            rows = await self._archive_rows(
+                f" WHERE {eligible} AND a.received_at < ? AND (a.received_at, a.id) > (?, ?)"
+                " ORDER BY a.received_at, a.id LIMIT ?", (before_iso, *cursor_key, batch))
+            if not rows:
+                break
+            cursor_key = (rows[-1]["received_at"], rows[-1]["id"])
+            checked = await asyncio.to_thread(_purge_check, rows)
+            good = [(row_id, auto, size) for row_id, auto, size, problem in checked if problem is None]
+            counts["damaged"] += len(checked) - len(good)
+            if not good:
+                continue
+            ids = [row_id for row_id, _, _ in good]
+            marks = ",".join("?" * len(ids))
+            if dry_run:
+                found = await self._fetchone(
+                    f"SELECT COUNT(*) FROM message_ids WHERE archive_id IN ({marks})", ids)
+                counts["rows"] += len(good)
+                counts["bytes"] += sum(size for _, _, size in good)
+                counts["message_ids"] += found[0]
+                continue
+            stamp = now or utc_now()
+            async with self._transaction() as db:
+                with _unavailable_on_db_error():
+                    # Re-check inside the transaction: a hold placed or another
+                    # purge finished since the rows were read.
+                    async with db.execute(
+                            f"SELECT a.id FROM archive a WHERE a.id IN ({marks}) AND {eligible}", ids) as cur:
+                        still = {row[0] for row in await cur.fetchall()}
+                    good = [item for item in good if item[0] in still]
+                    if not good:
+                        continue
+                    ids = [row_id for row_id, _, _ in good]
+                    marks = ",".join("?" * len(ids))
+                    if run_id is None:
+                        cur = await db.execute(
+                            "INSERT INTO archive_purges (ran_at, cutoff, rows) VALUES (?, ?, 0)",
+                            (stamp, before_iso))
+                        run_id = cur.lastrowid
+                    await db.executemany(
+                        "UPDATE archive SET client_address = '', mail_from = '', rcpt_to = '[]', reply = '',"
+                        " changes = '[]', raw = x'', delivered = NULL, purged_at = ?, purge_id = ?,"
+                        " auto_reply = COALESCE(auto_reply, ?) WHERE id = ?",
+                        [(stamp, run_id, int(auto), row_id) for row_id, auto, _ in good])
+                    await db.execute(f"DELETE FROM archive_bodies WHERE archive_id IN ({marks})", ids)
+                    cur = await db.execute(f"DELETE FROM message_ids WHERE archive_id IN ({marks})", ids)
+                    counts["message_ids"] += cur.rowcount
+                    await db.execute("UPDATE archive_purges SET rows = rows + ? WHERE id = ?", (len(good), run_id))
+            counts["rows"] += len(good)
+            counts["bytes"] += sum(size for _, _, size in good)
+        return PurgeCounts(before=before_iso, dry_run=dry_run, held=held[0], run_id=run_id, **counts)
+
+    async def response_facts(self, since: str | None = None, until: str | None = None,
+                             seller: str | None = None) -> tuple[list, dict[str, str]]:
+        """The delivered messages the response-time report needs (facts from
+        `since`, inclusive, to `until`, exclusive), and sellers' names.
+
+        Rows written before migration 3 have no auto-reply flag yet: it is
+        read from their raw headers now and stored, once."""
+        clauses, params = ["a.verdict = 'delivered'"], []
+        if since is not None:
+            clauses.append("a.received_at >= ?")
+            params.append(since)
+        if until is not None:
+            clauses.append("a.received_at < ?")
+            params.append(until)
+        if seller is not None:
+            clauses.append("s.address = ?")
+            params.append(addresses.normalize(seller))
+        rows = await self._fetchall(
+            "SELECT a.id, a.relationship_id, s.address, s.display_name, a.direction, a.received_at,"
+            " a.auto_reply FROM archive a JOIN relationships r ON r.id = a.relationship_id"
+            " JOIN parties s ON s.id = r.seller_id WHERE " + " AND ".join(clauses), params)
+        unknown = [row[0] for row in rows if row[6] is None]
+        flags = await self._backfill_auto_reply(unknown) if unknown else {}
+        facts = [
+            archive_logic.MessageFact(
+                archive_id=row[0], relationship_id=row[1], seller=row[2], direction=row[4],
+                received_at=archive_logic.parse_iso(row[5]),
+                auto_reply=bool(row[6] if row[6] is not None else flags.get(row[0], False)))
+            for row in rows
+        ]
+        return facts, {row[2]: row[3] for row in rows}
+
+    async def _backfill_auto_reply(self, ids: list[int]) -> dict[int, bool]:
+        flags: dict[int, bool] = {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = await self._archive_rows(f" WHERE a.id IN ({marks})", chunk)
+            decoded = await asyncio.to_thread(lambda: [_decoded(r) for r in rows])
+            found = {row["id"]: archive_logic.is_auto_reply(row["raw"]) for row in decoded if row["raw"] is not None}
+            flags.update(found)
+            if found:
+                async with self._transaction() as db:
+                    with _unavailable_on_db_error():
+                        await db.executemany("UPDATE archive SET auto_reply = ? WHERE id = ? AND auto_reply IS NULL",
+                                             [(int(flag), row_id) for row_id, flag in found.items()])
+        return flags
+
+
+    # --- bounces ------------------------------------------------------------
+
+    async def message_by_relay_id(self, relay_id: str) -> dict | None:
+        """The Message-ID map entry of a message the relay delivered."""
+        row = await self._fetchone(
+            "SELECT relationship_id, sender_id, archive_id, created_at, original_id FROM message_ids"
+            " WHERE relay_id = ?", (relay_id,))
+        if row is None:
+            return None
+        return dict(zip(("relationship_id", "sender_id", "archive_id", "created_at", "original_id"), row))
+
+    async def record_bounce(self, received_at: str, relay_message_id: str, archive_id: int | None,
+                            relationship_id: int | None, action: str, status: str, notified: bool,
+                            raw: bytes) -> int:
+        async with self._transaction() as db:
+            with _unavailable_on_db_error():
+                cursor = await db.execute(
+                    "INSERT INTO bounces (received_at, relay_message_id, archive_id, relationship_id,"
+                    " action, status, notified, raw) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (received_at, relay_message_id, archive_id, relationship_id, action, status,
+                     int(notified), raw))
+        return cursor.lastrowid
+
+    async def bounces_for(self, archive_id: int) -> list[dict]:
+        rows = await self._fetchall(
+            "SELECT id, received_at, action, status, notified FROM bounces WHERE archive_id = ? ORDER BY id",
+            (archive_id,))
+        return [dict(zip(("id", "received_at", "action", "status", "notified"), row)) for row in rows]
 
     # --- health and metrics --------------------------------------------------
 
@@ -441,6 +741,54 @@ class SqliteStore:
         """The highest archive id: the number of rows ever archived, cheap at any size."""
         row = await self._fetchone("SELECT COALESCE(MAX(id), 0) FROM archive")
         return row[0]
+
+
+def _prepare_bodies(raw: bytes, delivered: bytes | None):
+    """(raw sha256, delivered sha256, raw blob, delivered blob, auto-reply)."""
+    raw_blob, delivered_blob = encode_bodies(raw, delivered)
+    return (sha256_hex(raw), sha256_hex(delivered), raw_blob, delivered_blob,
+            archive_logic.is_auto_reply(raw))
+
+
+def _decoded(row: dict) -> dict:
+    """A row from `_archive_rows()` with its bodies uncompressed."""
+    row = dict(row)
+    body_raw, body_delivered = row.pop("body_raw"), row.pop("body_delivered")
+    inline_raw_size = row.pop("inline_raw_size")
+    row["rcpt_to"] = json.loads(row["rcpt_to"])
+    row["changes"] = json.loads(row["changes"])
+    row["decode_error"] = None
+    if row["purged_at"]:
+        row["raw"] = row["delivered"] = None
+        return row
+    try:
+        if row["body_encoding"] == "identity":
+            row["raw"], row["delivered"] = decode_bodies("identity", row["raw"], row["delivered"])
+        else:
+            if inline_raw_size or row["delivered"] is not None:
+                raise BodyDecodeError("the archive table's own raw/delivered columns were written to")
+            row["raw"], row["delivered"] = decode_bodies(row["body_encoding"], body_raw, body_delivered)
+    except BodyDecodeError as exc:
+        row["raw"] = row["delivered"] = None
+        row["decode_error"] = str(exc)
+    return row
+
+
+def _purge_check(rows: list[dict]) -> list[tuple[int, bool, int, str | None]]:
+    """For each row about to be purged: (id, auto-reply, body bytes, problem).
+    A row that fails its own hashes is not purged: that would launder an edit."""
+    result = []
+    for encoded in rows:
+        row = _decoded(encoded)
+        problem = archive_logic.content_problem(row)
+        auto = row["auto_reply"]
+        size = 0
+        if problem is None:
+            if auto is None:
+                auto = archive_logic.is_auto_reply(row["raw"])
+            size = len(row["raw"]) + len(row["delivered"] or b"")
+        result.append((row["id"], bool(auto), size, problem))
+    return result
 
 
 def _statements(script: str) -> list[str]:
