@@ -69,6 +69,9 @@ class InboundConfig:
     max_message_bytes: int = 0  # 0: derived from the attachment limit (Config.size_limit)
     processing_timeout: float = 60.0
     max_received: int = 50  # more Received: headers than this → 554 5.4.6
+    # Clients allowed to send postfix's XFORWARD (the real client's address
+    # and HELO, for SPF when postfix is in front); no one else.
+    xforward_hosts: tuple[str, ...] = ("127.0.0.1", "::1")
     max_relay_hops: int = 3  # more of the relay's own Received: lines than this → 554 5.4.6
 
 
@@ -341,6 +344,11 @@ def _check(section, prefix: str) -> None:
             raise ConfigError(f"{prefix}hostname: not a host name: {section.hostname!r}")
         if 0 < section.max_message_bytes < 1024:
             raise ConfigError(f"{prefix}max_message_bytes: must be 0 (derived) or at least 1024")
+        for host in section.xforward_hosts:
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                raise ConfigError(f"{prefix}xforward_hosts: not an IP address: {host!r}") from None
         if section.max_received < 1 or section.max_relay_hops < 1:
             raise ConfigError(f"{prefix}max_received, {prefix}max_relay_hops: must be at least 1")
     elif isinstance(section, PolicyConfig):

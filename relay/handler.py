@@ -19,13 +19,14 @@ import asyncio
 import base64
 import binascii
 import logging
+import ipaddress
 import math
 import secrets
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-from aiosmtpd.smtp import MISSING, AuthResult
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, syntax
 
 from relay import addresses, auth, bounces, dkim, pipeline, replies
 from relay.auth import Throttle
@@ -63,6 +64,81 @@ def route_for(relationship: Relationship, alias: str) -> Route:
                  relationship.seller_alias, relationship.buyer_alias)
 
 
+XFORWARD_ATTRIBUTES = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE")
+
+
+def xtext_decode(value: str) -> str:
+    """RFC 3461 xtext: "+" and two hex digits stand for one byte."""
+    out, i = bytearray(), 0
+    raw = value.encode("ascii", errors="replace")
+    while i < len(raw):
+        if raw[i:i + 1] == b"+" and len(raw) >= i + 3:
+            try:
+                out.append(int(raw[i + 1:i + 3], 16))
+                i += 3
+                continue
+            except ValueError:
+                pass
+        out.append(raw[i])
+        i += 1
+    return out.decode("utf-8", errors="replace")
+
+
+class InboundSMTP(SMTP):
+    """aiosmtpd's SMTP plus postfix's XFORWARD command (XFORWARD_README):
+    postfix in front tells us the real client's address and HELO, which SPF
+    needs. Accepted only from `[inbound] xforward_hosts`; anyone else could
+    claim any address."""
+
+    def __init__(self, handler, *, xforward_hosts=(), **kwargs):
+        super().__init__(handler, **kwargs)
+        self.xforward_hosts = {ipaddress.ip_address(h) for h in xforward_hosts}
+
+    def xforward_allowed(self) -> bool:
+        peer = self.session.peer[0] if self.session and self.session.peer else ""
+        try:
+            return ipaddress.ip_address(str(peer).split("%", 1)[0]) in self.xforward_hosts
+        except ValueError:
+            return False
+
+    @syntax("XFORWARD attribute=value ...")
+    async def smtp_XFORWARD(self, arg: str) -> None:
+        if not self.xforward_allowed():
+            await self.push(replies.XFORWARD_DENIED.line())
+            return
+        if self.envelope is not None and self.envelope.mail_from:
+            await self.push(replies.XFORWARD_IN_TRANSACTION.line())
+            return
+        values = {}
+        for item in (arg or "").split():
+            name, eq, value = item.partition("=")
+            if not eq or name.upper() not in XFORWARD_ATTRIBUTES:
+                await self.push(replies.XFORWARD_BAD_ATTRIBUTE.line())
+                return
+            value = xtext_decode(value)
+            values[name.upper()] = None if value in ("[UNAVAILABLE]", "[TEMPUNAVAIL]") else value
+        if not values:
+            await self.push(replies.XFORWARD_BAD_ATTRIBUTE.line())
+            return
+        xforward = getattr(self.session, "xforward", None) or {}
+        xforward.update(values)
+        self.session.xforward = xforward
+        await self.push(replies.XFORWARD_OK.line())
+
+
+def client_address(session) -> str:
+    """The client's IP: XFORWARD's ADDR when postfix told us, else the peer."""
+    forwarded = (getattr(session, "xforward", None) or {}).get("ADDR")
+    if forwarded:
+        return forwarded[5:] if forwarded.upper().startswith("IPV6:") else forwarded
+    return str(session.peer[0]) if session.peer else ""
+
+
+def client_helo(session) -> str:
+    forwarded = (getattr(session, "xforward", None) or {}).get("HELO")
+    return forwarded or session.host_name or ""
+
+
 def utc_clock() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -98,6 +174,12 @@ class RelayHandler:
         self.closing = False
 
     # --- aiosmtpd hooks -------------------------------------------------------
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        session.host_name = hostname  # aiosmtpd leaves that to a handler with this hook
+        if isinstance(server, InboundSMTP) and server.xforward_allowed():
+            responses.insert(-1, "250-XFORWARD " + " ".join(XFORWARD_ATTRIBUTES))
+        return responses
 
     async def handle_MAIL(self, server, session, envelope, address, mail_options):
         if self.closing:
@@ -355,7 +437,7 @@ class RelayHandler:
             received_at=iso(self.clock()),
             relationship_id=route.relationship.id,
             direction=route.direction,
-            client_address=str(session.peer[0]) if session.peer else "",
+            client_address=client_address(session),
             mail_from=envelope.mail_from or "",
             rcpt_to=tuple(envelope.rcpt_tos),
             verdict=verdict,

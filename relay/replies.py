@@ -71,6 +71,12 @@ BOUNCE_ADDRESS_INVALID = Reply(550, "5.1.1", "Recipient address rejected: invali
 BOUNCE_ACCEPTED = Reply(250, "2.0.0", "Delivery report accepted")
 LOOKUP_FAILED = Reply(451, "4.3.0", "Temporary lookup failure, try again later")
 
+# --- XFORWARD (postfix) ----------------------------------------------------
+XFORWARD_OK = Reply(250, "2.0.0", "Ok")
+XFORWARD_DENIED = Reply(550, "5.7.0", "XFORWARD not permitted from this host")
+XFORWARD_IN_TRANSACTION = Reply(503, "5.5.1", "XFORWARD not allowed inside a mail transaction")
+XFORWARD_BAD_ATTRIBUTE = Reply(501, "5.5.4", "Bad XFORWARD attribute")
+
 # --- AUTH -------------------------------------------------------------------
 AUTH_MALFORMED = Reply(501, "5.5.2", "Cannot parse the AUTH response")
 AUTH_BAD_BASE64 = Reply(501, "5.5.2", "Cannot decode base64")

@@ -24,7 +24,7 @@ from relay import __version__, bounces, dkim, tls
 from relay.auth import Throttle
 from relay.config import Config, Endpoint
 from relay.forward import MaildirUpstream, make_upstream
-from relay.handler import RelayHandler, utc_clock
+from relay.handler import InboundSMTP, RelayHandler, utc_clock
 from relay.metrics import Metrics, MetricsServer
 from relay.store import open_store
 
@@ -117,7 +117,8 @@ class RelayServer:
 
     def _inbound_session(self, handler: RelayHandler) -> SMTP:
         # The inbound side takes mail for aliases only; no AUTH here.
-        return SMTP(handler, auth_exclude_mechanism=["LOGIN", "PLAIN"], **self._common())
+        return InboundSMTP(handler, xforward_hosts=self.config.inbound.xforward_hosts,
+                           auth_exclude_mechanism=["LOGIN", "PLAIN"], **self._common())
 
     def _submission_session(self, handler: RelayHandler, context) -> SMTP:
         # RFC 8314 / 6409: STARTTLS before anything else, AUTH before MAIL.
