@@ -58,6 +58,8 @@ class UpstreamTarget:
     def __str__(self) -> str:
         if self.scheme == "maildir":
             return f"maildir:{self.path}"
+        if self.scheme == "mx":
+            return "mx:"
         auth = f"{self.username}:***@" if self.username else ""
         return f"{self.scheme}://{auth}{self.host}:{self.port}"
 
@@ -167,6 +169,16 @@ class PolicyConfig:
 
 
 @dataclass(frozen=True)
+class DnsConfig:
+    nameservers: tuple[str, ...] = ()  # "host" or "host:port"; empty → the system's
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    inbound: str = "dmarc"  # dmarc | strict | off: SPF/DKIM/DMARC policy for the inbound listener
+
+
+@dataclass(frozen=True)
 class DkimConfig:
     selector: str = "relay"
     key_file: str = ""  # PEM RSA key; empty → made as var/dkim/<selector>.pem at first start
@@ -202,6 +214,8 @@ class Config:
     upstream: UpstreamConfig = UpstreamConfig()
     policy: PolicyConfig = PolicyConfig()
     archive: ArchiveConfig = ArchiveConfig()
+    dns: DnsConfig = DnsConfig()
+    auth: AuthConfig = AuthConfig()
     dkim: DkimConfig = DkimConfig()
     bounce: BounceConfig = BounceConfig()
     metrics: MetricsConfig = MetricsConfig()
@@ -373,6 +387,17 @@ def _check(section, prefix: str) -> None:
             raise ConfigError(f"{prefix}tls_cert, {prefix}tls_key: give both, or neither for a self-signed pair")
         if section.max_failures < 1:
             raise ConfigError(f"{prefix}max_failures: must be at least 1")
+    elif isinstance(section, DnsConfig):
+        from relay.dns import parse_nameserver
+
+        for entry in section.nameservers:
+            try:
+                parse_nameserver(entry)
+            except ValueError:
+                raise ConfigError(f"{prefix}nameservers: expected \"host\" or \"host:port\", got {entry!r}") from None
+    elif isinstance(section, AuthConfig):
+        if section.inbound not in ("dmarc", "strict", "off"):
+            raise ConfigError(f"{prefix}inbound: expected one of dmarc, strict, off, got {section.inbound!r}")
     elif isinstance(section, DkimConfig):
         if not re.fullmatch(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*", section.selector):
             raise ConfigError(f"{prefix}selector: not a DNS label: {section.selector!r}")
@@ -423,10 +448,12 @@ def parse_upstream_url(key: str, raw) -> UpstreamTarget:
     parts = urllib.parse.urlsplit(raw)
     scheme = parts.scheme.lower()
     if scheme == "mx":
-        raise ConfigError(f"{key}: mx: delivery is not supported by this version; use smtp:// or maildir:")
+        if parts.netloc or parts.path:
+            raise ConfigError(f"{key}: mx: takes nothing after the colon")
+        return UpstreamTarget("mx")
     if scheme not in _DEFAULT_PORTS:
         raise ConfigError(
-            f"{key}: unsupported URL {raw!r}; expected smtp://, smtp+starttls://, smtps:// or maildir:"
+            f"{key}: unsupported URL {raw!r}; expected smtp://, smtp+starttls://, smtps://, mx: or maildir:"
         )
     try:
         port = parts.port or _DEFAULT_PORTS[scheme]

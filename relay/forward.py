@@ -158,7 +158,95 @@ class MaildirUpstream:
         return f"written {name}"
 
 
-def make_upstream(config: UpstreamConfig, local_hostname: str) -> Upstream:
+class MxUpstream:
+    """Direct delivery: the recipient domain's MX hosts in preference order
+    (RFC 5321 §5.1: no MX → the domain's own address; a null MX "0 ." →
+    the domain takes no mail), each address of each host in turn, with
+    opportunistic STARTTLS (unverified, as MTAs do without DANE/MTA-STS).
+
+    A refused connection, a timeout or a 4xx moves on to the next host; the
+    first 5xx is final; when every host failed temporarily the client gets
+    a 451. DNS goes through the relay's resolver (`[dns] nameservers`)."""
+
+    def __init__(self, config: UpstreamConfig, local_hostname: str, resolver, port: int = 25):
+        self.timeout = config.timeout
+        self.local_hostname = local_hostname
+        self.resolver = resolver
+        self.port = port
+        self.tls_context = ssl.create_default_context()
+        self.tls_context.check_hostname = False
+        self.tls_context.verify_mode = ssl.CERT_NONE
+
+    def __str__(self) -> str:
+        return "mx:"
+
+    def _lookup(self, domain: str) -> list[str]:
+        """The addresses to try, best first. Raises DeliveryError."""
+        from relay import dns as relay_dns
+
+        try:
+            answer = relay_dns.resolve(self.resolver, domain, "MX")
+        except relay_dns.TemporaryDNSError as exc:
+            raise DeliveryError(replies.MX_DNS_TEMPORARY, f"MX lookup for {domain}: {exc}") from None
+        if answer is None:  # NXDOMAIN or no MX: the domain itself is the host
+            hosts = [domain]
+        else:
+            records = sorted(answer, key=lambda r: r.preference)
+            if len(records) == 1 and records[0].exchange.to_text() == ".":
+                raise DeliveryError(replies.MX_NO_MAIL, f"{domain} publishes a null MX")
+            hosts = [r.exchange.to_text().rstrip(".") for r in records]
+        addresses, temporary = [], False
+        for host in hosts:
+            for rdtype in ("A", "AAAA"):
+                try:
+                    found = relay_dns.resolve(self.resolver, host, rdtype)
+                except relay_dns.TemporaryDNSError:
+                    temporary = True
+                    continue
+                addresses.extend(r.to_text() for r in found or ())
+        if not addresses:
+            if temporary:
+                raise DeliveryError(replies.MX_DNS_TEMPORARY, f"no address for the MX hosts of {domain} yet")
+            raise DeliveryError(replies.MX_NO_MAIL, f"{domain} has no mail host")
+        return list(dict.fromkeys(addresses))
+
+    async def deliver(self, mail_from: str, rcpt_to: str, data: bytes) -> str:
+        domain = rcpt_to.rpartition("@")[2]
+        hosts = await asyncio.to_thread(self._lookup, domain)
+        last_error: DeliveryError | None = None
+        for host in hosts:
+            client = aiosmtplib.SMTP(hostname=host, port=self.port, local_hostname=self.local_hostname,
+                                     start_tls=None, tls_context=self.tls_context, timeout=self.timeout)
+            try:
+                async with client:
+                    errors, response = await client.sendmail(mail_from, [rcpt_to], data)
+                if not errors:
+                    return f"{host}: {response}"
+                code, message = next(iter(errors.values()))
+                error = DeliveryError(reply_for_upstream(code, message), f"{host} said {code} {message}")
+            except aiosmtplib.SMTPRecipientsRefused as exc:
+                refusal = exc.recipients[0]
+                error = DeliveryError(reply_for_upstream(refusal.code, refusal.message),
+                                      f"{host} refused the recipient: {refusal.code} {refusal.message}")
+            except aiosmtplib.SMTPResponseException as exc:
+                error = DeliveryError(reply_for_upstream(exc.code, exc.message), f"{host} said {exc.code} {exc.message}")
+            except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
+                error = DeliveryError(replies.UPSTREAM_UNAVAILABLE, f"{host} unreachable: {type(exc).__name__}")
+            if error.reply.permanent:
+                raise error
+            last_error = error
+        raise last_error or DeliveryError(replies.UPSTREAM_UNAVAILABLE, f"no host for {domain}")
+
+    async def ping(self) -> None:
+        """Direct delivery has no single upstream to check; the resolver must answer."""
+        from relay import dns as relay_dns
+
+        await asyncio.to_thread(relay_dns.resolve, self.resolver, self.local_hostname, "A")
+
+
+def make_upstream(config: UpstreamConfig, local_hostname: str, resolver=None) -> Upstream:
     if config.url.scheme == "maildir":
         return MaildirUpstream(config.url.path)
+    if config.url.scheme == "mx":
+        return MxUpstream(config, local_hostname, resolver)
     return SmtpUpstream(config, local_hostname)

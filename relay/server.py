@@ -21,6 +21,7 @@ from pathlib import Path
 from aiosmtpd.smtp import SMTP
 
 from relay import __version__, bounces, dkim, tls
+from relay import dns as relay_dns
 from relay.auth import Throttle
 from relay.config import Config, Endpoint
 from relay.forward import MaildirUpstream, make_upstream
@@ -62,7 +63,15 @@ class RelayServer:
             applied = await self.store.upgrade()
             if applied:
                 log.info("database %s migrated to version %s", config.database, applied[-1])
-            upstream = self.upstream = make_upstream(config.upstream, config.greeting_hostname)
+            self.resolver = None
+            if config.upstream.url.scheme == "mx" or config.auth.inbound != "off":
+                # Every DNS lookup of the relay (libraries' too) goes through it.
+                self.resolver = relay_dns.make_resolver(config.dns.nameservers)
+                relay_dns.install(self.resolver)
+            else:
+                log.warning("INBOUND MAIL AUTHENTICATION IS OFF: forged senders are not refused. "
+                            "Set [auth] inbound = \"dmarc\" for real mail.")
+            upstream = self.upstream = make_upstream(config.upstream, config.greeting_hostname, self.resolver)
             if isinstance(upstream, MaildirUpstream):
                 log.warning(
                     "UPSTREAM IS %s: delivered mail is written to files there, not sent to anyone. "

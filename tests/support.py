@@ -167,6 +167,8 @@ def make_config(tmp_path, upstream_url: str, **overrides) -> config_module.Confi
     submission = replace(base.submission, listen=Endpoint("127.0.0.1", 0), listen_tls=Endpoint("127.0.0.1", 0),
                          **overrides.pop("submission", {}))
     dkim_config = overrides.pop("dkim", replace(base.dkim, key_file=shared_dkim_key_file()))
+    # No DNS here unless a test brings its own server (tests/dnsserver.py).
+    overrides.setdefault("auth", replace(base.auth, inbound="off"))
     return replace(base, database=str(tmp_path / "relay.sqlite3"), upstream=upstream,
                    inbound=inbound, submission=submission, dkim=dkim_config, **overrides)
 
