@@ -72,6 +72,7 @@ class RecordingUpstream:
     rcpt_reply: str = ""
     delay: float = 0.0
     port: int = 0
+    host: str = "127.0.0.1"  # another loopback address (127.0.0.52) for MX tests
     lock: threading.Lock = field(default_factory=threading.Lock)
     data_started: threading.Event = field(default_factory=threading.Event)
 
@@ -112,7 +113,7 @@ class RecordingUpstream:
                 return SMTP(handler, hostname="upstream.test", ident="recorder", **kwargs)
 
         ssl_context = self.tls_context if self.tls == "implicit" else None
-        return await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0, ssl=ssl_context)
+        return await asyncio.get_running_loop().create_server(factory, self.host, self.port, ssl=ssl_context)
 
     def stop(self) -> None:
         async def close():
