@@ -52,19 +52,19 @@ def parse_nameserver(entry: str) -> tuple[str, int]:
     need DNS to be found. Raises ValueError with a message naming the entry
     (config validation prefixes the key)."""
     text = entry.strip()
-    port = 53
     if text.startswith("["):
         host, sep, rest = text[1:].partition("]")
         if not sep or (rest and not rest.startswith(":")):
             raise ValueError(f"expected \"[v6]:port\", got {entry!r}")
-        port_text = rest[1:]
-        if rest and not port_text:
+        if rest == ":":
             raise ValueError(f"missing port in {entry!r}")
-    elif text.count(":") == 1:
+        port_text = rest[1:] or None
+    elif text.count(":") == 1:  # IPv4 (or a name) with a port
         host, _, port_text = text.partition(":")
-    else:  # a bare IPv4 address, a bare IPv6 address, or garbage
-        host, port_text = text, ""
-    if port_text:
+    else:  # a bare IPv4 or IPv6 address, or garbage
+        host, port_text = text, None
+    port = 53
+    if port_text is not None:
         if not port_text.isdigit() or not 0 < int(port_text) <= 65535:
             raise ValueError(f"bad port in {entry!r}")
         port = int(port_text)

@@ -28,7 +28,7 @@ from datetime import datetime, timedelta, timezone
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, syntax
 
-from relay import addresses, auth, bounces, dkim, pipeline, replies
+from relay import addresses, auth, bounces, dkim, mailauth, pipeline, replies
 from relay.auth import Throttle
 from relay.config import Config
 from relay.forward import DeliveryError, Upstream
@@ -159,7 +159,8 @@ class RelayHandler:
 
     def __init__(self, config: Config, store, upstream: Upstream, protocol: str = "ESMTP",
                  submission: bool = False, throttle: Throttle | None = None, clock=utc_clock,
-                 metrics: Metrics | None = None, dkim_key=None, bounce_secret: bytes = b""):
+                 metrics: Metrics | None = None, dkim_key=None, bounce_secret: bytes = b"",
+                 resolver=None):
         self.config = config
         self.store = store
         self.upstream = upstream
@@ -169,6 +170,7 @@ class RelayHandler:
         self.clock = clock
         self.metrics = metrics or Metrics()
         self.dkim_key = dkim_key
+        self.resolver = resolver
         self.bounce_secret = bounce_secret or secrets.token_bytes(32)
         self._in_flight: set[asyncio.Task] = set()
         self.closing = False
@@ -427,7 +429,7 @@ class RelayHandler:
         relay_id = addresses.new_message_id(self.config.domain)
         try:
             reply, verdict, delivered, original_id = await self._process_and_forward(
-                route, raw, relay_id, transaction_id, changes)
+                route, raw, relay_id, transaction_id, changes, session, envelope)
         except Exception:
             log.exception("unexpected error handling message %s", transaction_id)
             reply, verdict = replies.INTERNAL_ERROR, "deferred"
@@ -472,11 +474,34 @@ class RelayHandler:
         )
         return reply
 
+    async def _authenticate(self, session, envelope, raw: bytes, changes) -> str | None:
+        """SPF/DKIM/DMARC for mail on the inbound listener (DESIGN §4, issue 5):
+        raises SmtpError when `[auth] inbound` says to refuse; returns the
+        Authentication-Results value for the delivered message, or None."""
+        mode = self.config.auth.inbound
+        if self.submission or mode == "off":
+            return None
+        verdict = await asyncio.wait_for(asyncio.to_thread(
+            mailauth.authenticate, raw, client_address(session), client_helo(session),
+            addresses.normalize(envelope.mail_from or ""), resolver=self.resolver,
+            authserv_id=self.config.greeting_hostname), self.config.inbound.processing_timeout)
+        # The full result (with the sender's domains) is for the archive;
+        # the recipient gets the results only, since a domain can name the
+        # sender (a company's own mail domain).
+        changes.append(f"authentication: {verdict.header}")
+        refusal = mailauth.decide(verdict, mode)
+        if refusal is not None:
+            changes.append(f"refused by [auth] inbound = {mode}")
+            raise SmtpError(refusal)
+        return (f"{self.config.greeting_hostname}; spf={verdict.spf}; dkim={verdict.dkim}; "
+                f"dmarc={verdict.dmarc}")
+
     async def _process_and_forward(self, route: Route, raw: bytes, relay_id: str,
-                                   transaction_id: str, changes: list[str]):
+                                   transaction_id: str, changes: list[str], session=None, envelope=None):
         """Returns (reply, verdict, delivered bytes, original Message-ID)."""
         timeout = self.config.inbound.processing_timeout
         try:
+            auth_results = await self._authenticate(session, envelope, raw, changes) if session else None
             message = await asyncio.wait_for(asyncio.to_thread(pipeline.parse, raw), timeout)
             rows = await self.store.message_id_rows(route.relationship.id, pipeline.referenced_ids(message))
             latest_order = None
@@ -498,6 +523,7 @@ class RelayHandler:
                 max_hops=self.config.inbound.max_received,
                 max_relay_hops=self.config.inbound.max_relay_hops,
                 dkim_key=self.dkim_key,
+                auth_results=auth_results,
                 policy=self.config.policy,
                 authenticated=self.submission,
                 latest_order_at=datetime.fromisoformat(latest_order.replace("Z", "+00:00")) if latest_order else None,

@@ -24,6 +24,7 @@ import email.parser
 import email.policy
 import email.utils
 import functools
+import ipaddress
 import logging
 import re
 import warnings
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 
 import dkim
 import dkim.util
+import dns.exception
 import dns.resolver
 from publicsuffixlist import PublicSuffixList
 
@@ -82,6 +84,7 @@ class DkimSignature:
 class AuthVerdict:
     spf: str  # pass, fail, softfail, neutral, none, temperror, permerror
     spf_domain: str  # the domain SPF checked: MAIL FROM's, or the HELO name for a null sender
+    spf_identity: str  # which of the two: "mailfrom" or "helo" (RFC 7208 §2.3, §2.4)
     spf_aligned: bool  # spf_domain aligns with the From domain (per aspf=)
     dkim: str  # pass (some signature verified), fail, none (unsigned), temperror
     dkim_domains: tuple[str, ...]  # d= of every signature that verified
@@ -214,6 +217,7 @@ def authenticate(raw: bytes, client_ip: str, helo: str, mail_from: str, *,
     verdict = AuthVerdict(
         spf=spf_result,
         spf_domain=spf_domain,
+        spf_identity="mailfrom" if mail_from else "helo",
         spf_aligned=spf_aligned,
         dkim=("pass" if "pass" in results else "temperror" if "temperror" in results
               else "fail" if results else "none"),
@@ -225,7 +229,7 @@ def authenticate(raw: bytes, client_ip: str, helo: str, mail_from: str, *,
         from_domain=from_domain,
         header="",
     )
-    return dataclasses.replace(verdict, header=results_header(authserv_id, verdict, null_sender=not mail_from))
+    return dataclasses.replace(verdict, header=results_header(authserv_id, verdict))
 
 
 # --- SPF ----------------------------------------------------------------------------
@@ -243,10 +247,11 @@ _spf_resolver: contextvars.ContextVar[dns.resolver.Resolver | None] = contextvar
 def _spf_dns_lookup(name, qtype, strict=True, timeout=relay_dns.DEFAULT_LIFETIME):
     """pyspf's DNSLookup contract: [((name, qtype), value), …], [] for no
     record, spf.TempError for a temporary failure."""
-    resolver = _spf_resolver.get() or dns.resolver.get_default_resolver()
     try:
+        resolver = _spf_resolver.get() or dns.resolver.get_default_resolver()
         answer = relay_dns.resolve(resolver, name, qtype, lifetime=min(timeout, resolver.lifetime))
-    except relay_dns.TemporaryDNSError as exc:
+    except (relay_dns.TemporaryDNSError, dns.exception.DNSException) as exc:
+        # (DNSException: no default resolver could be configured.)
         raise spf.TempError(f"DNS {exc}") from exc
     if answer is None:
         return []
@@ -271,6 +276,13 @@ def check_spf(client_ip: str, helo: str, mail_from: str, *, resolver: dns.resolv
     """(SPF result, the domain checked) for MAIL FROM `mail_from`, or for
     the HELO name when the envelope sender is null (RFC 7208 §2.4)."""
     domain = _domain_of(mail_from) if mail_from else _clean_domain(helo)
+    if not mail_from and not domain:
+        return "none", ""  # a null sender and a HELO that is no domain name: nothing to check
+    try:
+        ipaddress.ip_address(client_ip)
+    except ValueError:
+        log.warning("SPF not checked: client address %r is not an IP address", client_ip)
+        return "permerror", domain
     token = _spf_resolver.set(resolver)
     try:
         result, _explanation = spf.check2(i=client_ip, s=mail_from, h=helo, receiver=receiver or None)
@@ -288,7 +300,7 @@ def check_dkim(raw: bytes, *, resolver: dns.resolver.Resolver) -> list[tuple[str
     key or an unparsable signature are all `fail`."""
     try:
         verifier = dkim.DKIM(raw, logger=_DKIMPY_LOG, minkey=1024, timeout=resolver.lifetime)
-    except dkim.DKIMException:
+    except Exception:  # noqa: BLE001 — untrusted input
         # Headers dkimpy cannot split: no signature it could verify.
         return [("", "", "fail")] if _has_signature_field(raw) else []
     fields = [value for name, value in verifier.headers if name.lower() == b"dkim-signature"]
@@ -301,7 +313,7 @@ def check_dkim(raw: bytes, *, resolver: dns.resolver.Resolver) -> list[tuple[str
         except relay_dns.TemporaryDNSError as exc:
             log.debug("DKIM key lookup for %s/%s: %s", domain, selector, exc)
             result = "temperror"
-        except Exception as exc:  # noqa: BLE001 - untrusted input: whatever dkimpy chokes on is no pass
+        except Exception as exc:  # noqa: BLE001 — untrusted input: whatever dkimpy chokes on is no pass
             log.debug("DKIM signature %d (%s) does not verify: %s: %s", index, domain,
                       exc.__class__.__name__, exc)
             result = "fail"
@@ -323,7 +335,7 @@ _DKIMPY_LOG = _DebugOnly(log.getChild("dkimpy"), {})
 def _signature_ids(value: bytes) -> tuple[str, str]:
     try:
         tags = dkim.util.parse_tag_value(value)
-    except Exception:  # noqa: BLE001 - a malformed signature has no usable ids
+    except Exception:  # noqa: BLE001 — a malformed signature has no usable ids
         return "", ""
     domain = _clean_domain(tags.get(b"d", b"").decode("ascii", "replace"))
     selector = tags.get(b"s", b"").decode("ascii", "replace").strip()
@@ -433,7 +445,10 @@ def _header_section(raw: bytes) -> bytes:
 def header_from_domain(raw: bytes) -> str:
     """The domain of the single address in the single From field (RFC 7489
     §6.6.1), or "" when there is none, or more than one."""
-    headers = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(_header_section(raw))
+    # UTF-8, not ASCII: an SMTPUTF8 message may carry an internationalized
+    # domain in From (RFC 6532).
+    text = _header_section(raw).decode("utf-8", "replace")
+    headers = email.parser.HeaderParser(policy=email.policy.compat32).parsestr(text)
     fields = headers.get_all("From") or []
     if len(fields) != 1:
         return ""
@@ -465,7 +480,7 @@ def _clean_domain(domain: str) -> str:
 
 # --- Authentication-Results -----------------------------------------------------------
 
-def results_header(authserv_id: str, verdict: AuthVerdict, *, null_sender: bool = False) -> str:
+def results_header(authserv_id: str, verdict: AuthVerdict) -> str:
     """The Authentication-Results field value (RFC 8601 §2.2) for `verdict`:
     one resinfo for SPF, one per DKIM signature, one for DMARC.
 
@@ -475,7 +490,7 @@ def results_header(authserv_id: str, verdict: AuthVerdict, *, null_sender: bool 
     domain in it has been through _clean_domain(), so it is a plain token."""
     spf_part = f"spf={verdict.spf}"
     if verdict.spf_domain:
-        spf_part += f" smtp.helo={verdict.spf_domain}" if null_sender else f" smtp.mailfrom={verdict.spf_domain}"
+        spf_part += f" smtp.{verdict.spf_identity}={verdict.spf_domain}"
     parts = [authserv_id, spf_part]
     for sig in verdict.dkim_signatures:
         parts.append(f"dkim={sig.result} header.d={sig.domain}" if sig.domain else f"dkim={sig.result}")

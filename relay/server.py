@@ -79,7 +79,8 @@ class RelayServer:
             self.dkim_key = await asyncio.to_thread(dkim.load_key, config)
             self.bounce_secret = await asyncio.to_thread(bounces.load_secret, config)
             inbound = RelayHandler(config, self.store, upstream, clock=self.clock, metrics=self.metrics,
-                                   dkim_key=self.dkim_key, bounce_secret=self.bounce_secret)
+                                   dkim_key=self.dkim_key, bounce_secret=self.bounce_secret,
+                                   resolver=self.resolver)
             self.handlers.append(inbound)
             server = await self._listen(config.inbound.listen, inbound, self._inbound_session, "inbound")
             self.inbound_address = server.sockets[0].getsockname()[:2]

@@ -3,8 +3,9 @@
 It serves zones given as zone-file text (dnspython's `dns.zone.from_text`)
 on 127.0.0.1, on a port the OS picks, from one background thread. Answers
 are built with `dns.message.make_response`: authoritative, CNAMEs followed
-within the served zones, NXDOMAIN for a missing name and an empty NOERROR
-(NODATA) for a missing type, both with the zone's SOA. A UDP answer larger
+within the served zones, NXDOMAIN for a missing name (also outside every
+served zone: to the client, these zones are the whole DNS) and an empty
+NOERROR (NODATA) for a missing type. A UDP answer larger
 than the client's buffer (512 bytes, or its EDNS size) comes back truncated,
 so the client asks again over TCP, as against a real server.
 
@@ -36,6 +37,7 @@ import dns.rdatatype
 import dns.rrset
 import dns.zone
 
+ZONES = Path(__file__).parent / "zones"  # the zone files the unit tests serve
 MAX_CNAME_CHAIN = 8
 
 
@@ -191,7 +193,9 @@ class DNSServer:
             return response
         zone = self._zone_for(qname)
         if zone is None:
-            response.set_rcode(dns.rcode.REFUSED)
+            # The server stands in for the relay's recursive resolver, and
+            # in the tests' world the served zones are the whole DNS.
+            response.set_rcode(dns.rcode.NXDOMAIN)
             return response
         response.flags |= dns.flags.AA
         name = qname
