@@ -44,6 +44,11 @@ from aiosmtpd.smtp import SMTP
 
 from relay.config import Config, Endpoint, parse_upstream_url
 from relay.server import ThreadedRelay
+from relay.store import utc_now
+
+# The tests' DNS server: the relay checks SPF/DKIM/DMARC as in production.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from dnsserver import DNSServer  # noqa: E402
 
 HOST = "127.0.0.1"
 PHASE_SECONDS = 120.0
@@ -135,12 +140,23 @@ class LoopServer:
 
 # --- the relay -------------------------------------------------------------------
 
-def relay_config(directory: Path, sink_port: int) -> Config:
+# The buyer's domain as the relay's SPF/DKIM/DMARC checks see it: mail from
+# 127.0.0.1 passes SPF (no DKIM, no DMARC record), as from a small provider.
+BUYER_ZONE = """$ORIGIN mail.example.
+@ 300 IN SOA ns.mail.example. hostmaster.mail.example. 1 3600 600 86400 300
+@ 300 IN NS ns.mail.example.
+@ 300 IN TXT "v=spf1 ip4:127.0.0.1 -all"
+"""
+
+
+def relay_config(directory: Path, sink_port: int, nameserver: str) -> Config:
     base = Config()
     return replace(
         base,
         database=str(directory / "relay.sqlite3"),
         inbound=replace(base.inbound, listen=Endpoint(HOST, 0)),
+        submission=replace(base.submission, listen=None, listen_tls=None),
+        dns=replace(base.dns, nameservers=(nameserver,)),
         upstream=replace(base.upstream,
                          url=parse_upstream_url("upstream.url", f"smtp://{HOST}:{sink_port}")),
     )
@@ -152,7 +168,7 @@ def provision(relay: ThreadedRelay) -> str:
     relay.call(store.add_party("seller", SELLER, "Sam Seller"))
     relay.call(store.add_party("buyer", BUYER, "Bea Buyer"))
     relationship, _ = relay.call(store.add_order(
-        "ORDER-1", SELLER, BUYER, "2026-11-01T00:00:00Z", relay.server.config.domain))
+        "ORDER-1", SELLER, BUYER, utc_now(), relay.server.config.domain))
     return relationship.seller_alias
 
 
@@ -240,7 +256,8 @@ def run(messages: int, concurrency: int) -> tuple[float, float]:
         sink_port = sink_server.start()
         stack.callback(sink_server.stop)
 
-        relay = ThreadedRelay(relay_config(Path(tmp), sink_port))
+        dns_server = stack.enter_context(DNSServer([BUYER_ZONE]))
+        relay = ThreadedRelay(relay_config(Path(tmp), sink_port, dns_server.address))
         _, relay_port = relay.start()
         stack.callback(relay.stop, drain_seconds=10)
         seller_alias = provision(relay)
