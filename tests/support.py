@@ -5,6 +5,7 @@ loopback sockets."""
 from __future__ import annotations
 
 import asyncio
+from datetime import datetime, timezone
 import tempfile
 from pathlib import Path
 import socket
@@ -21,6 +22,16 @@ from relay import dkim
 from relay.config import Endpoint, UpstreamTarget
 from relay.server import ThreadedRelay
 from relay.store import utc_now
+
+
+class Clock:
+    """An injectable clock for the relay: tests move `now` instead of sleeping."""
+
+    def __init__(self):
+        self.now = datetime.now(timezone.utc)
+
+    def __call__(self):
+        return self.now
 
 
 @dataclass

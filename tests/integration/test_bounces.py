@@ -6,20 +6,12 @@ from __future__ import annotations
 
 import email
 import smtplib
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from email import policy
 
 import pytest
 
-from support import RunningRelay, make_config, message, upstream_url
-
-
-class Clock:
-    def __init__(self):
-        self.now = datetime.now(timezone.utc)
-
-    def __call__(self):
-        return self.now
+from support import Clock, RunningRelay, make_config, message, upstream_url
 
 
 @pytest.fixture

@@ -23,17 +23,9 @@ import trustme
 from relay import auth
 from relay.config import PolicyConfig
 from relay.store import iso
-from support import RunningRelay, make_config, message, upstream_url
+from support import Clock, RunningRelay, make_config, message, upstream_url
 
 PASSWORD = "correct horse battery"
-
-
-class Clock:
-    def __init__(self):
-        self.now = datetime.now(timezone.utc)
-
-    def __call__(self):
-        return self.now
 
 
 @pytest.fixture(scope="module")
