@@ -205,7 +205,7 @@ class ChainVerifier:
                     archive_id, "tombstone",
                     f"it is emptied but was received after its purge run's cutoff ({cutoff})"))
         else:
-            problem = content_problem(row)
+            problem = row["content_problem"] if "content_problem" in row else content_problem(row)
             if problem:
                 kind = "metadata" if "metadata" in problem else "bytes"
                 self.breaks.append(ChainBreak(archive_id, kind, problem))
@@ -266,8 +266,10 @@ def retention_cutoff(now: datetime, retention_days: int) -> str:
 def purge_summary(counts: PurgeCounts) -> str:
     """One line for the CLI and the server's log."""
     verb = "would purge" if counts.dry_run else "purged"
+    bounces = f", {counts.bounces} delivery reports" if counts.bounces else ""
     line = (f"{verb} {counts.rows} archive row(s) received before {counts.before}"
-            f" ({format_bytes(counts.bytes)} of message bodies, {counts.message_ids} Message-ID map entries)")
+            f" ({format_bytes(counts.bytes)} of message bodies, {counts.message_ids} Message-ID map entries"
+            f"{bounces})")
     if counts.held:
         line += f"; {counts.held} row(s) kept on hold"
     if counts.damaged:
@@ -357,6 +359,8 @@ class Exporter:
         if row.get("purged_at"):
             self.omitted.append({**base, "reason": f"purged at {row['purged_at']} (past retention)"})
             return
+        if row.get("decode_error"):
+            raise ExportError(f"archive row {archive_id}: {row['decode_error']}; run `relay archive verify`")
         data = row["raw"] if self.as_ == "raw" else row["delivered"]
         if data is None:
             self.omitted.append({**base, "reason": f"no delivered bytes (verdict {row['verdict']})"})
@@ -655,57 +659,71 @@ def render_text(sellers: list[SellerResponse], now: datetime, since: str | None)
     return "\n".join(lines) + "\n"
 
 
-# Colours: answered in time, answered late, still waiting.
-_GREEN, _RED, _GREY = "#2e7d32", "#c62828", "#9e9e9e"
+# Colours: answered in time, answered late, waiting (not yet / over 24 h).
+_GREEN, _RED, _GREY, _DARK_GREY = "#2e7d32", "#c62828", "#bdbdbd", "#616161"
 
 
 def svg_chart(seller: SellerResponse) -> str:
-    """A bar chart of the seller's response times by bucket, a grey bar for
-    messages still waiting, and a dashed line at 24 hours. Static SVG: no
-    script, no external reference; every text escaped."""
-    bars = seller.histogram() + [("waiting", len(seller.waiting))]
-    width, height = 640, 260
-    left, right, top, bottom = 48, 16, 36, 44
+    """A bar chart of the seller's response times by bucket (green within
+    24 hours, red later), then the messages still waiting (light grey: for
+    less than 24 hours, dark grey: overdue), with a dashed line at 24 hours
+    and a legend. Static SVG: no script, no external reference, every text
+    escaped."""
+    overdue = seller.overdue
+    bars = [(label, count, _GREEN if index < 4 else _RED)
+            for index, (label, count) in enumerate(seller.histogram())]
+    bars += [("waiting", len(seller.waiting) - overdue, _GREY), ("overdue", overdue, _DARK_GREY)]
+    width, height = 640, 290
+    left, right, top, bottom = 48, 16, 50, 66
     plot_w, plot_h = width - left - right, height - top - bottom
-    peak = max([count for _, count in bars] + [1])
+    peak = max([count for _, count, _ in bars] + [1])
     step = _nice_step(peak)
-    scale_max = step * math.ceil(peak / step)
+    scale_max = step * (peak // step + 1)  # headroom for the count above the tallest bar
     slot = plot_w / len(bars)
     bar_w = slot * 0.7
+    base = top + plot_h
     title = (f"{seller.seller}: {format_share(seller.share_within)} answered within 24 h "
              f"({seller.answered_within} of {seller.due})")
+    e = html.escape
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           f'viewBox="0 0 {width} {height}" role="img" aria-label="{html.escape(title)}" '
+           f'viewBox="0 0 {width} {height}" role="img" aria-label="{e(title)}" '
            'font-family="sans-serif" font-size="12">',
-           f"<title>{html.escape(title)}</title>",
+           f"<title>{e(title)}</title>",
            f'<rect x="0" y="0" width="{width}" height="{height}" fill="#ffffff"/>',
-           f'<text x="{left}" y="20" font-size="14" font-weight="bold">{html.escape(title)}</text>']
+           f'<text x="{left}" y="20" font-size="14" font-weight="bold">{e(title)}</text>']
     tick = 0
     while tick <= scale_max:
-        y = top + plot_h - plot_h * tick / scale_max
-        out.append(f'<line x1="{left}" y1="{y:.1f}" x2="{width - right}" y2="{y:.1f}" stroke="#e0e0e0"/>')
+        y = base - plot_h * tick / scale_max
+        out.append(f'<line x1="{left}" y1="{y:.1f}" x2="{width - right}" y2="{y:.1f}" stroke="#eeeeee"/>')
         out.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" fill="#555555">{tick}</text>')
         tick += step
-    for index, (label, count) in enumerate(bars):
+    for index, (label, count, colour) in enumerate(bars):
         x = left + slot * index + (slot - bar_w) / 2
         bar_h = plot_h * count / scale_max
-        y = top + plot_h - bar_h
-        bound = BUCKETS[index][1] if index < len(BUCKETS) else None
-        colour = _GREY if label == "waiting" else (_GREEN if bound is not None and bound <= 86400 else _RED)
-        out.append(f'<rect x="{x:.1f}" y="{y:.1f}" width="{bar_w:.1f}" height="{bar_h:.1f}" fill="{colour}">'
-                   f"<title>{html.escape(label)}: {count}</title></rect>")
+        out.append(f'<rect x="{x:.1f}" y="{base - bar_h:.1f}" width="{bar_w:.1f}" height="{bar_h:.1f}" '
+                   f'fill="{colour}"><title>{e(label)}: {count}</title></rect>')
         if count:
-            out.append(f'<text x="{x + bar_w / 2:.1f}" y="{y - 4:.1f}" text-anchor="middle">{count}</text>')
-        out.append(f'<text x="{x + bar_w / 2:.1f}" y="{top + plot_h + 16:.1f}" text-anchor="middle" '
-                   f'fill="#333333">{html.escape(label)}</text>')
-    # The 24-hour line sits between the last bucket in time and the first late one.
-    line_x = left + slot * 4
-    out.append(f'<line x1="{line_x:.1f}" y1="{top - 6}" x2="{line_x:.1f}" y2="{top + plot_h}" '
-               'stroke="#000000" stroke-dasharray="4 3"/>')
-    out.append(f'<text x="{line_x + 4:.1f}" y="{top + 2}" fill="#000000">24 h</text>')
-    out.append(f'<line x1="{left}" y1="{top + plot_h}" x2="{width - right}" y2="{top + plot_h}" stroke="#333333"/>')
-    out.append(f'<text x="{left + plot_w / 2:.1f}" y="{height - 8}" text-anchor="middle" fill="#555555">'
-               "time to the seller's answer (buyer messages)</text>")
+            out.append(f'<text x="{x + bar_w / 2:.1f}" y="{base - bar_h - 4:.1f}" text-anchor="middle">{count}</text>')
+        out.append(f'<text x="{x + bar_w / 2:.1f}" y="{base + 16:.1f}" text-anchor="middle" '
+                   f'fill="#333333">{e(label)}</text>')
+    out.append(f'<line x1="{left}" y1="{base}" x2="{width - right}" y2="{base}" stroke="#333333"/>')
+    # The 24-hour line: between the last bucket within 24 h and the first
+    # later one; and between the answered and the waiting.
+    for boundary, text in ((4, "24 h"), (7, "")):
+        line_x = left + slot * boundary
+        out.append(f'<line x1="{line_x:.1f}" y1="{top - 12}" x2="{line_x:.1f}" y2="{base}" '
+                   f'stroke="{"#000000" if text else "#9e9e9e"}" stroke-dasharray="4 3"/>')
+        if text:
+            out.append(f'<text x="{line_x:.1f}" y="{top - 16}" text-anchor="middle">{text}</text>')
+    x = left
+    legend_y = height - 14
+    for colour, text in ((_GREEN, "answered within 24 h"), (_RED, "answered later"),
+                         (_GREY, "waiting"), (_DARK_GREY, "waiting over 24 h")):
+        out.append(f'<rect x="{x}" y="{legend_y - 10}" width="10" height="10" fill="{colour}"/>')
+        out.append(f'<text x="{x + 14}" y="{legend_y}" fill="#333333">{text}</text>')
+        x += 14 + 7 * len(text) + 18
+    out.append(f'<text x="{left + plot_w / 2:.1f}" y="{base + 34:.1f}" text-anchor="middle" fill="#555555">'
+               "time from the buyer's message to the seller's answer</text>")
     out.append("</svg>")
     return "\n".join(out)
 

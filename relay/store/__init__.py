@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
@@ -159,6 +160,23 @@ ZSTD_LEVEL = 3
 _ZSTD_MAX_WINDOW_LOG = 27  # 128 MiB: what a default decompressor accepts
 
 
+# zstd contexts are costly to make (a third of the time for a small
+# message) and not safe to share between threads: one of each per thread.
+_contexts = threading.local()
+
+
+def _raw_compressor() -> zstandard.ZstdCompressor:
+    if not hasattr(_contexts, "compressor"):
+        _contexts.compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    return _contexts.compressor
+
+
+def _raw_decompressor() -> zstandard.ZstdDecompressor:
+    if not hasattr(_contexts, "decompressor"):
+        _contexts.decompressor = zstandard.ZstdDecompressor()
+    return _contexts.decompressor
+
+
 def _delivered_parameters(raw_size: int, delivered_size: int) -> zstandard.ZstdCompressionParameters:
     # The window must reach back over the whole dictionary (raw) or the long
     # matches into a big attachment are lost; level 3's default hash table is
@@ -171,7 +189,7 @@ def _delivered_parameters(raw_size: int, delivered_size: int) -> zstandard.ZstdC
 
 def encode_bodies(raw: bytes, delivered: bytes | None) -> tuple[bytes, bytes | None]:
     """Compress a row's bodies for `BODY_ENCODING` (CPU work: call off the loop)."""
-    raw_blob = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(raw)
+    raw_blob = _raw_compressor().compress(raw)
     if delivered is None:
         return raw_blob, None
     dictionary = zstandard.ZstdCompressionDict(raw, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
@@ -196,7 +214,7 @@ def decode_bodies(encoding: str, raw_blob: bytes | None,
     if raw_blob is None:
         raise BodyDecodeError("the row's bodies are missing from archive_bodies")
     try:
-        raw = zstandard.ZstdDecompressor().decompress(raw_blob)
+        raw = _raw_decompressor().decompress(raw_blob)
         if delivered_blob is None:
             return raw, None
         dictionary = zstandard.ZstdCompressionDict(raw, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
@@ -214,6 +232,7 @@ class PurgeCounts:
     rows: int = 0  # rows turned into tombstones
     bytes: int = 0  # uncompressed body bytes removed with them
     message_ids: int = 0  # Message-ID map entries removed with them
+    bounces: int = 0  # delivery reports about them removed with them
     held: int = 0  # rows past retention kept: their relationship is on hold
     damaged: int = 0  # rows past retention kept: they fail their own hashes
     run_id: int | None = None  # the archive_purges row of this run

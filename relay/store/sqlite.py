@@ -47,6 +47,8 @@ from relay.store import (
 BUSY_TIMEOUT_MS = 5000
 # Upper bound on ids looked up per message: References can be hostile.
 MAX_LOOKUP_IDS = 100
+# Stored body bytes read at once by verify, export and purge.
+BATCH_BYTES = 32 * 1024 * 1024
 
 
 def migrations() -> list[tuple[int, str]]:
@@ -457,20 +459,52 @@ class SqliteStore:
                 names = [d[0] for d in cursor.description]
                 return [dict(zip(names, row)) for row in await cursor.fetchall()]
 
+    async def _archive_batch(self, where: str, params, order: str, limit: int) -> list[dict]:
+        """Up to `limit` rows matching `where`, in `order`, but no more than
+        BATCH_BYTES of stored bodies (at least one row): a batch of ten-megabyte
+        photos must not fill the memory. Sizes come from length(), which
+        SQLite answers without reading the blobs."""
+        sizes = await self._fetchall(
+            "SELECT a.id, length(a.raw) + COALESCE(length(a.delivered), 0)"
+            " + COALESCE(length(b.raw), 0) + COALESCE(length(b.delivered), 0)"
+            f" FROM archive a LEFT JOIN archive_bodies b ON b.archive_id = a.id{where} ORDER BY {order} LIMIT ?",
+            (*params, limit))
+        ids, total = [], 0
+        for archive_id, size in sizes:
+            if ids and total + size > BATCH_BYTES:
+                break
+            ids.append(archive_id)
+            total += size
+        if not ids:
+            return []
+        marks = ",".join("?" * len(ids))
+        return await self._archive_rows(f" WHERE a.id IN ({marks}) ORDER BY {order}", ids)
+
     async def archive_chain(self, batch: int = 500):
-        """Every archive row in id order, decoded (for `relay archive verify`);
-        read in batches so a million rows never sit in memory at once."""
-        last = None
-        while True:
-            if last is None:
-                rows = await self._archive_rows(" ORDER BY a.id LIMIT ?", (batch,))
-            else:
-                rows = await self._archive_rows(" WHERE a.id > ? ORDER BY a.id LIMIT ?", (last, batch))
-            if not rows:
-                return
-            for row in await asyncio.to_thread(lambda: [_decoded(r) for r in rows]):
-                yield row
-            last = rows[-1]["id"]
+        """Every archive row in id order, decoded and with `content_problem`
+        (what `relay.archive.content_problem()` says of it) already worked
+        out, for `relay archive verify`. Read in batches, so a million rows
+        never sit in memory at once; the next batch is read while this one
+        is decoded and hashed on a worker thread."""
+
+        def read(after):
+            if after is None:
+                return asyncio.ensure_future(self._archive_batch("", (), "a.id", batch))
+            return asyncio.ensure_future(self._archive_batch(" WHERE a.id > ?", (after,), "a.id", batch))
+
+        pending = read(None)
+        try:
+            while True:
+                rows = await pending
+                if not rows:
+                    return
+                pending = read(rows[-1]["id"])
+                for row in await asyncio.to_thread(_checked, rows):
+                    yield row
+        finally:
+            pending.cancel()
+            with contextlib.suppress(BaseException):
+                await pending
 
     async def conversation(self, relationship_id: int, batch: int = 50):
         """A relationship's archive rows in order, both directions, decoded."""
@@ -480,7 +514,7 @@ class SqliteStore:
             if last is not None:
                 where += " AND a.id > ?"
                 params.append(last)
-            rows = await self._archive_rows(where + " ORDER BY a.id LIMIT ?", (*params, batch))
+            rows = await self._archive_batch(where, params, "a.id", batch)
             if not rows:
                 return
             for row in await asyncio.to_thread(lambda: [_decoded(r) for r in rows]):
@@ -490,27 +524,37 @@ class SqliteStore:
     async def archive_list(self, *, relationship_id: int | None = None, seller: str | None = None,
                            buyer: str | None = None, since: str | None = None, until: str | None = None,
                            verdict: str | None = None, limit: int = 50, offset: int = 0) -> list[dict]:
-        """Archive rows newest first, without bodies; `since` inclusive,
-        `until` exclusive (store timestamps)."""
+        """Archive rows newest first (by received_at, then id), without
+        bodies; `since` inclusive, `until` exclusive (store timestamps).
+
+        The plan is chosen here rather than left to SQLite, which has no
+        statistics: with a party filter the relationship index drives (cost
+        bounded by that party's rows; `+column` keeps SQLite off the other
+        indexes), else (verdict, received_at), else received_at."""
         clauses, params = [], []
+        party = relationship_id is not None or seller is not None or buyer is not None
+        unindexed = "+" if party else ""
         if relationship_id is not None:
             clauses.append("a.relationship_id = ?")
             params.append(relationship_id)
         for role, address in (("seller", seller), ("buyer", buyer)):
             if address is not None:
                 clauses.append(f"a.relationship_id IN (SELECT r2.id FROM relationships r2"
-                               f" JOIN parties p2 ON p2.id = r2.{role}_id WHERE p2.address = ?)")
+                               f" JOIN parties p2 ON p2.id = r2.{role}_id"
+                               f" WHERE p2.role = '{role}' AND p2.address = ?)")
                 params.append(addresses.normalize(address))
         if since is not None:
-            clauses.append("a.received_at >= ?")
+            clauses.append(f"{unindexed}a.received_at >= ?")
             params.append(since)
         if until is not None:
-            clauses.append("a.received_at < ?")
+            clauses.append(f"{unindexed}a.received_at < ?")
             params.append(until)
         if verdict is not None:
-            clauses.append("a.verdict = ?")
+            clauses.append(f"{unindexed}a.verdict = ?")
             params.append(verdict)
         where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
+        # The page's ids first, from the index alone (a deep page skips
+        # index entries, not rows), then their details.
         rows = await self._fetchall(
             "SELECT a.id, a.received_at, a.relationship_id, a.direction, a.verdict, a.reply,"
             " COALESCE(a.raw_size, length(a.raw)), COALESCE(a.delivered_size, length(a.delivered)),"
@@ -519,7 +563,9 @@ class SqliteStore:
             " LEFT JOIN relationships r ON r.id = a.relationship_id"
             " LEFT JOIN parties s ON s.id = r.seller_id"
             " LEFT JOIN parties b ON b.id = r.buyer_id"
-            f"{where} ORDER BY a.id DESC LIMIT ? OFFSET ?",
+            f" WHERE a.id IN (SELECT a.id FROM archive a{where}"
+            "  ORDER BY a.received_at DESC, a.id DESC LIMIT ? OFFSET ?)"
+            " ORDER BY a.received_at DESC, a.id DESC",
             (*params, limit, offset))
         return [
             {"id": row[0], "received_at": row[1], "relationship": row[2], "direction": row[3],
@@ -589,22 +635,24 @@ class SqliteStore:
         client address, reply and changes are cleared, and the Message-ID
         map entries of those rows are deleted. Rows of a relationship on
         hold are skipped, and so are rows that fail their own hashes (purging
-        them would hide the tampering). Works in batches of `batch` rows,
-        one short write transaction each, so a message arriving meanwhile
-        waits for one batch at most. `relay serve` calls this once a day.
+        them would hide the tampering). Delivery reports about a purged row
+        (the `bounces` table, where it exists) go with it: they quote it.
+        Works in batches of `batch` rows, one short write transaction each,
+        so a message arriving meanwhile waits for one batch at most.
+        `relay serve` calls this once a day.
         """
         held = await self._fetchone(
             "SELECT COUNT(*) FROM archive WHERE purged_at IS NULL AND received_at < ?"
             " AND relationship_id IN (SELECT relationship_id FROM archive_holds)", (before_iso,))
-        counts = dict(rows=0, bytes=0, message_ids=0, damaged=0)
+        counts = dict(rows=0, bytes=0, message_ids=0, bounces=0, damaged=0)
         run_id = None
         cursor_key = ("", 0)
         eligible = ("a.purged_at IS NULL AND (a.relationship_id IS NULL OR a.relationship_id NOT IN"
                     " (SELECT relationship_id FROM archive_holds))")
         while True:
-            rows = await self._archive_rows(
-                f" WHERE {eligible} AND a.received_at < ? AND (a.received_at, a.id) > (?, ?)"
-                " ORDER BY a.received_at, a.id LIMIT ?", (before_iso, *cursor_key, batch))
+            rows = await self._archive_batch(
+                f" WHERE {eligible} AND a.received_at < ? AND (a.received_at, a.id) > (?, ?)",
+                (before_iso, *cursor_key), "a.received_at, a.id", batch)
             if not rows:
                 break
             cursor_key = (rows[-1]["received_at"], rows[-1]["id"])
@@ -621,6 +669,9 @@ class SqliteStore:
                 counts["rows"] += len(good)
                 counts["bytes"] += sum(size for _, _, size in good)
                 counts["message_ids"] += found[0]
+                if await self._has_table("bounces"):
+                    found = await self._fetchone(f"SELECT COUNT(*) FROM bounces WHERE archive_id IN ({marks})", ids)
+                    counts["bounces"] += found[0]
                 continue
             stamp = now or utc_now()
             async with self._transaction() as db:
@@ -648,10 +699,18 @@ class SqliteStore:
                     await db.execute(f"DELETE FROM archive_bodies WHERE archive_id IN ({marks})", ids)
                     cur = await db.execute(f"DELETE FROM message_ids WHERE archive_id IN ({marks})", ids)
                     counts["message_ids"] += cur.rowcount
+                    if await self._has_table("bounces"):
+                        # A delivery report quotes the message it reports on.
+                        cur = await db.execute(f"DELETE FROM bounces WHERE archive_id IN ({marks})", ids)
+                        counts["bounces"] += cur.rowcount
                     await db.execute("UPDATE archive_purges SET rows = rows + ? WHERE id = ?", (len(good), run_id))
             counts["rows"] += len(good)
             counts["bytes"] += sum(size for _, _, size in good)
         return PurgeCounts(before=before_iso, dry_run=dry_run, held=held[0], run_id=run_id, **counts)
+
+    async def _has_table(self, name: str) -> bool:
+        row = await self._fetchone("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,))
+        return row is not None
 
     async def response_facts(self, since: str | None = None, until: str | None = None,
                              seller: str | None = None) -> tuple[list, dict[str, str]]:
@@ -687,10 +746,13 @@ class SqliteStore:
 
     async def _backfill_auto_reply(self, ids: list[int]) -> dict[int, bool]:
         flags: dict[int, bool] = {}
-        for start in range(0, len(ids), 500):
-            chunk = ids[start:start + 500]
+        ids = sorted(ids)
+        while ids:
+            chunk = ids[:500]
             marks = ",".join("?" * len(chunk))
-            rows = await self._archive_rows(f" WHERE a.id IN ({marks})", chunk)
+            rows = await self._archive_batch(f" WHERE a.id IN ({marks})", chunk, "a.id", len(chunk))
+            done = {row["id"] for row in rows}
+            ids = [row_id for row_id in ids if row_id not in done]
             decoded = await asyncio.to_thread(lambda: [_decoded(r) for r in rows])
             found = {row["id"]: archive_logic.is_auto_reply(row["raw"]) for row in decoded if row["raw"] is not None}
             flags.update(found)
@@ -772,6 +834,17 @@ def _decoded(row: dict) -> dict:
         row["raw"] = row["delivered"] = None
         row["decode_error"] = str(exc)
     return row
+
+
+def _checked(rows: list[dict]) -> list[dict]:
+    """Decoded rows, each with its own `content_problem` (None for a
+    tombstone, whose content is gone)."""
+    result = []
+    for encoded in rows:
+        row = _decoded(encoded)
+        row["content_problem"] = None if row["purged_at"] else archive_logic.content_problem(row)
+        result.append(row)
+    return result
 
 
 def _purge_check(rows: list[dict]) -> list[tuple[int, bool, int, str | None]]:

@@ -1,6 +1,6 @@
 """Helpers for the dispute-tool tests (no tests here): the real `relay`
-command in a subprocess, a controllable clock, copies of a live database, a
-sender's own DKIM key."""
+command in a subprocess, the relay's clock set to a moment, copies of a live
+database, a sender's own DKIM key."""
 
 from __future__ import annotations
 
@@ -10,22 +10,21 @@ import smtplib
 import sqlite3
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 
 import dkim
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from support import Clock
 
-class Clock:
-    """The relay's clock, set by the test: no sleeping for time."""
 
-    def __init__(self, now: datetime | None = None):
-        self.now = now or datetime.now(timezone.utc)
-
-    def __call__(self) -> datetime:
-        return self.now
+def clock_at(moment: datetime) -> Clock:
+    """support.Clock, set to `moment`."""
+    clock = Clock()
+    clock.now = moment
+    return clock
 
 
 def write_config(folder: Path, database: Path) -> Path:

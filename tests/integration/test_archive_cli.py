@@ -17,7 +17,7 @@ import zstandard
 
 from relay.archive import mbox_unquote
 from support import RecordingUpstream, RunningRelay, make_config, message, upstream_url
-from test_archive_support import Clock, SenderKey, copy_database, relay_cli, send, write_config
+from archive_support import SenderKey, clock_at, copy_database, relay_cli, send, write_config
 
 
 @dataclass
@@ -40,7 +40,7 @@ def world(tmp_path_factory) -> World:
     folder = tmp_path_factory.mktemp("archive")
     upstream = RecordingUpstream().start()
     t0 = (datetime.now(timezone.utc) - timedelta(days=3)).replace(microsecond=0)
-    clock = Clock(t0)
+    clock = clock_at(t0)
     relay = RunningRelay(make_config(folder, upstream_url(upstream)), clock=clock)
     key = SenderKey()
     raw, delivered = {}, {}
@@ -145,6 +145,7 @@ def test_export_eml_dir_and_mbox_with_manifest(world, tmp_path):
     assert [m["archive_id"] for m in manifest["messages"]] == [1, 2, 3, 5]
     assert [m["direction"] for m in manifest["messages"]][:2] == ["buyer_to_seller", "seller_to_buyer"]
     assert manifest["messages"][2]["verdict"] == "rejected"
+    assert world.key.verifies((out / manifest["messages"][0]["file"]).read_bytes())
     for entry in manifest["messages"]:
         data = (out / entry["file"]).read_bytes()
         assert data == world.raw[entry["archive_id"]]
@@ -185,6 +186,10 @@ def test_verify_intact_chain(world):
     assert line.startswith("archive chain verified: 5 row(s), head ")
     head = line.rsplit(" ", 1)[1]
     assert relay_cli(world.config, "archive", "verify", "--head", head).returncode == 0
+    rewritten = relay_cli(world.config, "archive", "verify", "--head", "1" * 64)
+    assert (rewritten.returncode, rewritten.stderr) == (
+        1, f"relay: archive chain broken: the head {'1' * 64} is no longer in the chain: "
+           "rows after it were rewritten or deleted\n")
 
 
 def _edited_body(db, archive_id):

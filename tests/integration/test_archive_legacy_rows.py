@@ -11,7 +11,7 @@ from datetime import datetime, timedelta, timezone
 from relay.store import GENESIS_HASH, ArchiveEntry, chain_hash, iso, open_store, sha256_hex
 from relay.store.sqlite import migrations
 from support import message
-from test_archive_support import relay_cli, write_config
+from archive_support import relay_cli, write_config
 
 
 def legacy_database(path, rows):

@@ -11,7 +11,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from support import RecordingUpstream, RunningRelay, make_config, message, upstream_url
-from test_archive_support import Clock, relay_cli, send, write_config
+from archive_support import clock_at, relay_cli, send, write_config
 
 
 @pytest.fixture
@@ -20,7 +20,7 @@ def old_and_new(tmp_path):
     of Bob's (800 days ago, past the default 730), and one recent of Bea's."""
     upstream = RecordingUpstream().start()
     now = datetime.now(timezone.utc)
-    clock = Clock(now - timedelta(days=800))
+    clock = clock_at(now - timedelta(days=800))
     relay = RunningRelay(make_config(tmp_path, upstream_url(upstream)), clock=clock)
     try:
         bea = relay.pair()

@@ -41,8 +41,8 @@ CREATE TABLE archive_holds (
 
 -- `archive list --since/--until` and the response-time report.
 CREATE INDEX archive_by_received_at ON archive (received_at);
--- `archive list --verdict rejected`: rare verdicts without a full scan.
-CREATE INDEX archive_by_verdict ON archive (verdict, id);
+-- `archive list --verdict V`, newest first, without a full scan or a sort.
+CREATE INDEX archive_by_verdict ON archive (verdict, received_at);
 -- The daily purge walks only live rows past retention, never the tombstones.
 CREATE INDEX archive_live_by_received_at ON archive (received_at) WHERE purged_at IS NULL;
 -- Purge removes a purged row's Message-ID map entry by archive id.
