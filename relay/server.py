@@ -11,6 +11,7 @@ until SIGTERM/SIGINT; tests run it in a thread on port 0.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import threading
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from aiosmtpd.smtp import SMTP
 
-from relay import __version__, bounces, dkim, tls
+from relay import __version__, archive, bounces, dkim, tls
 from relay import dns as relay_dns
 from relay.auth import Throttle
 from relay.config import Config, Endpoint
@@ -33,6 +34,7 @@ log = logging.getLogger("relay.server")
 
 IDENT = f"relay {__version__}"
 DRAIN_SECONDS = 60.0
+PURGE_INTERVAL = 24 * 3600.0
 
 
 class RelayServer:
@@ -50,6 +52,7 @@ class RelayServer:
         self.metrics_server: MetricsServer | None = None
         self.metrics_address: tuple[str, int] | None = None
         self.upstream = None
+        self._purger: asyncio.Task | None = None
 
     @property
     def handler(self) -> RelayHandler | None:
@@ -87,6 +90,7 @@ class RelayServer:
             log.info("inbound listener on %s:%s, upstream %s, domain %s",
                      *self.inbound_address, upstream, config.domain)
             await self._start_submission(upstream)
+            self._purger = asyncio.create_task(self._purge_daily(), name="relay-purge")
             if config.metrics.listen is not None:
                 self.metrics_server = MetricsServer(config.metrics.listen, self, asyncio.get_running_loop())
                 self.metrics_server.start()
@@ -95,6 +99,22 @@ class RelayServer:
         except BaseException:
             await self.stop(drain_seconds=0)
             raise
+
+    async def _purge_daily(self) -> None:
+        """Archive retention: purge once at start-up, then once a day. A
+        failure is logged and tried again the next day; it never stops the
+        relay."""
+        while True:
+            try:
+                counts = await self.store.purge(
+                    archive.retention_cutoff(self.clock(), self.config.archive.retention_days))
+                if counts.rows:
+                    log.info("retention: %s", archive.purge_summary(counts))
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("retention purge failed; trying again in a day")
+            await asyncio.sleep(PURGE_INTERVAL)
 
     async def _start_submission(self, upstream) -> None:
         sub = self.config.submission
@@ -178,6 +198,11 @@ class RelayServer:
         """Stop accepting, finish the messages in flight, close everything."""
         for server in self._servers:
             server.close()
+        if self._purger is not None:
+            self._purger.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._purger
+            self._purger = None
         if self.metrics_server is not None:
             await asyncio.to_thread(self.metrics_server.stop)
             self.metrics_server = None

@@ -115,3 +115,31 @@ def test_purge_keeps_a_row_that_fails_its_hashes(old_and_new):
     assert result.stderr == ("relay: 1 archive row(s) past retention fail their hashes and were kept;"
                              " run `relay archive verify`\n")
     assert counts(database)["live"] == 2  # row 1 (edited) and row 4 (recent)
+
+
+def test_serve_purges_past_retention_at_start(tmp_path, upstream):
+    """`relay serve` runs the retention purge itself (at start, then daily)."""
+    import smtplib
+    import time
+    from datetime import timedelta
+
+    from support import Clock, RunningRelay, make_config, message, upstream_url
+
+    clock = Clock()
+    clock.now -= timedelta(days=800)  # write a message "800 days ago"
+    config = make_config(tmp_path, upstream_url(upstream))
+    old = RunningRelay(config, clock=clock)
+    pair = old.pair()
+    with smtplib.SMTP(old.host, old.port) as client:
+        client.sendmail(pair.buyer, [pair.seller_alias], message(pair.buyer, pair.seller_alias))
+    old.stop()
+    restarted = RunningRelay(config)  # today: the row is past 730 days
+    try:
+        # The purge runs on the server's loop right after start: wait for it, bounded.
+        deadline = time.monotonic() + 10
+        while restarted.archive_rows()[0].get("purged_at") is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        row = restarted.archive_rows()[0]
+        assert row["purged_at"] is not None and row["raw"] is None
+    finally:
+        restarted.stop()
