@@ -158,6 +158,14 @@ def _add_dispute_commands(commands) -> None:
     purge.add_argument("--dry-run", action="store_true", help="count, change nothing")
     purge.add_argument("--json", action="store_true")
 
+    dkim_group = commands.add_parser("dkim", help="DKIM signing keys")
+    dkim_commands = dkim_group.add_subparsers(dest="dkim_command", metavar="COMMAND", parser_class=_Parser)
+    dkim_commands.required = True
+    keygen = dkim_commands.add_parser("keygen", help="write a new RSA key and print the DNS record to publish")
+    keygen.add_argument("--out", required=True, metavar="FILE", help="where to write the private key (PEM)")
+    keygen.add_argument("--bits", type=int, default=2048, choices=(1024, 2048, 3072, 4096))
+    keygen.add_argument("--force", action="store_true", help="replace an existing file")
+
     report = commands.add_parser("report", help="reports")
     reports = report.add_subparsers(dest="report_command", metavar="REPORT", parser_class=_Parser)
     reports.required = True
@@ -782,6 +790,22 @@ def cmd_report_response_time(args, config: Config) -> int:
     return 0
 
 
+def cmd_dkim_keygen(args, config: Config) -> int:
+    from pathlib import Path
+
+    from relay import dkim
+
+    path = Path(args.out)
+    if path.exists() and not args.force:
+        raise UsageError(f"{path} exists; give --force to replace it")
+    pem = dkim.generate_private_pem(args.bits)
+    dkim.write_key(path, pem)
+    name = f"{config.dkim.selector}._domainkey.{config.domain}"
+    print(f"wrote {path}; set [dkim] key_file = \"{path}\" and publish this TXT record at {name}:")
+    print(dkim.dns_record(pem))
+    return 0
+
+
 COMMANDS = {
     "serve": cmd_serve,
     "db upgrade": cmd_db_upgrade,
@@ -803,5 +827,6 @@ COMMANDS = {
     "archive release": cmd_archive_release,
     "archive holds": cmd_archive_holds,
     "purge": cmd_purge,
+    "dkim keygen": cmd_dkim_keygen,
     "report response-time": cmd_report_response_time,
 }
