@@ -59,6 +59,9 @@ URL_ATTRIBUTES = frozenset({
     "lowsrc", "dynsrc", "data", "codebase", "xlink:href", "ping", "usemap", "manifest",
 })
 _TEXT_TOKENS = ("Characters", "SpaceCharacters", "Entity")
+# Formatting that does not break a line: text on both sides reads as one.
+_INLINE = frozenset({"a", "abbr", "b", "big", "cite", "code", "del", "em", "font", "i", "ins", "kbd",
+                     "q", "s", "small", "span", "strike", "strong", "sub", "sup", "tt", "u"})
 _CSS_URL_FUNCTIONS = frozenset({"url", "src", "image", "image-set", "-webkit-image-set", "cross-fade"})
 # The CSS functions a declaration may call: colours, lengths, and url() (which
 # `_LinkFilter` judges). A declaration calling anything else goes, above all
@@ -276,19 +279,62 @@ class _LinkFilter(Filter):
         self.counts = counts
 
     def __iter__(self):
+        # A run is the text between block boundaries, inline formatting tags
+        # included: "www.evil<b></b>.com" reads as one URL on screen, so it
+        # must be judged as one.
         pending: list[dict] = []
         for token in super().__iter__():
-            if token["type"] in _TEXT_TOKENS:
+            if token["type"] in _TEXT_TOKENS or (
+                    token["type"] in ("StartTag", "EndTag") and token["name"].lower() in _INLINE):
                 pending.append(token)
                 continue
-            yield from self._text(pending)
+            yield from self._run(pending)
             pending = []
             if token["type"] in ("StartTag", "EmptyTag"):
                 token = self._tag(token)
                 if token is None:
                     continue
             yield token
-        yield from self._text(pending)
+        yield from self._run(pending)
+
+    def _run(self, tokens: list[dict]):
+        """A run of text and inline tags. Each stretch of text is judged on
+        its own, unless the run as a whole hides more (a URL or address
+        split by empty or formatting tags): then the run becomes its
+        cleaned text alone, and its inline tags go."""
+        groups, texts = [], []
+        for token in tokens:
+            if token["type"] in _TEXT_TOKENS:
+                texts.append(token)
+            else:
+                groups.append(texts)
+                groups.append(token)
+                texts = []
+        groups.append(texts)
+        # What a reader sees after each stretch is cleaned on its own: if
+        # that still holds something to remove, it was hidden across tags.
+        seen = "".join(self.policy.clean_text("".join(self._plain(t) for t in group))[0]
+                       for group in groups if isinstance(group, list))
+        if seen and self.policy.clean_text(seen)[1]:
+            whole = "".join(self._plain(t) for t in tokens if t["type"] in _TEXT_TOKENS)
+            cleaned, removed = self.policy.clean_text(whole)
+            self.counts.update(removed)
+            self.counts["tags"] += sum(1 for t in tokens if t["type"] == "StartTag")
+            yield {"type": "Characters", "data": cleaned}
+            return
+        for group in groups:
+            if isinstance(group, list):
+                yield from self._text(group)
+            elif group["type"] == "StartTag":
+                token = self._tag(group)
+                if token is not None:
+                    yield token
+            else:
+                yield group
+
+    @staticmethod
+    def _plain(token: dict) -> str:
+        return html.unescape(f"&{token['name']};") if token["type"] == "Entity" else token["data"]
 
     def _tag(self, token: dict) -> dict | None:
         name = token["name"].lower()
