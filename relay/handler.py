@@ -386,7 +386,11 @@ class RelayHandler:
             return False
         if original.get("archive_id"):
             row = await self.store.archive_row(original["archive_id"])
-            if row and row.get("raw") and bounces.auto_submitted(pipeline.parse(row["raw"])):
+            automatic = row.get("auto_reply") if row else None
+            if automatic is None and row and row.get("raw"):  # rows archived before the flag existed
+                parsed = await asyncio.to_thread(pipeline.parse, row["raw"])
+                automatic = bounces.auto_submitted(parsed)
+            if automatic:
                 return False
         if relationship.seller.id == original["sender_id"]:
             sender, alias = relationship.seller, relationship.buyer_alias
