@@ -16,7 +16,7 @@ import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from relay import __version__, addresses, archive, auth, config as config_module
+from relay import __version__, addresses, archive, auth, config as config_module, postfix
 from relay.config import Config, ConfigError
 from relay.store import NotFound, StoreError, StoreUnavailable, iso, open_store, sha256_hex
 
@@ -157,6 +157,8 @@ def _add_dispute_commands(commands) -> None:
     purge = commands.add_parser("purge", help="purge archive rows past [archive] retention_days")
     purge.add_argument("--dry-run", action="store_true", help="count, change nothing")
     purge.add_argument("--json", action="store_true")
+
+    postfix.add_arguments(commands.add_parser("postfix-config", help=postfix.HELP))
 
     dkim_group = commands.add_parser("dkim", help="DKIM signing keys")
     dkim_commands = dkim_group.add_subparsers(dest="dkim_command", metavar="COMMAND", parser_class=_Parser)
@@ -828,5 +830,6 @@ COMMANDS = {
     "archive holds": cmd_archive_holds,
     "purge": cmd_purge,
     "dkim keygen": cmd_dkim_keygen,
+    "postfix-config": postfix.run,
     "report response-time": cmd_report_response_time,
 }

@@ -864,6 +864,19 @@ def _purge_check(rows: list[dict]) -> list[tuple[int, bool, int, str | None]]:
     return result
 
 
+def all_aliases(path) -> list[str]:
+    """Every alias of every relationship, from the SQLite file at `path`
+    opened read-only: for tools beside a running relay (the postfix
+    recipient table), without an event loop."""
+    connection = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True, timeout=10)
+    try:
+        rows = connection.execute(
+            "SELECT seller_alias FROM relationships UNION SELECT buyer_alias FROM relationships")
+        return [row[0] for row in rows]
+    finally:
+        connection.close()
+
+
 def _statements(script: str) -> list[str]:
     """Split a migration into statements, using sqlite3's own completeness
     test rather than guessing at semicolons inside strings or triggers."""

@@ -1,0 +1,335 @@
+"""Postfix in front of the relay, for real: a private postfix instance on
+loopback high ports, configured with what `relay postfix-config` generates,
+the relay behind it, and a recording sink as "the internet".
+
+    client (127.0.0.5) → postfix :public → aliasrelay transport → relay :relay_port
+    relay upstream → postfix :reinject (127.0.0.1) → relayhost → sink
+
+The instance has its own config, queue and data directories in a temporary
+folder, listens only on 127.0.0.1, never on port 25, and is stopped with
+`postfix -c DIR stop` in the fixture's finalizer; the system's own postfix
+(if any) is never touched. Postfix is installed by .ci/run; when it cannot
+be found these tests are skipped, saying so.
+"""
+
+from __future__ import annotations
+
+import grp
+import json
+import os
+import pwd
+import shutil
+import smtplib
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from relay import postfix
+from relay.config import Endpoint
+from support import RecordingUpstream, RunningRelay, make_config, message
+
+SBIN = ("/usr/sbin", "/usr/bin", "/sbin")
+
+
+def _find(name: str) -> str | None:
+    return shutil.which(name) or shutil.which(name, path=os.pathsep.join(SBIN))
+
+
+POSTFIX = _find("postfix")
+POSTQUEUE = _find("postqueue")
+POSTMAP = _find("postmap")
+
+def _why_not() -> str | None:
+    if not (POSTFIX and POSTQUEUE and POSTMAP):
+        return ("postfix is not installed (postfix, postqueue, postmap not found in PATH or /usr/sbin); "
+                "`apt-get install postfix` (.ci/run does) to run the postfix end-to-end tests")
+    try:
+        pwd.getpwnam("postfix")
+        grp.getgrnam("postdrop")
+    except KeyError:
+        return "postfix is installed but the `postfix` user or `postdrop` group is missing"
+    if os.geteuid() != 0:
+        return "starting a private postfix instance (`postfix -c DIR start`) needs root"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_why_not() is not None, reason=_why_not() or "")
+
+CLIENT_IP = "127.0.0.5"  # "the internet client", as postfix sees it
+
+# Postfix's own services, without chroot; the relay's services are appended
+# from relay.postfix.render_master_cf.
+BASE_MASTER_CF = """\
+pickup     unix  n - n 60   1 pickup
+cleanup    unix  n - n -    0 cleanup
+qmgr       unix  n - n 300  1 qmgr
+rewrite    unix  - - n -    - trivial-rewrite
+bounce     unix  - - n -    0 bounce
+defer      unix  - - n -    0 bounce
+trace      unix  - - n -    0 bounce
+verify     unix  - - n -    1 verify
+flush      unix  n - n 1000? 0 flush
+proxymap   unix  - - n -    - proxymap
+proxywrite unix  - - n -    1 proxymap
+smtp       unix  - - n -    - smtp
+relay      unix  - - n -    - smtp
+showq      unix  n - n -    - showq
+error      unix  - - n -    - error
+retry      unix  - - n -    - error
+discard    unix  - - n -    - discard
+anvil      unix  - - n -    1 anvil
+scache     unix  - - n -    1 scache
+postlog    unix-dgram n - n - 1 postlogd
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+class PostfixInstance:
+    """A private postfix: `postfix -c <root>/etc`, queue in <root>/spool."""
+
+    def __init__(self, root: Path, sink_port: int, template_config, mode: str):
+        self.root = root
+        self.etc = root / "etc"
+        self.maps = root / "maps"
+        self.public_port = free_port()
+        for path in (self.etc, self.maps, root / "data", root / "spool"):
+            path.mkdir()
+        shutil.chown(root / "data", "postfix")
+        self.template = template_config
+        env = {"MAIL_CONFIG": str(self.etc)}
+        self.env = {**os.environ, **env}
+        public = f"127.0.0.1:{self.public_port}"
+        generated = postfix.render(template_config, mode, map_dir=str(self.maps), smtpd_service=public)
+        main_cf = "\n".join([
+            "compatibility_level = 3.6",
+            f"queue_directory = {root / 'spool'}",
+            f"data_directory = {root / 'data'}",
+            "mail_owner = postfix",
+            "setgid_group = postdrop",
+            "syslog_name = postfix-relay-e2e",
+            f"maillog_file = {root / 'maillog'}",
+            f"maillog_file_prefixes = {root}",
+            "myhostname = mx.postfix.test",
+            "mydomain = postfix.test",
+            "myorigin = $myhostname",
+            "inet_interfaces = 127.0.0.1",
+            "inet_protocols = ipv4",
+            "mydestination =",
+            "local_recipient_maps =",
+            "alias_maps =",
+            "alias_database =",
+            "mynetworks = 127.0.0.1/32",
+            "smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination",
+            f"relayhost = [127.0.0.1]:{sink_port}",
+            "smtp_dns_support_level = disabled",
+            "smtp_tls_security_level = none",
+            "smtpd_tls_security_level = none",
+            "biff = no",
+            # A fresh smtpd per connection: postfix notices a re-postmapped
+            # table by its mtime, in whole seconds, and these tests rewrite
+            # it faster than that (scripts/postfix/relay-postfix-recipients
+            # runs `postfix reload` for the same reason).
+            "max_use = 1",
+            "queue_run_delay = 1s",
+            "minimal_backoff_time = 1s",
+            "maximal_backoff_time = 2s",
+            "smtp_connect_timeout = 5s",
+            "",
+        ]) + generated[postfix.MAIN_CF]
+        master_cf = BASE_MASTER_CF
+        if mode == "transport":  # the filter mode renders the public smtpd line itself
+            master_cf += f"{public} inet n - n - - smtpd\n"
+        master_cf += generated[postfix.MASTER_CF]
+        (self.etc / "main.cf").write_text(main_cf)
+        (self.etc / "master.cf").write_text(master_cf)
+        for name in (postfix.TRANSPORT_MAP, postfix.BOUNCE_MAP):
+            postfix.write_atomically(self.maps / name, generated[name])
+        postfix.postmap(self.maps / postfix.TRANSPORT_MAP, POSTMAP, self.etc)
+        self.set_aliases([])
+
+    def command(self, *args, check=True) -> subprocess.CompletedProcess:
+        result = subprocess.run(list(args), capture_output=True, text=True, timeout=30, env=self.env)
+        if check and result.returncode != 0:
+            raise AssertionError(f"{' '.join(args)}: exit {result.returncode}\n{result.stdout}{result.stderr}"
+                                 f"\n--- maillog ---\n{self.log()}")
+        return result
+
+    def start(self) -> None:
+        self.command(POSTFIX, "-c", str(self.etc), "start")
+        wait_until(self._listening, 15, "postfix to listen")
+
+    def _listening(self) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", self.public_port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        self.command(POSTFIX, "-c", str(self.etc), "stop", check=False)
+
+    def set_aliases(self, aliases) -> None:
+        """What the operator's provisioning hook does: regenerate the alias
+        table and postmap it (running smtpd processes notice the change)."""
+        path = self.maps / postfix.RECIPIENT_MAP
+        postfix.write_atomically(path, postfix.render_recipients(self.template, aliases))
+        postfix.postmap(path, POSTMAP, self.etc)
+
+    def queue(self) -> list[dict]:
+        out = self.command(POSTQUEUE, "-c", str(self.etc), "-j").stdout
+        return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+    def flush(self) -> None:
+        self.command(POSTQUEUE, "-c", str(self.etc), "-f")
+
+    def log(self) -> str:
+        path = self.root / "maillog"
+        return path.read_text(errors="replace")[-6000:] if path.exists() else "(no maillog)"
+
+    def send(self, sender: str, recipients: list[str], data: bytes) -> None:
+        with smtplib.SMTP("127.0.0.1", self.public_port, source_address=(CLIENT_IP, 0), timeout=30) as client:
+            client.ehlo("client.mail.example")
+            client.sendmail(sender, recipients, data)
+
+
+@pytest.fixture(scope="module", params=["transport", "filter"])
+def mta(request):
+    """(postfix, sink, relay template config) — one postfix per mode for the module."""
+    sink = RecordingUpstream().start()
+    relay_port, reinject_port = free_port(), free_port()
+    root = Path(tempfile.mkdtemp(prefix="relay-postfix-e2e-"))
+    root.chmod(0o755)  # postfix's daemons run as `postfix` and must reach the queue
+    template = make_config(root, f"smtp://127.0.0.1:{reinject_port}")
+    template = replace(template, inbound=replace(template.inbound, listen=Endpoint("127.0.0.1", relay_port)))
+    instance = PostfixInstance(root, sink.port, template, request.param)
+    try:
+        instance.start()
+        yield instance, sink, template
+    finally:
+        instance.stop()
+        sink.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def behind(mta, tmp_path):
+    """start() -> a RunningRelay on the port postfix delivers to, with a
+    database of this test's own; its aliases are in postfix's table."""
+    instance, sink, template = mta
+    with sink.lock:
+        sink.messages.clear()
+    assert instance.queue() == []
+    config = replace(template, database=str(tmp_path / "relay.sqlite3"))
+    running = []
+
+    def start() -> RunningRelay:
+        relay = RunningRelay(config)
+        running.append(relay)
+        return relay
+
+    yield start
+    for relay in running:
+        relay.stop()
+    # Leave an empty queue for the next test (nothing may still be in flight).
+    for item in instance.queue():
+        instance.command(_find("postsuper"), "-c", str(instance.etc), "-d", item["queue_id"], check=False)
+
+
+def provision(instance, relay):
+    pair = relay.pair()
+    # The production path: the alias table comes from the database.
+    instance.set_aliases(postfix.aliases_from_db(relay.config.database))
+    return pair
+
+
+def test_buyer_to_seller_through_postfix(mta, behind):
+    instance, sink, _ = mta
+    relay = behind()
+    pair = provision(instance, relay)
+    instance.send(pair.buyer, [pair.seller_alias],
+                  message(pair.buyer, pair.seller_alias, body=f"Hi, write me at {pair.buyer}\n"))
+    [got] = sink.wait_for(1, timeout=20)
+    assert got.rcpt_tos == [pair.seller]
+    assert got.mail_from.startswith("bounce+") and got.mail_from.endswith("@marketplace.example")
+    assert pair.buyer.encode() not in got.data
+    assert f"From: \"Bea Buyer\" <{pair.buyer_alias}>".encode() in got.data \
+        or f"From: Bea Buyer <{pair.buyer_alias}>".encode() in got.data
+    # XFORWARD: the relay recorded the client postfix saw, not postfix itself.
+    [row] = relay.archive_rows()
+    assert row["client_address"] == CLIENT_IP
+    assert row["verdict"] == "delivered"
+
+
+def test_relay_down_message_waits_in_the_queue(mta, behind):
+    instance, sink, _ = mta
+    relay = behind()
+    pair = provision(instance, relay)
+    relay.stop()
+
+    instance.send(pair.buyer, [pair.seller_alias], message(pair.buyer, pair.seller_alias))
+    [queued] = wait_until(lambda: [q for q in instance.queue() if q["queue_name"] == "deferred"], 20,
+                          "the message to be deferred")
+    [recipient] = queued["recipients"]
+    assert recipient["address"] == pair.seller_alias
+    assert "refused" in recipient["delay_reason"].lower()
+    assert sink.messages == []
+
+    relay = behind()  # same database, same port
+    instance.flush()
+    [got] = sink.wait_for(1, timeout=20)
+    assert got.rcpt_tos == [pair.seller]
+    wait_until(lambda: instance.queue() == [], 20, "the queue to empty")
+    assert len(sink.messages) == 1  # delivered once: nothing is left to deliver it again
+    [row] = relay.archive_rows()
+    assert row["verdict"] == "delivered" and row["client_address"] == CLIENT_IP
+
+
+def test_unknown_alias_refused_at_postfix_rcpt(mta, behind):
+    instance, sink, _ = mta
+    relay = behind()
+    pair = provision(instance, relay)
+    unknown = "aaaaaaaaaaaaaaaa@marketplace.example"
+    with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
+        instance.send(pair.buyer, [unknown], message(pair.buyer, unknown))
+    code, text = refused.value.recipients[unknown]
+    assert code == 550 and text.startswith(b"5.1.1") and b"relay recipient table" in text
+    # Nor does postfix relay anywhere else for an outside client.
+    with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
+        instance.send(pair.buyer, ["someone@elsewhere.example"], message(pair.buyer, "someone@elsewhere.example"))
+    assert refused.value.recipients["someone@elsewhere.example"][0] == 554
+    assert relay.archive_rows() == [] and instance.queue() == []
+
+
+def test_relay_refusal_becomes_a_bounce(mta, behind):
+    """The relay's 550 (here: a sender who is not the counterpart) → postfix
+    bounces to the envelope sender instead of retrying."""
+    instance, sink, _ = mta
+    relay = behind()
+    pair = provision(instance, relay)
+    stranger = "stranger@mail.example"
+    instance.send(stranger, [pair.seller_alias], message(stranger, pair.seller_alias))
+    [dsn] = sink.wait_for(1, timeout=20)
+    assert dsn.mail_from in ("", "<>") and dsn.rcpt_tos == [stranger]
+    assert b"5.7.1" in dsn.data and pair.seller.encode() not in dsn.data
+    wait_until(lambda: instance.queue() == [], 20, "the queue to empty")
