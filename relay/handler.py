@@ -18,11 +18,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import logging
 import ipaddress
+import logging
 import math
 import secrets
 import time
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
@@ -173,6 +174,7 @@ class RelayHandler:
         self.resolver = resolver
         self.bounce_secret = bounce_secret or secrets.token_bytes(32)
         self._in_flight: set[asyncio.Task] = set()
+        self._reserved: Counter = Counter()  # seller id → messages past the cap check, not yet archived
         self.closing = False
 
     # --- aiosmtpd hooks -------------------------------------------------------
@@ -362,12 +364,17 @@ class RelayHandler:
         notified = False
         try:
             if failed and not bounces.auto_submitted(message):
-                notified = await self._notify(original, status)
+                try:
+                    notified = await self._notify(original, status)
+                except DeliveryError as exc:
+                    if exc.reply.transient:
+                        # The report comes again and the notice is tried again.
+                        log.warning("bounce notice for %s deferred: %s", relay_id, exc.detail)
+                        return replies.UPSTREAM_UNAVAILABLE
+                    # Refused for good: record the report anyway, unnotified.
+                    log.warning("bounce notice for %s refused: %s", relay_id, exc.detail)
             await self.store.record_bounce(iso(self.clock()), relay_id, original["archive_id"],
                                            original["relationship_id"], action, status, notified, raw)
-        except DeliveryError as exc:
-            log.warning("bounce notice for %s not delivered: %s", relay_id, exc.detail)
-            return replies.UPSTREAM_UNAVAILABLE if exc.reply.transient else replies.DELIVERED
         except StoreUnavailable as exc:
             log.warning("bounce for %s not recorded: %s", relay_id, exc)
             return replies.LOOKUP_FAILED
@@ -405,7 +412,11 @@ class RelayHandler:
         await self.upstream.deliver("", sender.address, data)
         return True
 
-    async def _over_daily_cap(self, seller: Party) -> Reply | None:
+    async def _over_daily_cap(self, seller: Party, reserve: bool = False) -> Reply | None:
+        """The daily-cap refusal, or None. With `reserve`, a message about to
+        be forwarded takes a place in `_reserved` until it is archived: the
+        store counts a message only once archived, and transactions open at
+        the same time must not all slip under the cap."""
         policy = self.config.policy
         now = self.clock()
         window_start = now - timedelta(hours=policy.daily_window_hours)
@@ -413,9 +424,13 @@ class RelayHandler:
             seller.id, iso(now - timedelta(days=policy.order_window_days)))
         cap = daily_cap(policy, orders, seller.daily_orders)
         sent, oldest = await self.store.seller_sends_since(seller.id, iso(window_start))
-        if sent < cap:
+        # No await from here on: the check and the reservation are one step.
+        if sent + self._reserved[seller.id] < cap:
+            if reserve:
+                self._reserved[seller.id] += 1
             return None
-        frees_at = datetime.fromisoformat(oldest.replace("Z", "+00:00")) + timedelta(hours=policy.daily_window_hours)
+        frees_at = (datetime.fromisoformat(oldest.replace("Z", "+00:00")) if oldest else now) \
+            + timedelta(hours=policy.daily_window_hours)
         return replies.DAILY_CAP.with_text(
             f"Daily sending limit of {cap} messages reached; "
             f"the next message can be sent after {frees_at.strftime('%Y-%m-%d %H:%M:%S')} UTC")
@@ -431,9 +446,10 @@ class RelayHandler:
         delivered: bytes | None = None
         original_id = None
         relay_id = addresses.new_message_id(self.config.domain)
+        reserved: list[int] = []  # daily-cap places taken by this message, given back once archived
         try:
             reply, verdict, delivered, original_id = await self._process_and_forward(
-                route, raw, relay_id, transaction_id, changes, session, envelope)
+                route, raw, relay_id, transaction_id, changes, session, envelope, reserved)
         except Exception:
             log.exception("unexpected error handling message %s", transaction_id)
             reply, verdict = replies.INTERNAL_ERROR, "deferred"
@@ -467,6 +483,8 @@ class RelayHandler:
                 log.error("message %s was delivered but not archived; the client will retry",
                           transaction_id)
                 reply = replies.ARCHIVE_FAILED
+        for seller_id in reserved:  # archived (or not delivered): the store counts it now
+            self._reserved[seller_id] -= 1
         self.metrics.messages.labels(route.direction, verdict).inc()
         self.metrics.refused("data", reply)
         if reply is replies.DELIVERED and archive_id is not None:
@@ -500,8 +518,8 @@ class RelayHandler:
         return (f"{self.config.greeting_hostname}; spf={verdict.spf}; dkim={verdict.dkim}; "
                 f"dmarc={verdict.dmarc}")
 
-    async def _process_and_forward(self, route: Route, raw: bytes, relay_id: str,
-                                   transaction_id: str, changes: list[str], session=None, envelope=None):
+    async def _process_and_forward(self, route: Route, raw: bytes, relay_id: str, transaction_id: str,
+                                   changes: list[str], session, envelope, reserved: list[int]):
         """Returns (reply, verdict, delivered bytes, original Message-ID)."""
         timeout = self.config.inbound.processing_timeout
         try:
@@ -543,6 +561,14 @@ class RelayHandler:
             changes.append(f"processing exceeded {timeout:g} s")
             return replies.PROCESSING_TIMEOUT, "deferred", None, None
 
+        if route.direction == SELLER_TO_BUYER:
+            # Checked at RCPT already; again here, holding a place, since
+            # transactions running side by side all passed RCPT.
+            over = await self._over_daily_cap(route.sender, reserve=True)
+            if over is not None:
+                changes.append("refused: the daily cap was reached while this transaction was open")
+                return over, "deferred", None, result.original_message_id
+            reserved.append(route.sender.id)
         started = time.monotonic()
         try:
             return_path = bounces.make_address(relay_id, self.config.domain, self.bounce_secret, self.clock(),

@@ -178,14 +178,29 @@ def text_parts(message: EmailMessage):
 
 
 def _codec(part: EmailMessage) -> str:
-    """The part's charset as a Python codec; latin-1 when unknown, which maps
-    every byte to one character and back, so undecodable text survives."""
-    charset = part.get_content_charset() or "us-ascii"
+    """The part's charset as a Python codec that reads this part's bytes
+    and writes them back unchanged; otherwise latin-1, which maps every byte
+    to one character and back, so undecodable text survives.
+
+    A charset parameter is the sender's to choose: Python knows names that
+    are no text encodings at all (hex, base64, zlib, rot13), and some that
+    refuse this part's bytes (an odd number of bytes in utf-16, idna);
+    trusting them would fail the same way on every retry.
+    """
     try:
-        name = codecs.lookup(charset).name
-    except LookupError:
+        charset = part.get_content_charset() or "us-ascii"
+        info = codecs.lookup(charset)
+    except (LookupError, ValueError, TypeError):
         return "latin-1"
-    return "latin-1" if name == "ascii" else name
+    if info.name == "ascii" or not getattr(info, "_is_text_encoding", True):
+        return "latin-1"
+    data = part.get_payload(decode=True) or b""
+    try:
+        if data.decode(info.name, errors="surrogateescape").encode(info.name, errors="surrogateescape") != data:
+            return "latin-1"
+    except (UnicodeError, LookupError, ValueError, TypeError):
+        return "latin-1"
+    return info.name
 
 
 def read_text(part: EmailMessage) -> str:

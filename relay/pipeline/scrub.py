@@ -12,6 +12,7 @@ left exactly as received.
 
 from __future__ import annotations
 
+import email.utils
 import re
 from email.message import EmailMessage
 
@@ -34,7 +35,10 @@ def _char_pattern(char: str) -> str:
     return "(?:" + "|".join(spellings) + ")"
 
 
-def address_pattern(address: str) -> str:
+def address_pattern(address: str, loose: bool = False) -> str:
+    """`loose`: in headers, a party address inside a longer word is still
+    replaced (a file name "receipt-bea@mail.example.pdf" shows the address
+    to any reader); a false hit there only ever puts in an alias."""
     local, at, domain = address.rpartition("@")
     body = "".join(_char_pattern(c) for c in local)
     # The @ is a named group: the substitute keeps its spelling (`_spelled_like`).
@@ -42,6 +46,8 @@ def address_pattern(address: str) -> str:
     body += "".join(_char_pattern(c) for c in domain)
     # Not a piece of a longer address: no domain continuing right after.
     # (What may stand right before is decided in `_after_address_char`.)
+    if loose:
+        return rf"{body}(?![\w\-])"
     return rf"{body}(?![\w\-]|\.[\w\-])"
 
 
@@ -72,10 +78,11 @@ def _after_address_char(text: str, start: int) -> bool:
 class AddressReplacer:
     """Replaces each of a fixed set of addresses with its substitute."""
 
-    def __init__(self, substitutes: dict[str, str]):
+    def __init__(self, substitutes: dict[str, str], loose: bool = False):
+        self.loose = loose
         self._substitutes = {k.lower(): v for k, v in substitutes.items()}
         self._patterns = [
-            (re.compile(address_pattern(address), re.IGNORECASE), substitute)
+            (re.compile(address_pattern(address, loose), re.IGNORECASE), substitute)
             for address, substitute in self._substitutes.items()
         ]
 
@@ -84,7 +91,7 @@ class AddressReplacer:
         for pattern, substitute in self._patterns:
             pieces, pos, scan = [], 0, 0
             while (match := pattern.search(text, scan)) is not None:
-                if _after_address_char(text, match.start()):
+                if not self.loose and _after_address_char(text, match.start()):
                     # Part of a longer address; a real one may still start
                     # inside this match, so go on one character later.
                     scan = match.start() + 1
@@ -105,11 +112,11 @@ def _spelled_like(substitute: str, match: re.Match) -> str:
     return substitute
 
 
-def replacer_for(context) -> AddressReplacer:
+def replacer_for(context, loose: bool = False) -> AddressReplacer:
     return AddressReplacer({
         context.sender.address: context.sender_alias,
         context.recipient.address: context.recipient_alias,
-    })
+    }, loose)
 
 
 # Top-level headers the header pass leaves alone: From, To and Message-ID
@@ -123,12 +130,14 @@ _TOP_HEADERS_SKIPPED = frozenset({"from", "to", "message-id", "in-reply-to", "re
 
 def scrub_addresses(message: EmailMessage, context, changes: list[str]) -> None:
     replacer = replacer_for(context)
+    in_headers = replacer_for(context, loose=True)
     _scrub_subject(message, replacer, changes)
     for index, part in enumerate(message.walk()):
         if part is message:
-            _scrub_headers(part, replacer, changes, "", skip=_TOP_HEADERS_SKIPPED)
+            _scrub_headers(part, in_headers, changes, "", skip=_TOP_HEADERS_SKIPPED)
         else:
-            _scrub_headers(part, replacer, changes, f" of part {index}")
+            _scrub_headers(part, in_headers, changes, f" of part {index}")
+            _scrub_file_names(part, in_headers, changes, index)
         if part.is_multipart():
             _scrub_preamble_epilogue(part, index, replacer, changes)
     for index, part in enumerate(text_parts(message)):
@@ -181,6 +190,24 @@ def _scrub_headers(part: EmailMessage, replacer: AddressReplacer, changes: list[
         unfolded = re.sub(r"\r?\n(?=[ \t])", "", new_raw)
         part._headers[i] = part.policy.header_store_parse(name, unfolded)
         changes.append(f"replaced {count} party address(es) in {name}{where}")
+
+
+def _scrub_file_names(part: EmailMessage, replacer: AddressReplacer, changes: list[str], index: int) -> None:
+    """A file name as clients read it: RFC 2231 continuations joined
+    (`filename*0="invoice-bea"; filename*1="@mail.example.pdf"`), which no
+    single raw header piece shows whole."""
+    for header, param in (("Content-Disposition", "filename"), ("Content-Type", "name")):
+        try:
+            value = part.get_param(param, header=header)
+        except Exception:  # a parameter the email package cannot read is left to the attachment check
+            continue
+        if not value:
+            continue
+        text = email.utils.collapse_rfc2231_value(value)
+        new_text, count = replacer.replace(text)
+        if count:
+            part.set_param(param, new_text, header=header)
+            changes.append(f"replaced {count} party address(es) in the {param} of part {index}")
 
 
 def _scrub_preamble_epilogue(part: EmailMessage, index: int, replacer: AddressReplacer,

@@ -137,3 +137,14 @@ def test_notice_that_cannot_be_sent_asks_the_dsn_sender_to_retry(relay, upstream
     upstream.reply_code = 250
     assert send_dsn(relay, verp, dsn(verp, pair.seller))[0] == 250
     assert len(upstream.wait_for(2)) == 2
+
+
+def test_a_notice_refused_for_good_still_records_the_report(relay, upstream):
+    pair = relay.pair()
+    deliver(relay, pair.buyer, pair.seller_alias)
+    verp = upstream.wait_for(1)[0].mail_from
+    upstream.rcpt_reply = "550 5.1.1 no such user"  # the original sender's mailbox is gone too
+    code, text = send_dsn(relay, verp, dsn(verp, pair.seller))
+    assert (code, text) == (250, b"2.0.0 Delivery report accepted")
+    [row] = relay.call(relay.store.bounces_for(relay.archive_rows()[0]["id"]))
+    assert (row["action"], row["notified"]) == ("failed", 0)

@@ -38,6 +38,12 @@ CASES = [
     # cause is in the message, so the refusal is permanent (not 451 forever).
     ("content-type-bare-star-parameter", (HEAD + "Content-Type: text/plain; Q*\r\n\r\n{buyer}\r\n").encode(),
      554, "5.6.0"),
+    # Charset names Python knows but that are no text encodings, or that
+    # refuse these bytes: read as latin-1, never "451" forever.
+    ("charset-hex", (HEAD + "Content-Type: text/plain; charset=hex\r\n\r\nhi {buyer}\r\n").encode(), 250, "2.0.0"),
+    ("charset-zlib", (HEAD + "Content-Type: text/plain; charset=zlib\r\n\r\nhi {buyer}\r\n").encode(), 250, "2.0.0"),
+    ("charset-utf16-odd-bytes", (HEAD + "Content-Type: text/plain; charset=utf-16\r\n\r\nabc {buyer}\r\n").encode(),
+     250, "2.0.0"),
     ("nested-40-deep", (HEAD + nested(40)).encode(), 250, "2.0.0"),
     ("nested-200-deep", (HEAD + nested(200)).encode(), 554, "5.6.0"),
     ("nested-3000-deep", (HEAD + nested(3000)).encode(), 554, "5.6.0"),

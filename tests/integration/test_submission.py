@@ -334,3 +334,21 @@ def test_swaks_tls_auth(submission, upstream, ca, tmp_path):
     assert got.rcpt_tos == [pair.buyer]
     assert pair.seller.encode() not in got.data
     assert f"Sent with swaks by {pair.seller_alias}".encode() in got.data
+
+
+def test_transactions_side_by_side_cannot_pass_the_cap(submission, client_context, upstream):
+    """Five connections all pass RCPT before any message is archived; the
+    cap (2) is checked again, holding a place, before forwarding."""
+    relay = submission(daily_message_base=2, daily_message_per_order=0)
+    pair = relay.main
+    clients = [starttls_client(relay, client_context) for _ in range(5)]
+    try:
+        for client in clients:
+            client.mail("x@client.example")
+            assert client.rcpt(pair.buyer_alias)[0] == 250
+        codes = [client.data(message("x@client.example", pair.buyer_alias))[0] for client in clients]
+    finally:
+        for client in clients:
+            client.close()
+    assert sorted(codes) == [250, 250, 450, 450, 450]
+    assert len(upstream.wait_for(2)) == 2
