@@ -39,7 +39,7 @@ from linkify_it import LinkifyIt
 
 from relay import addresses
 from relay.config import PolicyConfig
-from relay.pipeline.message import read_text, text_parts, write_text
+from relay.pipeline.message import content_type, read_text, text_parts, write_text
 
 LINK_REMOVED = "[link removed]"
 EMAIL_REMOVED = "[email removed]"
@@ -331,9 +331,40 @@ def policy_for(message: EmailMessage, context) -> LinkPolicy:
     return LinkPolicy(context.policy, {context.sender_alias, context.recipient_alias}, content_ids(message))
 
 
+# Headers a reader sees as text: the Subject, a part's description, and
+# every header of an attached message (its From, Received, …). Not file
+# names: "notes.md" or "photos.zip" would read as links.
+_READABLE_PART_HEADERS = frozenset({"content-description"})
+_NOT_TEXT_HEADERS = frozenset({"content-type", "content-disposition", "content-transfer-encoding",
+                               "content-id", "mime-version", "message-id", "in-reply-to", "references",
+                               "date"})
+
+
+def _clean_headers(message: EmailMessage, policy: LinkPolicy, changes) -> None:
+    embedded = set()
+    for part in message.walk():
+        if content_type(part) == "message/rfc822" and part.is_multipart():
+            embedded.update(id(inner) for inner in part.get_payload())
+    for index, part in enumerate(message.walk()):
+        for i, (name, value) in enumerate(list(part._headers)):
+            lower = name.lower()
+            readable = (lower == "subject" if part is message
+                        else lower in _READABLE_PART_HEADERS
+                        or (id(part) in embedded and lower not in _NOT_TEXT_HEADERS))
+            if not readable:
+                continue
+            text = str(part.policy.header_fetch_parse(name, value))
+            cleaned, removed = policy.clean_text(text)
+            if removed:
+                part._headers[i] = part.policy.header_store_parse(name, cleaned.replace("\r", " ").replace("\n", " "))
+                changes.record(removed, f"the {name} header" + (f" of part {index}" if part is not message else ""))
+
+
 def strip_links(message: EmailMessage, context, changes) -> None:
-    """Links, other addresses and phone numbers in every non-HTML text part."""
+    """Links, other addresses and phone numbers in every non-HTML text part,
+    and in the headers a reader sees as text."""
     policy = policy_for(message, context)
+    _clean_headers(message, policy, changes)
     for index, part in enumerate(text_parts(message)):
         if part.get_content_type() == "text/html":
             continue

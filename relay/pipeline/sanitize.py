@@ -358,6 +358,12 @@ class _LinkFilter(Filter):
                     return None
                 del attributes[key]
                 self.counts["links"] += 1
+            elif attr in ("title", "alt"):
+                # Shown on hover or instead of an image: text like any other.
+                cleaned, removed = self.policy.clean_text(html.unescape(value))
+                if removed:
+                    attributes[key] = cleaned
+                    self.counts.update(removed)
             elif attr == "style" and not self._style_allowed(value):
                 del attributes[key]
                 self.counts["links"] += 1

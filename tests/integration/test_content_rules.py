@@ -163,3 +163,21 @@ def test_a_heavy_message_does_not_stall_other_clients(relay, upstream):
     thread.join(120)
     assert code == 250
     assert finished == ["small", "heavy"]
+
+
+def test_other_addresses_and_links_in_readable_headers(relay, upstream):
+    pair = relay.pair()
+    raw = (f"From: {pair.buyer}\r\nTo: {pair.seller_alias}\r\n"
+           "Subject: reach me at bob.private@gmail.example or wa.me/123\r\nMIME-Version: 1.0\r\n"
+           'Content-Type: multipart/mixed; boundary="b"\r\n\r\n'
+           "--b\r\nContent-Type: text/html\r\nContent-Description: mail bob.private@gmail.example\r\n\r\n"
+           '<p title="bob.private@gmail.example">hi</p>\r\n'
+           "--b\r\nContent-Type: message/rfc822\r\n\r\n"
+           "From: Bob Private <bob.private@gmail.example>\r\nReceived: from [203.0.113.9] by mx.gmail.example\r\n"
+           "Subject: x\r\n\r\ninner\r\n--b--\r\n").encode()
+    assert send(relay, pair.buyer, pair.seller_alias, raw)[0] == 250
+    [got] = upstream.wait_for(1)
+    for needle in (b"bob.private", b"gmail.example", b"wa.me", b"203.0.113.9"):
+        assert needle not in got.data, needle
+    out = email.message_from_bytes(got.data, policy=policy.default)
+    assert out["Subject"] == "reach me at [email removed] or [link removed]"
