@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import email.utils
 import re
+from email.errors import HeaderParseError
+from email.header import decode_header, make_header
 from email.message import EmailMessage
 
-from relay.pipeline.message import read_text, text_parts, write_text
+from relay.pipeline.message import raw_values, read_text, text_parts, write_text
 
 _NAMED_ENTITIES = {"@": ("&commat;",), ".": ("&period;",), "-": ("&hyphen;", "&dash;"),
                    "_": ("&lowbar;",), "+": ("&plus;",)}
@@ -152,10 +154,18 @@ def _scrub_subject(message: EmailMessage, replacer: AddressReplacer, changes: li
     subjects = message.get_all("Subject", [])
     if not subjects:
         return
+    raw_subjects = raw_values(message, "Subject")
     new_values, total = [], 0
-    for value in subjects:
+    for position, value in enumerate(subjects):
         # str() of the parsed header is the decoded text (encoded-words undone).
         text, count = replacer.replace(str(value))
+        if not count and position < len(raw_subjects):
+            # Lenient clients also decode an encoded-word glued to other text
+            # ("x=?utf-8?q?bea=40mail.example?="), which the parser leaves as is.
+            lenient = _lenient_decode(raw_subjects[position])
+            lenient_text, count = replacer.replace(lenient)
+            if count:
+                text = lenient_text
         new_values.append(text)
         total += count
     if total:
@@ -163,6 +173,13 @@ def _scrub_subject(message: EmailMessage, replacer: AddressReplacer, changes: li
         for text in new_values:
             message["Subject"] = _without_surrogates(text)
         changes.append(f"replaced {total} party address(es) in Subject")
+
+
+def _lenient_decode(raw: str) -> str:
+    try:
+        return str(make_header(decode_header(raw)))
+    except (UnicodeError, LookupError, ValueError, HeaderParseError):
+        return raw
 
 
 def _scrub_headers(part: EmailMessage, replacer: AddressReplacer, changes: list[str],
