@@ -313,18 +313,20 @@ class _LinkFilter(Filter):
         groups.append(texts)
         # What a reader sees after each stretch is cleaned on its own: if
         # that still holds something to remove, it was hidden across tags.
-        seen = "".join(self.policy.clean_text("".join(self._plain(t) for t in group))[0]
-                       for group in groups if isinstance(group, list))
-        if seen and self.policy.clean_text(seen)[1]:
+        results = [self.policy.clean_text("".join(self._plain(t) for t in group))
+                   if isinstance(group, list) else None for group in groups]
+        seen = "".join(result[0] for result in results if result is not None)
+        # With no tag in the run there is nothing that joining could reveal.
+        if len(groups) > 1 and seen and self.policy.clean_text(seen)[1]:
             whole = "".join(self._plain(t) for t in tokens if t["type"] in _TEXT_TOKENS)
             cleaned, removed = self.policy.clean_text(whole)
             self.counts.update(removed)
             self.counts["tags"] += sum(1 for t in tokens if t["type"] == "StartTag")
             yield {"type": "Characters", "data": cleaned}
             return
-        for group in groups:
+        for group, result in zip(groups, results):
             if isinstance(group, list):
-                yield from self._text(group)
+                yield from self._text(group, result)
             elif group["type"] == "StartTag":
                 token = self._tag(group)
                 if token is not None:
@@ -398,11 +400,13 @@ class _LinkFilter(Filter):
         parsed = tinycss2.parse_blocks_contents(html.unescape(value))
         return all(self.policy.url_allowed(url) for url in urls(parsed))
 
-    def _text(self, tokens: list[dict]):
+    def _text(self, tokens: list[dict], result=None):
+        """A stretch of text tokens; `result` is its clean_text() if known."""
         if not tokens:
             return
-        text = "".join(html.unescape(f"&{t['name']};") if t["type"] == "Entity" else t["data"] for t in tokens)
-        cleaned, removed = self.policy.clean_text(text)
+        if result is None:
+            result = self.policy.clean_text("".join(self._plain(t) for t in tokens))
+        cleaned, removed = result
         if not removed:
             yield from tokens
             return

@@ -13,6 +13,7 @@ left exactly as received.
 from __future__ import annotations
 
 import email.utils
+import functools
 import re
 from email.errors import HeaderParseError
 from email.header import decode_header, make_header
@@ -77,16 +78,20 @@ def _after_address_char(text: str, start: int) -> bool:
     return _ESCAPE_AT_END.search(text, max(0, start - 40), start) is None
 
 
+@functools.lru_cache(maxsize=4096)
+def _compiled(address: str, loose: bool) -> re.Pattern:
+    # A party's pattern is the same for each of its messages: build it once.
+    return re.compile(address_pattern(address, loose), re.IGNORECASE)
+
+
 class AddressReplacer:
     """Replaces each of a fixed set of addresses with its substitute."""
 
     def __init__(self, substitutes: dict[str, str], loose: bool = False):
         self.loose = loose
         self._substitutes = {k.lower(): v for k, v in substitutes.items()}
-        self._patterns = [
-            (re.compile(address_pattern(address, loose), re.IGNORECASE), substitute)
-            for address, substitute in self._substitutes.items()
-        ]
+        self._patterns = [(_compiled(address, loose), substitute)
+                          for address, substitute in self._substitutes.items()]
 
     def replace(self, text: str) -> tuple[str, int]:
         total = 0
