@@ -15,24 +15,6 @@ from relay import dns as relay_dns
 from relay import mailauth  # noqa: F401 - installs the pyspf lookup hook, as the relay does
 
 
-@pytest.fixture(scope="module")
-def dns_server():
-    with DNSServer.from_files(ZONES.glob("*.zone")) as server:
-        yield server
-
-
-@pytest.fixture
-def server(dns_server):
-    yield dns_server
-    dns_server.clear_failures()
-
-
-@pytest.fixture
-def resolver(server):
-    # A short lifetime: a name the server never answers fails in half a second.
-    return relay_dns.make_resolver([server.address], lifetime=0.5)
-
-
 # --- nameserver entries ---------------------------------------------------------
 
 @pytest.mark.parametrize("entry, expected", [

@@ -24,27 +24,6 @@ GOOD_IP = "127.0.0.1"  # in every test domain's SPF record
 BAD_IP = "127.0.0.2"  # in none
 
 
-@pytest.fixture(scope="module")
-def dns_server():
-    with DNSServer.from_files(ZONES.glob("*.zone")) as server:
-        yield server
-
-
-@pytest.fixture
-def server(dns_server):
-    yield dns_server
-    dns_server.clear_failures()
-
-
-@pytest.fixture
-def resolver(server):
-    # A fresh resolver (and cache) per test, so an injected fault is seen;
-    # a short lifetime, so a name that never answers fails in half a second
-    # (the table has one timeout per check; the other faults are SERVFAILs,
-    # which fail at once).
-    return make_resolver([server.address], lifetime=0.5)
-
-
 def message(author: str = "bea@reject.example", body: bytes = b"Is the lamp still available?\r\n",
             from_header: str | None = None) -> bytes:
     from_line = f"From: {from_header}\r\n" if from_header is not None else f"From: Bea <{author}>\r\n"
