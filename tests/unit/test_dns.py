@@ -10,7 +10,7 @@ import dns.resolver
 import pytest
 import spf
 
-from dnsserver import ZONES, DNSServer
+from dnsserver import DNSServer
 from relay import dns as relay_dns
 from relay import mailauth  # noqa: F401 - installs the pyspf lookup hook, as the relay does
 
