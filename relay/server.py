@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from datetime import timedelta
 import signal
 import threading
 import warnings
@@ -28,7 +29,7 @@ from relay.config import Config, Endpoint
 from relay.forward import MaildirUpstream, make_upstream
 from relay.handler import InboundSMTP, RelayHandler, utc_clock
 from relay.metrics import Metrics, MetricsServer
-from relay.store import open_store
+from relay.store import iso, open_store
 
 log = logging.getLogger("relay.server")
 
@@ -110,6 +111,9 @@ class RelayServer:
                     archive.retention_cutoff(self.clock(), self.config.archive.retention_days))
                 if counts.rows:
                     log.info("retention: %s", archive.purge_summary(counts))
+                # The daily cap looks back one window; keep two, drop the rest.
+                window = timedelta(hours=2 * self.config.policy.daily_window_hours)
+                await self.store.prune_seller_sends(iso(self.clock() - window))
             except asyncio.CancelledError:
                 raise
             except Exception:

@@ -243,6 +243,14 @@ class SqliteStore:
             (seller_id, since))
         return row[0], row[1]
 
+    async def prune_seller_sends(self, before: str) -> int:
+        """Forget cap bookkeeping older than `before` (the cap only ever looks
+        back one window; the archive keeps the messages themselves)."""
+        async with self._transaction() as db:
+            with _unavailable_on_db_error():
+                cursor = await db.execute("DELETE FROM seller_sends WHERE sent_at < ?", (before,))
+        return cursor.rowcount
+
     async def seller_orders_since(self, seller_id: int, since: str) -> int:
         row = await self._fetchone(
             "SELECT COUNT(*) FROM orders o JOIN relationships r ON r.id = o.relationship_id"

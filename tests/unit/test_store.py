@@ -117,3 +117,17 @@ async def test_locked_database_is_unavailable_not_a_crash(tmp_path):
         blocker.close()
         await store.close()
     assert sqlite_module.BUSY_TIMEOUT_MS > 0
+
+
+async def test_prune_seller_sends_keeps_the_window(store):
+    relationship, _ = await seed(store)
+    seller_id = relationship.seller.id
+    for n, day in enumerate(("2026-11-20", "2026-11-26", "2026-11-27")):
+        await store.record(ArchiveEntry(
+            received_at=f"{day}T10:00:00.000000Z", relationship_id=relationship.id, direction="seller_to_buyer",
+            client_address="127.0.0.1", mail_from="sam@shop.example", rcpt_to=("x@marketplace.example",),
+            verdict="delivered", reply="250", changes=(), raw=b"r%d" % n, delivered=b"d%d" % n,
+            sender_id=seller_id, relay_message_id=f"<s{n}@marketplace.example>"))
+    assert (await store.seller_sends_since(seller_id, "2026-01-01"))[0] == 3
+    assert await store.prune_seller_sends("2026-11-25T00:00:00.000000Z") == 1
+    assert (await store.seller_sends_since(seller_id, "2026-01-01"))[0] == 2
