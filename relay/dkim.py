@@ -69,11 +69,10 @@ def write_key(path: Path, private_pem: bytes) -> None:
 
 
 def load_key(config) -> DkimKey:
-    """The configured key, or the one made in var/dkim/ (made now if missing)."""
+    """The key at `[dkim] key_file` (default var/dkim/<selector>.pem), made
+    there now if it does not exist yet."""
     selector, domain = config.dkim.selector, config.domain
-    if config.dkim.key_file:
-        return DkimKey(selector, domain, Path(config.dkim.key_file).read_bytes())
-    path = config.state_dir / "dkim" / f"{selector}.pem"
+    path = Path(config.dkim.key_file) if config.dkim.key_file else config.state_dir / "dkim" / f"{selector}.pem"
     if not path.exists():
         write_key(path, generate_private_pem())
         log.warning("made a DKIM key in %s; publish this TXT record at %s._domainkey.%s: %s",
