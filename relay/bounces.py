@@ -24,7 +24,7 @@ import os
 import re
 import secrets
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import format_datetime
@@ -153,6 +153,3 @@ def auto_submitted(message: EmailMessage) -> bool:
         return True
     return any(v.strip().lower() in ("bulk", "junk", "list") for v in raw_values(message, "Precedence"))
 
-
-def utc_day(moment: datetime) -> str:
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

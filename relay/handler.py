@@ -223,15 +223,9 @@ class RelayHandler:
     # implemented here (aiosmtpd prefers a handler's auth_* methods).
 
     async def auth_PLAIN(self, server, args):
-        if len(args) == 1:
-            # challenge_auth answers a bad or aborted response itself.
-            credentials = await server.challenge_auth("")
-            if credentials is MISSING:
-                return AuthResult(success=False, handled=True)
-        else:
-            credentials = await self._decode(server, args[1].encode())
-            if credentials is None:
-                return AuthResult(success=False, handled=True)
+        credentials = await self._initial_response(server, args, "")
+        if credentials is None:
+            return AuthResult(success=False, handled=True)
         try:
             # RFC 4616: authzid NUL authcid NUL password; authzid ignored.
             _, login, password = credentials.split(b"\x00")
@@ -241,18 +235,22 @@ class RelayHandler:
         return await self._login(server, login, password)
 
     async def auth_LOGIN(self, server, args):
-        if len(args) == 1:
-            login = await server.challenge_auth("Username:")
-            if login is MISSING:
-                return AuthResult(success=False, handled=True)
-        else:
-            login = await self._decode(server, args[1].encode())
-            if login is None:
-                return AuthResult(success=False, handled=True)
+        login = await self._initial_response(server, args, "Username:")
+        if login is None:
+            return AuthResult(success=False, handled=True)
         password = await server.challenge_auth("Password:")
         if password is MISSING:
             return AuthResult(success=False, handled=True)
         return await self._login(server, login, password)
+
+    async def _initial_response(self, server, args, challenge: str) -> bytes | None:
+        """The client's first AUTH data, decoded: given on the AUTH line
+        (RFC 4954 initial response) or asked for with `challenge`. None when
+        it was bad or aborted (the client has been answered already)."""
+        if len(args) > 1:
+            return await self._decode(server, args[1].encode())
+        response = await server.challenge_auth(challenge)
+        return None if response is MISSING else response
 
     async def _decode(self, server, data: bytes) -> bytes | None:
         try:

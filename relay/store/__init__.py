@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
 import zstandard
@@ -115,7 +115,6 @@ class RelationshipStats:
     buyer_to_seller: int
     seller_to_buyer: int
     last_message_at: str | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def sha256_hex(data: bytes | None) -> str | None:
