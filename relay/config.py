@@ -196,6 +196,40 @@ class ArchiveConfig:
 
 
 @dataclass(frozen=True)
+class LimitsConfig:
+    """What one client may take of a listener (issue 8). Each limit answers
+    with a reply and, where the session cannot go on, closes it."""
+
+    max_connections: int = 500  # open on all listeners together → 421 4.3.2
+    # From one client address → 421 4.7.0. Addresses in [inbound]
+    # xforward_hosts (postfix in front, which fans its queue out over many
+    # connections) are exempt.
+    max_connections_per_ip: int = 20
+    max_recipients: int = 100  # RCPT commands in one transaction; more → 452 4.5.3
+    command_call_limit: int = 1000  # times one command may be sent in a session → 421 4.7.0
+    idle_timeout: float = 300.0  # seconds waiting for the next line → 421 4.4.2
+    data_timeout: float = 600.0  # seconds for one DATA transfer → 421 4.4.2
+    session_timeout: float = 3600.0  # seconds for one connection → 421 4.4.2
+    # Clients that must begin with a PROXY protocol header (HAProxy v1 or
+    # v2), whose source address then stands for the client's. Anyone else
+    # sending "PROXY" gets an unknown-command reply.
+    proxy_hosts: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class WorkersConfig:
+    """The processes that parse, rewrite and sanitize messages."""
+
+    count: int = 0  # 0 → one per CPU core
+    time_limit: float = 30.0  # seconds one message may take in a worker → 554 5.6.0
+    memory_limit_mb: int = 1024  # address space of one worker → 554 5.6.0 when a message needs more
+
+    @property
+    def processes(self) -> int:
+        return self.count or os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     listen: Endpoint | None = None  # host:port for /metrics and /healthz; "" → off
 
@@ -220,6 +254,8 @@ class Config:
     bounce: BounceConfig = BounceConfig()
     metrics: MetricsConfig = MetricsConfig()
     log: LogConfig = LogConfig()
+    limits: LimitsConfig = LimitsConfig()
+    workers: WorkersConfig = WorkersConfig()
 
     @property
     def greeting_hostname(self) -> str:
@@ -407,6 +443,18 @@ def _check(section, prefix: str) -> None:
     elif isinstance(section, ArchiveConfig):
         if section.retention_days < 1:
             raise ConfigError(f"{prefix}retention_days: must be at least 1")
+    elif isinstance(section, LimitsConfig):
+        for name in ("max_connections", "max_connections_per_ip", "max_recipients", "command_call_limit"):
+            if getattr(section, name) < 1:
+                raise ConfigError(f"{prefix}{name}: must be at least 1")
+        for host in section.proxy_hosts:
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                raise ConfigError(f"{prefix}proxy_hosts: not an IP address: {host!r}") from None
+    elif isinstance(section, WorkersConfig):
+        if section.memory_limit_mb and section.memory_limit_mb < 256:
+            raise ConfigError(f"{prefix}memory_limit_mb: must be 0 (no limit) or at least 256")
     elif isinstance(section, LogConfig):
         if section.level not in ("debug", "info", "warning", "error"):
             raise ConfigError(

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import ipaddress
 import logging
 import math
 import secrets
@@ -27,7 +26,7 @@ from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, syntax
+from aiosmtpd.smtp import MISSING, AuthResult
 
 from relay import addresses, auth, bounces, dkim, mailauth, pipeline, replies
 from relay.auth import Throttle
@@ -35,6 +34,7 @@ from relay.config import Config
 from relay.forward import DeliveryError, Upstream
 from relay.metrics import Metrics
 from relay.pipeline.changes import ChangeLog
+from relay.protocol import XFORWARD_ATTRIBUTES, InboundSMTP
 from relay.replies import Reply, SmtpError
 from relay.store import ArchiveEntry, Party, Relationship, StoreUnavailable, iso
 
@@ -65,73 +65,15 @@ def route_for(relationship: Relationship, alias: str) -> Route:
                  relationship.seller_alias, relationship.buyer_alias)
 
 
-XFORWARD_ATTRIBUTES = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE")
-
-
-def xtext_decode(value: str) -> str:
-    """RFC 3461 xtext: "+" and two hex digits stand for one byte."""
-    out, i = bytearray(), 0
-    raw = value.encode("ascii", errors="replace")
-    while i < len(raw):
-        if raw[i:i + 1] == b"+" and len(raw) >= i + 3:
-            try:
-                out.append(int(raw[i + 1:i + 3], 16))
-                i += 3
-                continue
-            except ValueError:
-                pass
-        out.append(raw[i])
-        i += 1
-    return out.decode("utf-8", errors="replace")
-
-
-class InboundSMTP(SMTP):
-    """aiosmtpd's SMTP plus postfix's XFORWARD command (XFORWARD_README):
-    postfix in front tells us the real client's address and HELO, which SPF
-    needs. Accepted only from `[inbound] xforward_hosts`; anyone else could
-    claim any address."""
-
-    def __init__(self, handler, *, xforward_hosts=(), **kwargs):
-        super().__init__(handler, **kwargs)
-        self.xforward_hosts = {ipaddress.ip_address(h) for h in xforward_hosts}
-
-    def xforward_allowed(self) -> bool:
-        peer = self.session.peer[0] if self.session and self.session.peer else ""
-        try:
-            return ipaddress.ip_address(str(peer).split("%", 1)[0]) in self.xforward_hosts
-        except ValueError:
-            return False
-
-    @syntax("XFORWARD attribute=value ...")
-    async def smtp_XFORWARD(self, arg: str) -> None:
-        if not self.xforward_allowed():
-            await self.push(replies.XFORWARD_DENIED.line())
-            return
-        if self.envelope is not None and self.envelope.mail_from:
-            await self.push(replies.XFORWARD_IN_TRANSACTION.line())
-            return
-        values = {}
-        for item in (arg or "").split():
-            name, eq, value = item.partition("=")
-            if not eq or name.upper() not in XFORWARD_ATTRIBUTES:
-                await self.push(replies.XFORWARD_BAD_ATTRIBUTE.line())
-                return
-            value = xtext_decode(value)
-            values[name.upper()] = None if value in ("[UNAVAILABLE]", "[TEMPUNAVAIL]") else value
-        if not values:
-            await self.push(replies.XFORWARD_BAD_ATTRIBUTE.line())
-            return
-        xforward = getattr(self.session, "xforward", None) or {}
-        xforward.update(values)
-        self.session.xforward = xforward
-        await self.push(replies.XFORWARD_OK.line())
-
-
 def client_address(session) -> str:
-    """The client's IP: XFORWARD's ADDR when postfix told us, else the peer."""
+    """The client's IP: XFORWARD's ADDR when postfix told us, else the
+    source address of a PROXY header from a configured proxy, else the peer."""
     forwarded = (getattr(session, "xforward", None) or {}).get("ADDR")
     if forwarded:
         return forwarded[5:] if forwarded.upper().startswith("IPV6:") else forwarded
+    proxied = getattr(session, "proxy_data", None)
+    if proxied is not None and proxied.src_addr is not None:
+        return str(proxied.src_addr)
     return str(session.peer[0]) if session.peer else ""
 
 
@@ -192,7 +134,17 @@ class RelayHandler:
         envelope.mail_options.extend(mail_options)
         return replies.SENDER_OK.line()
 
+    async def handle_PROXY(self, server, session, envelope, proxy_data):
+        # Only [limits] proxy_hosts are asked for a header (protocol.py); a
+        # valid one is taken, its source address standing for the client's.
+        return bool(proxy_data.valid)
+
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        # Counted before anything else: every RCPT costs a lookup.
+        envelope.relay_rcpt_count = getattr(envelope, "relay_rcpt_count", 0) + 1
+        if envelope.relay_rcpt_count > self.config.limits.max_recipients:
+            self.metrics.refused("rcpt", replies.TOO_MANY_RECIPIENTS)
+            return replies.TOO_MANY_RECIPIENTS.line()
         try:
             reply = await self._recipient(session, envelope, address)
         except StoreUnavailable as exc:

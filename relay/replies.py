@@ -71,6 +71,20 @@ BOUNCE_ADDRESS_INVALID = Reply(550, "5.1.1", "Recipient address rejected: invali
 BOUNCE_ACCEPTED = Reply(250, "2.0.0", "Delivery report accepted")
 LOOKUP_FAILED = Reply(451, "4.3.0", "Temporary lookup failure, try again later")
 
+# --- listener limits (issue 8) ------------------------------------------------
+TOO_MANY_CONNECTIONS = Reply(421, "4.3.2", "Too many connections, try again later")
+TOO_MANY_CONNECTIONS_FROM_IP = Reply(421, "4.7.0", "Too many connections from your address, try again later")
+TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
+IDLE_TIMEOUT = Reply(421, "4.4.2", "Timeout waiting for input, closing connection")
+DATA_TIMEOUT = Reply(421, "4.4.2", "Message transfer took too long, closing connection")
+SESSION_TIMEOUT = Reply(421, "4.4.2", "Session time limit reached, closing connection")
+MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
+LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long: at most 998 characters (RFC 5321 section 4.5.3.1.6)")
+BARE_LINE_ENDING = Reply(
+    550, "5.6.11", "Bare CR or LF in message: lines must end with CRLF (RFC 5321 section 2.3.8)")
+NEED_RCPT = Reply(503, "5.5.1", "Need RCPT command")
+DATA_SYNTAX = Reply(501, "5.5.4", "Syntax: DATA")
+
 # --- XFORWARD (postfix) ----------------------------------------------------
 XFORWARD_OK = Reply(250, "2.0.0", "Ok")
 XFORWARD_DENIED = Reply(550, "5.7.0", "XFORWARD not permitted from this host")
@@ -96,9 +110,12 @@ TEXT_PART_TOO_BIG = Reply(552, "5.3.4", "A text part exceeds the size limit")
 ATTACHMENT_NOT_ALLOWED = Reply(550, "5.7.1", "Attachment type not allowed")
 ATTACHMENTS_TOO_BIG = Reply(552, "5.3.4", "Attachments exceed the size limit")
 TOO_MANY_HOPS = Reply(554, "5.4.6", "Too many hops: mail loop detected")
+TOO_COMPLEX = Reply(554, "5.6.0", "Message too complex to process: it exceeded the time or memory limit")
 
 # --- DATA: transient ----------------------------------------------------------
 PROCESSING_TIMEOUT = Reply(451, "4.3.0", "Message took too long to process, try again later")
+WORKERS_BUSY = Reply(451, "4.3.2", "Too busy to process the message now, try again later")
+WORKER_LOST = Reply(451, "4.3.0", "Message processing was interrupted, try again later")
 INTERNAL_ERROR = Reply(451, "4.3.0", "Internal error, try again later")
 ARCHIVE_FAILED = Reply(451, "4.3.0", "Cannot archive the message now, try again later")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")

@@ -27,7 +27,8 @@ from relay import dns as relay_dns
 from relay.auth import Throttle
 from relay.config import Config, Endpoint
 from relay.forward import MaildirUpstream, make_upstream
-from relay.handler import InboundSMTP, RelayHandler, utc_clock
+from relay.handler import RelayHandler, utc_clock
+from relay.protocol import ConnectionLimiter, InboundSMTP, RelaySMTP
 from relay.metrics import Metrics, MetricsServer
 from relay.store import iso, open_store
 
@@ -54,6 +55,10 @@ class RelayServer:
         self.metrics_address: tuple[str, int] | None = None
         self.upstream = None
         self._purger: asyncio.Task | None = None
+        # One count of open connections for all listeners; postfix in front
+        # and PROXY load balancers carry everyone's mail, so no per-IP limit.
+        self.limiter = ConnectionLimiter(config.limits,
+                                         exempt=config.inbound.xforward_hosts + config.limits.proxy_hosts)
 
     @property
     def handler(self) -> RelayHandler | None:
@@ -147,7 +152,8 @@ class RelayServer:
 
     def _common(self) -> dict:
         return dict(hostname=self.config.greeting_hostname, ident=IDENT,
-                    data_size_limit=self.config.size_limit, enable_SMTPUTF8=True, decode_data=False)
+                    data_size_limit=self.config.size_limit, enable_SMTPUTF8=True, decode_data=False,
+                    limits=self.config.limits, limiter=self.limiter, proxy_hosts=self.config.limits.proxy_hosts)
 
     def _inbound_session(self, handler: RelayHandler) -> SMTP:
         # The inbound side takes mail for aliases only; no AUTH here.
@@ -156,15 +162,15 @@ class RelayServer:
 
     def _submission_session(self, handler: RelayHandler, context) -> SMTP:
         # RFC 8314 / 6409: STARTTLS before anything else, AUTH before MAIL.
-        return SMTP(handler, tls_context=context, require_starttls=True, auth_required=True,
-                    auth_require_tls=True, **self._common())
+        return RelaySMTP(handler, tls_context=context, require_starttls=True, auth_required=True,
+                         auth_require_tls=True, **self._common())
 
     def _submission_tls_session(self, handler: RelayHandler) -> SMTP:
         # The socket is TLS from the first byte; aiosmtpd only knows of
         # STARTTLS, so it must be told AUTH is safe here (and warns so).
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return SMTP(handler, auth_required=True, auth_require_tls=False, **self._common())
+            return RelaySMTP(handler, auth_required=True, auth_require_tls=False, **self._common())
 
     async def _listen(self, endpoint: Endpoint, handler: RelayHandler, make_session, listener: str, ssl=None):
         loop = asyncio.get_running_loop()

@@ -1,0 +1,293 @@
+"""The SMTP session: aiosmtpd's protocol with the listener limits of a
+server that faces the internet.
+
+`RelaySMTP` is what every listener speaks. On top of aiosmtpd it adds:
+
+- connection limits (overall and per client address) checked before the
+  greeting, answered `421` and closed;
+- an idle timeout that says `421 4.4.2` before closing (aiosmtpd closes
+  silently), a time limit for one DATA transfer and one for the session,
+  against clients that dribble a byte now and then (slowloris);
+- its own DATA reader: one growing buffer instead of a list of lines,
+  nothing kept once the message is over the size limit, a bare CR or LF
+  refused (`550 5.6.11`, never normalized: an end of data that one server
+  reads differently from the next is how SMTP smuggling works), enhanced
+  status codes on every refusal;
+- the PROXY protocol header, expected from `[limits] proxy_hosts` only;
+- enhanced status codes (RFC 3463) added to aiosmtpd's own stock replies;
+- postfix's XFORWARD on the inbound listener (`InboundSMTP`).
+
+Together with handler.py, this is where a `Reply` becomes a line on the wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import re
+from collections import Counter
+
+from aiosmtpd.smtp import SMTP, syntax
+
+from relay import replies
+from relay.config import LimitsConfig
+from relay.replies import Reply
+
+log = logging.getLogger("relay.protocol")
+
+PROXY_HEADER_SECONDS = 10.0  # a proxy sends its header at once; a client that does not is cut off
+
+
+def parse_ip(text: str):
+    try:
+        return ipaddress.ip_address(str(text).split("%", 1)[0])
+    except ValueError:
+        return None
+
+
+class ConnectionLimiter:
+    """Open connections of one relay process, overall and per client IP.
+    Hosts in `exempt` (postfix in front, a PROXY load balancer) count
+    towards the total only: all the internet's mail arrives from them."""
+
+    def __init__(self, limits: LimitsConfig, exempt=()):
+        self.limits = limits
+        self.exempt = {ip for ip in map(parse_ip, exempt) if ip is not None}
+        self.total = 0
+        self.per_ip: Counter = Counter()
+
+    def admit(self, peer_ip: str) -> Reply | None:
+        """Take a place for a new connection, or say why there is none."""
+        if self.total >= self.limits.max_connections:
+            return replies.TOO_MANY_CONNECTIONS
+        if parse_ip(peer_ip) not in self.exempt and self.per_ip[peer_ip] >= self.limits.max_connections_per_ip:
+            return replies.TOO_MANY_CONNECTIONS_FROM_IP
+        self.total += 1
+        self.per_ip[peer_ip] += 1
+        return None
+
+    def release(self, peer_ip: str) -> None:
+        self.total -= 1
+        self.per_ip[peer_ip] -= 1
+        if self.per_ip[peer_ip] <= 0:
+            del self.per_ip[peer_ip]
+
+
+# RFC 3463 class and subject for aiosmtpd's stock replies, which carry none.
+_STOCK_ENHANCED = {500: "5.5.2", 501: "5.5.4", 502: "5.5.1", 503: "5.5.1", 504: "5.5.4",
+                   530: "5.7.0", 535: "5.7.8", 538: "5.7.11", 554: "5.7.0", 555: "5.5.4",
+                   454: "4.7.0", 421: "4.3.0", 452: "4.3.1"}
+_HAS_ENHANCED = re.compile(r"^\d{3}[ -]\d\.\d{1,3}\.\d{1,3}( |$)")
+_STOCK_SIZE_REFUSAL = "552 Error: message size exceeds fixed maximum message size"
+
+
+class RelaySMTP(SMTP):
+    """aiosmtpd's SMTP with the relay's limits; see the module docstring."""
+
+    def __init__(self, handler, *, limits: LimitsConfig = LimitsConfig(), limiter: ConnectionLimiter | None = None,
+                 proxy_hosts=(), **kwargs):
+        kwargs.setdefault("timeout", limits.idle_timeout)
+        kwargs.setdefault("command_call_limit", limits.command_call_limit)
+        super().__init__(handler, **kwargs)
+        self.limits = limits
+        self.limiter = limiter
+        self.proxy_hosts = {ip for ip in map(parse_ip, proxy_hosts) if ip is not None}
+        self._admitted: str | None = None  # the peer IP holding a place in the limiter
+        self._refusal: Reply | None = None  # answered instead of the greeting
+        self._session_timer: asyncio.TimerHandle | None = None
+        self._data_timer: asyncio.TimerHandle | None = None
+
+    # --- connection ---------------------------------------------------------
+
+    def connection_made(self, transport) -> None:
+        if self._original_transport is None and self._session_timer is None:
+            # The TCP connection itself (STARTTLS calls this again).
+            peer = transport.get_extra_info("peername")
+            peer_ip = str(peer[0]) if peer else ""
+            if self.limiter is not None:
+                self._refusal = self.limiter.admit(peer_ip)
+                if self._refusal is None:
+                    self._admitted = peer_ip
+            # aiosmtpd reads a PROXY header before the greeting when this is
+            # set; only the configured proxies may (or must) send one.
+            self._proxy_timeout = PROXY_HEADER_SECONDS if parse_ip(peer_ip) in self.proxy_hosts else None
+            self._session_timer = asyncio.get_running_loop().call_later(
+                self.limits.session_timeout, self._say_and_close, replies.SESSION_TIMEOUT)
+        super().connection_made(transport)
+
+    def connection_lost(self, error) -> None:
+        if self._admitted is not None and self.limiter is not None:
+            self.limiter.release(self._admitted)
+            self._admitted = None
+        for timer in (self._session_timer, self._data_timer):
+            if timer is not None:
+                timer.cancel()
+        super().connection_lost(error)
+
+    async def _handle_client(self) -> None:
+        # aiosmtpd's session loop (a private method: the only place to answer
+        # a connection instead of greeting it).
+        if self._refusal is not None:
+            log.warning("%s refused: %s", self.session.peer, self._refusal.text)
+            await self.push(self._refusal.line())
+            self.transport.close()
+            return
+        await super()._handle_client()
+
+    def _timeout_cb(self) -> None:
+        # aiosmtpd's idle timer: say why before closing.
+        self._say_and_close(replies.IDLE_TIMEOUT)
+
+    def _say_and_close(self, reply: Reply) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        log.info("%s: %s", self.session.peer if self.session else "?", reply.text)
+        transport.write(reply.line().encode("ascii") + b"\r\n")
+        transport.close()
+
+    async def push(self, status) -> None:
+        if isinstance(status, str) and status[:1] in ("4", "5") and not _HAS_ENHANCED.match(status):
+            if status == _STOCK_SIZE_REFUSAL:
+                status = replies.MESSAGE_TOO_BIG.line()
+            else:
+                enhanced = _STOCK_ENHANCED.get(int(status[:3]), f"{status[0]}.0.0")
+                status = f"{status[:3]} {enhanced} {status[4:]}"
+        await super().push(status)
+
+    # --- DATA ---------------------------------------------------------------
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        if await self.check_helo_needed():
+            return
+        if await self.check_auth_needed("DATA"):
+            return
+        if not self.envelope.rcpt_tos:
+            await self.push(replies.NEED_RCPT.line())
+            return
+        if arg:
+            await self.push(replies.DATA_SYNTAX.line())
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        loop = asyncio.get_running_loop()
+        self._data_timer = loop.call_later(self.limits.data_timeout, self._say_and_close, replies.DATA_TIMEOUT)
+        try:
+            content, refusal = await self._read_data(loop)
+        finally:
+            self._data_timer.cancel()
+            self._data_timer = None
+        if refusal is not None:
+            log.info("%s DATA refused: %s", self.session.peer, refusal.text)
+            self._set_post_data_state()
+            await self.push(refusal.line())
+            return
+        self._reset_timeout()
+        self.envelope.content = self.envelope.original_content = content
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()
+        await self.push(status)
+
+    async def _read_data(self, loop) -> tuple[bytes, Reply | None]:
+        """Read to the line that is a single dot; return the message (dots
+        unstuffed) or the refusal to give once it is all read (RFC 5321
+        §4.2.5: the reply comes after the data). Past a refusal nothing more
+        is kept. A line longer than the reader's limit (1001 bytes with its
+        CRLF) is read and dropped in pieces."""
+        reader = self._reader
+        limit = self.data_size_limit
+        buffer = bytearray()
+        size, refusal = 0, None
+        long_line = False
+        idle_reset = loop.time()
+        while True:
+            try:
+                line = await reader.readuntil(b"\r\n")
+            except asyncio.LimitOverrunError as error:
+                await reader.read(error.consumed)
+                long_line = True
+                refusal = refusal or replies.LINE_TOO_LONG
+                buffer = bytearray()
+                continue
+            if long_line:  # the rest of an over-long line
+                long_line = False
+                continue
+            if line == b".\r\n":
+                break
+            now = loop.time()
+            if now - idle_reset > 1.0:  # the idle timer measures silence, not the transfer
+                self._reset_timeout()
+                idle_reset = now
+            if refusal is not None:
+                continue
+            size += len(line)
+            if limit and size > limit:
+                refusal, buffer = replies.MESSAGE_TOO_BIG.with_text(
+                    f"Message size exceeds fixed maximum message size of {limit} bytes"), bytearray()
+                continue
+            end = len(line) - 2  # readuntil() returns the line with its CRLF
+            if line.find(b"\n", 0, end) >= 0 or line.find(b"\r", 0, end) >= 0:
+                refusal, buffer = replies.BARE_LINE_ENDING, bytearray()
+                continue
+            buffer += line[1:] if line[:1] == b"." else line
+        return bytes(buffer), refusal
+
+
+class InboundSMTP(RelaySMTP):
+    """The inbound listener's session, plus postfix's XFORWARD command
+    (XFORWARD_README): postfix in front tells us the real client's address
+    and HELO, which SPF needs. Accepted only from `[inbound] xforward_hosts`;
+    anyone else could claim any address."""
+
+    def __init__(self, handler, *, xforward_hosts=(), **kwargs):
+        super().__init__(handler, **kwargs)
+        self.xforward_hosts = {ip for ip in map(parse_ip, xforward_hosts) if ip is not None}
+
+    def xforward_allowed(self) -> bool:
+        peer = self.session.peer[0] if self.session and self.session.peer else ""
+        return parse_ip(peer) in self.xforward_hosts
+
+    @syntax("XFORWARD attribute=value ...")
+    async def smtp_XFORWARD(self, arg: str) -> None:
+        if not self.xforward_allowed():
+            await self.push(replies.XFORWARD_DENIED.line())
+            return
+        if self.envelope is not None and self.envelope.mail_from:
+            await self.push(replies.XFORWARD_IN_TRANSACTION.line())
+            return
+        values = {}
+        for item in (arg or "").split():
+            name, eq, value = item.partition("=")
+            if not eq or name.upper() not in XFORWARD_ATTRIBUTES:
+                await self.push(replies.XFORWARD_BAD_ATTRIBUTE.line())
+                return
+            value = xtext_decode(value)
+            values[name.upper()] = None if value in ("[UNAVAILABLE]", "[TEMPUNAVAIL]") else value
+        if not values:
+            await self.push(replies.XFORWARD_BAD_ATTRIBUTE.line())
+            return
+        xforward = getattr(self.session, "xforward", None) or {}
+        xforward.update(values)
+        self.session.xforward = xforward
+        await self.push(replies.XFORWARD_OK.line())
+
+
+XFORWARD_ATTRIBUTES = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE")
+
+
+def xtext_decode(value: str) -> str:
+    """RFC 3461 xtext: "+" and two hex digits stand for one byte."""
+    out, i = bytearray(), 0
+    raw = value.encode("ascii", errors="replace")
+    while i < len(raw):
+        if raw[i:i + 1] == b"+" and len(raw) >= i + 3:
+            try:
+                out.append(int(raw[i + 1:i + 3], 16))
+                i += 3
+                continue
+            except ValueError:
+                pass
+        out.append(raw[i])
+        i += 1
+    return out.decode("utf-8", errors="replace")
