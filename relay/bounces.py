@@ -30,7 +30,8 @@ from email.message import EmailMessage
 from email.utils import format_datetime
 from pathlib import Path
 
-from relay.pipeline.message import POLICY, content_type, raw_values
+from relay.pipeline.message import POLICY, content_type, parse, raw_values
+from relay.replies import SmtpError
 
 PREFIX = "bounce+"
 _LOCAL_RE = re.compile(r"^bounce\+([0-9a-f]{32})\.([0-9a-f]{1,6})\.([a-z2-7]{16})$")
@@ -143,6 +144,16 @@ def notice(domain: str, to_name: str, to_address: str, alias: str, sent_at: str,
         "You may try again later, or contact the marketplace's support.\n"
         "This notice was sent automatically; replies to it are not read.\n")
     return msg.as_bytes()
+
+
+def read_report(raw: bytes) -> tuple[list[DeliveryReport], bool]:
+    """In a worker process: the reports of a delivery status notification
+    and whether it is automatic (never answered). Unreadable → no reports."""
+    try:
+        message = parse(raw)
+        return read_dsn(message), auto_submitted(message)
+    except SmtpError:
+        return [], True
 
 
 def auto_submitted(message: EmailMessage) -> bool:

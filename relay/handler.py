@@ -2,7 +2,8 @@
 
 This is the only module that turns a `Reply` into a reply line, and the only
 one that knows aiosmtpd's hook names. RCPT decides who may write to which
-alias; DATA runs the pipeline in a worker thread with a time limit, forwards
+alias; DATA runs the pipeline in a worker process (relay/workers.py) with a
+time and memory limit, forwards
 to the upstream, archives, and only then answers. The client hears `250`
 only after the upstream said `250` and the archive row is committed;
 anything transient (store, upstream, timeout, an unexpected exception) is a
@@ -36,6 +37,7 @@ from relay.metrics import Metrics
 from relay.pipeline.changes import ChangeLog
 from relay.protocol import XFORWARD_ATTRIBUTES, InboundSMTP
 from relay.replies import Reply, SmtpError
+from relay.workers import LimitExceeded, PoolBusy, WorkerError, WorkerLost, WorkerPool
 from relay.store import ArchiveEntry, Party, Relationship, StoreUnavailable, iso
 
 log = logging.getLogger("relay.handler")
@@ -103,7 +105,7 @@ class RelayHandler:
     def __init__(self, config: Config, store, upstream: Upstream, protocol: str = "ESMTP",
                  submission: bool = False, throttle: Throttle | None = None, clock=utc_clock,
                  metrics: Metrics | None = None, dkim_key=None, bounce_secret: bytes = b"",
-                 resolver=None):
+                 resolver=None, workers: WorkerPool | None = None):
         self.config = config
         self.store = store
         self.upstream = upstream
@@ -114,6 +116,7 @@ class RelayHandler:
         self.metrics = metrics or Metrics()
         self.dkim_key = dkim_key
         self.resolver = resolver
+        self.workers = workers  # parsing, rewriting, sanitizing and signing happen there
         self.bounce_secret = bounce_secret or secrets.token_bytes(32)
         self._in_flight: set[asyncio.Task] = set()
         self._reserved: Counter = Counter()  # seller id → messages past the cap check, not yet archived
@@ -301,19 +304,17 @@ class RelayHandler:
         relay_id, original = envelope.relay_bounce
         raw: bytes = envelope.original_content
         try:
-            message = await asyncio.wait_for(asyncio.to_thread(pipeline.parse, raw),
-                                             self.config.inbound.processing_timeout)
-            reports = bounces.read_dsn(message)
-        except SmtpError:
-            reports = []
-        except asyncio.TimeoutError:
-            return replies.PROCESSING_TIMEOUT
+            reports, automatic = await self.workers.run(bounces.read_report, raw)
+        except LimitExceeded:
+            return replies.TOO_COMPLEX
+        except (PoolBusy, WorkerLost):
+            return replies.WORKERS_BUSY
         failed = [r for r in reports if r.action == "failed"]
         action = failed[0].action if failed else (reports[0].action if reports else "none")
         status = failed[0].status if failed else (reports[0].status if reports else "")
         notified = False
         try:
-            if failed and not bounces.auto_submitted(message):
+            if failed and not automatic:
                 try:
                     notified = await self._notify(original, status)
                 except DeliveryError as exc:
@@ -474,34 +475,40 @@ class RelayHandler:
         timeout = self.config.inbound.processing_timeout
         try:
             auth_results = await self._authenticate(session, envelope, raw, changes) if session else None
-            message = await asyncio.wait_for(asyncio.to_thread(pipeline.parse, raw), timeout)
-            rows = await self.store.message_id_rows(route.relationship.id, pipeline.referenced_ids(message))
-            latest_order = None
-            if route.direction == SELLER_TO_BUYER:
-                latest_order = await self.store.latest_order_at(route.relationship.id)
-            context = pipeline.Context(
-                domain=self.config.domain,
-                hostname=self.config.greeting_hostname,
-                direction=route.direction,
-                sender=route.sender,
-                recipient=route.recipient,
-                sender_alias=route.sender_alias,
-                recipient_alias=route.recipient_alias,
-                relay_message_id=relay_id,
-                received_at=self.clock(),
-                transaction_id=transaction_id,
-                thread_rows=tuple(rows),
-                protocol=self.protocol,
-                max_hops=self.config.inbound.max_received,
-                max_relay_hops=self.config.inbound.max_relay_hops,
-                dkim_key=self.dkim_key,
-                auth_results=auth_results,
-                policy=self.config.policy,
-                authenticated=self.submission,
-                latest_order_at=datetime.fromisoformat(latest_order.replace("Z", "+00:00")) if latest_order else None,
-            )
-            result = await asyncio.wait_for(
-                asyncio.to_thread(pipeline.process, message, context, changes), timeout)
+            async with self.workers.lease() as worker:
+                begun = await worker.call(pipeline.begin, raw)
+                if begun.refusal is not None:
+                    raise SmtpError(begun.refusal)
+                rows = await self.store.message_id_rows(route.relationship.id, begun.referenced_ids)
+                latest_order = None
+                if route.direction == SELLER_TO_BUYER:
+                    latest_order = await self.store.latest_order_at(route.relationship.id)
+                context = pipeline.Context(
+                    domain=self.config.domain,
+                    hostname=self.config.greeting_hostname,
+                    direction=route.direction,
+                    sender=route.sender,
+                    recipient=route.recipient,
+                    sender_alias=route.sender_alias,
+                    recipient_alias=route.recipient_alias,
+                    relay_message_id=relay_id,
+                    received_at=self.clock(),
+                    transaction_id=transaction_id,
+                    thread_rows=tuple(rows),
+                    protocol=self.protocol,
+                    max_hops=self.config.inbound.max_received,
+                    max_relay_hops=self.config.inbound.max_relay_hops,
+                    dkim_key=self.dkim_key,
+                    auth_results=auth_results,
+                    policy=self.config.policy,
+                    authenticated=self.submission,
+                    latest_order_at=datetime.fromisoformat(latest_order.replace("Z", "+00:00")) if latest_order else None,
+                )
+                processed = await worker.call(pipeline.finish, context)
+            changes.merge(processed.changes)
+            if processed.refusal is not None:
+                raise SmtpError(processed.refusal)
+            result = processed.result
         except SmtpError as exc:
             return exc.reply, "rejected" if exc.reply.permanent else "deferred", None, None
         except StoreUnavailable as exc:
@@ -510,6 +517,20 @@ class RelayHandler:
         except asyncio.TimeoutError:
             changes.append(f"processing exceeded {timeout:g} s")
             return replies.PROCESSING_TIMEOUT, "deferred", None, None
+        except LimitExceeded as exc:
+            # The message itself is the problem: the same again would fail again.
+            changes.append(f"refused: processing went {exc}")
+            return replies.TOO_COMPLEX, "rejected", None, None
+        except PoolBusy as exc:
+            log.warning("message %s not processed: %s", transaction_id, exc)
+            return replies.WORKERS_BUSY, "deferred", None, None
+        except WorkerLost as exc:
+            log.error("message %s: the worker processing it was lost (%s)", transaction_id, exc)
+            changes.append(f"processing interrupted: {exc}")
+            return replies.WORKER_LOST, "deferred", None, None
+        except WorkerError as exc:
+            log.error("unexpected error processing message %s in a worker:\n%s", transaction_id, exc.detail)
+            return replies.INTERNAL_ERROR, "deferred", None, None
 
         if route.direction == SELLER_TO_BUYER:
             # Checked at RCPT already; again here, holding a place, since

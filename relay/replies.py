@@ -50,6 +50,9 @@ class SmtpError(Exception):
         super().__init__(reply.line())
         self.reply = reply
 
+    def __reduce__(self):  # pickled as itself, not as its message text (worker processes)
+        return (SmtpError, (self.reply,))
+
 
 # --- success ----------------------------------------------------------------
 SENDER_OK = Reply(250, "2.1.0", "Sender ok")

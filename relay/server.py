@@ -31,6 +31,7 @@ from relay.handler import RelayHandler, utc_clock
 from relay.protocol import ConnectionLimiter, InboundSMTP, RelaySMTP
 from relay.metrics import Metrics, MetricsServer
 from relay.store import iso, open_store
+from relay.workers import WorkerPool
 
 log = logging.getLogger("relay.server")
 
@@ -55,6 +56,7 @@ class RelayServer:
         self.metrics_address: tuple[str, int] | None = None
         self.upstream = None
         self._purger: asyncio.Task | None = None
+        self.workers: WorkerPool | None = None
         # One count of open connections for all listeners; postfix in front
         # and PROXY load balancers carry everyone's mail, so no per-IP limit.
         self.limiter = ConnectionLimiter(config.limits,
@@ -85,11 +87,14 @@ class RelayServer:
                 log.warning(
                     "UPSTREAM IS %s: delivered mail is written to files there, not sent to anyone. "
                     "Set [upstream] url to your smarthost for real delivery.", upstream)
+            self.workers = WorkerPool(config.workers.processes, config.workers.time_limit,
+                                      config.workers.memory_limit_mb, config.inbound.processing_timeout)
+            await self.workers.start()
             self.dkim_key = await asyncio.to_thread(dkim.load_key, config)
             self.bounce_secret = await asyncio.to_thread(bounces.load_secret, config)
             inbound = RelayHandler(config, self.store, upstream, clock=self.clock, metrics=self.metrics,
                                    dkim_key=self.dkim_key, bounce_secret=self.bounce_secret,
-                                   resolver=self.resolver)
+                                   resolver=self.resolver, workers=self.workers)
             self.handlers.append(inbound)
             server = await self._listen(config.inbound.listen, inbound, self._inbound_session, "inbound")
             self.inbound_address = server.sockets[0].getsockname()[:2]
@@ -137,7 +142,8 @@ class RelayServer:
         throttle = Throttle(sub.failure_delay, sub.max_failure_delay, sub.max_failures, sub.failure_window)
         handler = RelayHandler(self.config, self.store, upstream, protocol="ESMTPSA", submission=True,
                                throttle=throttle, clock=self.clock, metrics=self.metrics,
-                               dkim_key=self.dkim_key, bounce_secret=self.bounce_secret)
+                               dkim_key=self.dkim_key, bounce_secret=self.bounce_secret,
+                               workers=self.workers)
         self.handlers.append(handler)
         if sub.listen is not None:
             server = await self._listen(sub.listen, handler, lambda h: self._submission_session(h, context),
@@ -228,6 +234,9 @@ class RelayServer:
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()
+        if self.workers is not None:
+            await self.workers.close()
+            self.workers = None
         if self.store is not None:
             await self.store.close()
             self.store = None

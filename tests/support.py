@@ -24,6 +24,11 @@ from relay.server import ThreadedRelay
 from relay.store import utc_now
 
 
+def broken_finish(context):
+    """A pipeline step with a bug, for tests: run in a worker process."""
+    raise ValueError("secret internal detail")
+
+
 class Clock:
     """An injectable clock for the relay: tests move `now` instead of sleeping."""
 

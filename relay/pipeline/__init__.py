@@ -4,9 +4,12 @@ Each stage is a plain function ``stage(message, context, changes)`` that
 either changes the parsed message in place (and says what it changed in
 `changes`) or refuses it by raising `SmtpError` with the reply the sender
 will see. Stages do no I/O and need no event loop: whatever they need from
-the store (the Message-ID map) is looked up by the handler beforehand and
-handed in through `Context`. The handler runs the whole thing in a worker
-thread with a time limit, so a hostile message cannot stall the server.
+the store (the Message-ID map) is looked up by the handler between the two
+steps and handed in through `Context`. The handler runs both steps in a
+worker process (relay/workers.py) with a time and memory limit, so a
+hostile message cannot stall the server: `begin(raw)` parses and keeps the
+message in the worker and says which Message-IDs it refers to; `finish(context)`
+runs the stages over it and returns the bytes to deliver or the refusal.
 
 Order (DESIGN §2): loop check → structure check → sender check → sending
 rules (opt-out, contact window) → header rewrite → address scrubbing → attachment check → text size check → HTML
@@ -28,10 +31,11 @@ from relay.pipeline import attachments, checks, links, rewrite, sanitize, scrub
 from relay.pipeline.changes import ChangeLog
 from relay.pipeline.message import parse, raised_by_email_package, referenced_ids, serialize
 from relay.pipeline.rewrite import trace_header
-from relay.replies import SmtpError
+from relay.replies import Reply, SmtpError
 from relay.store import MessageIdRow, Party
 
-__all__ = ["Context", "Result", "STAGES", "parse", "process", "referenced_ids"]
+__all__ = ["Begun", "Context", "Processed", "Result", "STAGES", "begin", "finish", "parse", "process",
+           "referenced_ids"]
 
 
 @dataclass(frozen=True)
@@ -121,3 +125,53 @@ def process(message: EmailMessage, context: Context, changes: list[str]) -> Resu
             changes.extend(log)
     return Result(delivered=delivered, original_message_id=original_id, changes=changes,
                   policy_summary=summary)
+
+
+# --- the two steps a worker process runs (relay/workers.py) -----------------
+
+# The message between begin() and finish(): a worker is leased to one
+# message for both calls, so it is never another message's.
+_held: EmailMessage | None = None
+
+
+@dataclass
+class Begun:
+    referenced_ids: list[str]
+    refusal: Reply | None = None
+
+
+@dataclass
+class Processed:
+    result: Result | None
+    refusal: Reply | None
+    changes: ChangeLog
+
+
+def begin(raw: bytes) -> Begun:
+    """Parse `raw` and keep it for `finish`; the ids the handler looks up."""
+    global _held
+    _held = None
+    try:
+        message = parse(raw)
+        ids = referenced_ids(message)
+    except SmtpError as exc:
+        return Begun([], exc.reply)
+    except Exception as error:
+        if not raised_by_email_package(error):
+            raise
+        return Begun([], replies.UNPARSEABLE)
+    _held = message
+    return Begun(ids)
+
+
+def finish(context: Context) -> Processed:
+    """Run the stages over the message `begin` kept."""
+    global _held
+    message, _held = _held, None
+    if message is None:
+        raise RuntimeError("finish() without begin() in this worker")
+    changes = ChangeLog()
+    try:
+        return Processed(process(message, context, changes), None, changes)
+    except SmtpError as exc:
+        return Processed(None, exc.reply, changes)

@@ -31,6 +31,12 @@ class ChangeLog(list):
         what = ", ".join(f"{count} {_NOUNS.get(kind, kind)}" for kind, count in sorted(removed.items()))
         self.append(f"removed {what} from {where}")
 
+    def merge(self, other: "ChangeLog") -> None:
+        """Take in what another log (a worker process's) recorded."""
+        self.extend(other)
+        self.tally.update(other.tally)
+        self.dropped_tags.update(other.dropped_tags)
+
     def policy_summary(self) -> str:
         """The value of X-Relay-Policy: what the content rules removed."""
         removed = +self.tally

@@ -1,0 +1,280 @@
+"""Worker processes for the CPU-bound middle of the relay.
+
+Parsing, rewriting, sanitizing and signing a message is pure computation
+on hostile input. It runs here, in a small pool of processes, for three
+reasons: the relay uses every core (the event loop's process has one GIL);
+a message gets a time limit that can really be enforced (a thread cannot be
+stopped, a process can be killed); and a memory limit (each worker's
+address space is capped with RLIMIT_AS, so a message that would need more
+gets MemoryError in its worker instead of starving the machine).
+
+`WorkerPool.run(function, *args)` sends a picklable call to an idle worker
+and awaits the answer; `WorkerPool.lease()` holds one worker for several
+calls about one message (the parsed message stays in the worker between
+them). A call that overruns `time_limit` gets its worker
+killed and replaced and raises `LimitExceeded`, as does one that ran out of
+memory; a worker that died for any other reason is replaced and the call
+raises `WorkerLost`. Waiting for an idle worker longer than `wait_timeout`
+raises `PoolBusy`. The event loop never blocks: each call's pipe I/O is done
+by a thread of the pool's own, one per worker.
+
+Workers are forked from multiprocessing's fork server, which has imported
+the pipeline once, so a replacement starts in milliseconds and the parent's
+threads and sockets are never inherited.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import signal
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+log = logging.getLogger("relay.workers")
+
+# What the fork server imports once, so each worker starts with it loaded.
+PRELOAD = ["relay.workers", "relay.pipeline", "relay.dkim"]
+
+
+class WorkerError(Exception):
+    """The function raised in the worker; `detail` is its traceback."""
+
+    def __init__(self, kind: str, detail: str):
+        super().__init__(f"{kind} in a worker process")
+        self.kind = kind
+        self.detail = detail
+
+
+class LimitExceeded(Exception):
+    """The call ran over the time limit or out of memory; its worker was replaced."""
+
+
+class WorkerLost(Exception):
+    """The worker died under the call (killed, crashed); it was replaced."""
+
+
+class PoolBusy(Exception):
+    """No worker became free in time."""
+
+
+def _worker_main(conn, memory_limit_bytes: int) -> None:
+    """A worker's life: answer calls until the pipe closes."""
+    if memory_limit_bytes:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (memory_limit_bytes, memory_limit_bytes))
+    # Ctrl-C at a terminal reaches the whole process group; the parent
+    # decides when workers stop, by closing their pipes.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    while True:
+        try:
+            job = conn.recv()
+        except (EOFError, OSError):
+            return
+        except MemoryError:
+            # The arguments alone did not fit: say so, then start afresh.
+            conn.send(("memory", ""))
+            return
+        if job is None:  # the parent is stopping
+            return
+        function, args = job
+        try:
+            answer = ("ok", function(*args))
+        except MemoryError:
+            answer = None
+        except BaseException as error:  # noqa: BLE001 - reported to the parent, which decides
+            answer = ("error", (type(error).__name__, traceback.format_exc()))
+        del job, args
+        if answer is None:
+            # Memory is exhausted or fragmented: answer, then exit and let
+            # the parent start a clean worker.
+            conn.send(("memory", ""))
+            return
+        try:
+            conn.send(answer)
+        except MemoryError:
+            conn.send(("memory", ""))
+            return
+        except Exception as error:  # an unpicklable result: a bug, reported as such
+            conn.send(("error", (type(error).__name__, traceback.format_exc())))
+
+
+@dataclass(eq=False)
+class _Worker:
+    process: multiprocessing.process.BaseProcess
+    conn: object  # the parent's end of the pipe
+    calls: int = 0
+
+
+class WorkerPool:
+    def __init__(self, size: int, time_limit: float, memory_limit_mb: int = 0, wait_timeout: float = 60.0):
+        self.size = max(1, size)
+        self.time_limit = time_limit
+        self.memory_limit_bytes = memory_limit_mb * 1024 * 1024
+        self.wait_timeout = wait_timeout
+        self._context = multiprocessing.get_context("forkserver")
+        self._context.set_forkserver_preload(PRELOAD)
+        self._idle: asyncio.Queue[_Worker] | None = None
+        self._all: set[_Worker] = set()
+        self._threads = ThreadPoolExecutor(max_workers=self.size, thread_name_prefix="relay-worker-io")
+        self.replaced = 0  # workers started to replace one that died or was killed
+        self.closed = False
+
+    @property
+    def pids(self) -> list[int]:
+        return [w.process.pid for w in self._all if w.process.pid is not None]
+
+    async def start(self) -> None:
+        self._idle = asyncio.Queue()
+        # Starting the fork server (and its imports) takes a moment: not on the loop.
+        workers = await asyncio.get_running_loop().run_in_executor(
+            self._threads, lambda: [self._spawn() for _ in range(self.size)])
+        for worker in workers:
+            self._idle.put_nowait(worker)
+        log.info("%d worker process(es) started (time limit %g s, memory limit %s)", self.size,
+                 self.time_limit, f"{self.memory_limit_bytes >> 20} MB" if self.memory_limit_bytes else "none")
+
+    def _spawn(self) -> _Worker:
+        parent_end, child_end = self._context.Pipe(duplex=True)
+        process = self._context.Process(target=_worker_main, args=(child_end, self.memory_limit_bytes),
+                                        name="relay-worker", daemon=True)
+        process.start()
+        child_end.close()
+        worker = _Worker(process, parent_end)
+        self._all.add(worker)
+        return worker
+
+    def _retire(self, worker: _Worker) -> None:
+        """Kill `worker` (if still alive) and forget it."""
+        self._all.discard(worker)
+        if worker.process.is_alive():
+            worker.process.kill()
+        worker.process.join(timeout=5)
+        worker.conn.close()
+
+    async def _replace(self, worker: _Worker) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self._retire, worker)
+        if self.closed:
+            return
+        self.replaced += 1
+        fresh = await loop.run_in_executor(None, self._spawn)
+        self._idle.put_nowait(fresh)
+
+    @staticmethod
+    def _round_trip(worker: _Worker, function, args):
+        """In a pool thread: the blocking round trip over the pipe."""
+        worker.conn.send((function, args))
+        return worker.conn.recv()
+
+    @contextlib.asynccontextmanager
+    async def lease(self):
+        """Hold one worker for several calls about the same message (state
+        kept in the worker between them); the time limit covers them all."""
+        if self._idle is None or self.closed:
+            raise PoolBusy("the worker pool is not running")
+        try:
+            worker = await asyncio.wait_for(self._idle.get(), self.wait_timeout)
+        except asyncio.TimeoutError:
+            raise PoolBusy(f"no worker free within {self.wait_timeout:g} s") from None
+        lease = Lease(self, worker)
+        try:
+            yield lease
+        finally:
+            lease.end()
+
+    async def run(self, function, *args):
+        """`function(*args)` in a worker; see the module docstring for errors."""
+        async with self.lease() as lease:
+            return await lease.call(function, *args)
+
+    def _put_back(self, worker: _Worker) -> None:
+        if self.closed or worker not in self._all:
+            return
+        if worker.process.is_alive():
+            self._idle.put_nowait(worker)
+        else:
+            asyncio.ensure_future(self._replace(worker))
+
+    async def close(self) -> None:
+        """Stop every worker: closing its pipe ends its loop; the stragglers are killed."""
+        self.closed = True
+
+        def stop_all():
+            for worker in list(self._all):
+                try:
+                    worker.conn.send(None)
+                except OSError:
+                    pass
+            for worker in list(self._all):
+                worker.process.join(timeout=2)
+                if worker.process.is_alive():
+                    worker.process.kill()
+                    worker.process.join(timeout=5)
+                worker.conn.close()
+            self._all.clear()
+
+        await asyncio.get_running_loop().run_in_executor(None, stop_all)
+        self._threads.shutdown(wait=False, cancel_futures=True)
+
+
+
+class Lease:
+    """One worker, held by one message; see `WorkerPool.lease`."""
+
+    def __init__(self, pool: WorkerPool, worker: _Worker):
+        self.pool = pool
+        self.worker: _Worker | None = worker
+        self.remaining = pool.time_limit
+        self._pending: asyncio.Future | None = None
+
+    async def call(self, function, *args):
+        pool, worker = self.pool, self.worker
+        if worker is None:
+            raise WorkerLost("the worker was replaced")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        pending = self._pending = loop.run_in_executor(pool._threads, pool._round_trip, worker, function, args)
+        try:
+            status, value = await asyncio.wait_for(asyncio.shield(pending), self.remaining)
+        except asyncio.TimeoutError:
+            log.warning("worker %s ran over the time limit of %g s; replacing it",
+                        worker.process.pid, pool.time_limit)
+            await self._lose()
+            await asyncio.gather(pending, return_exceptions=True)  # its thread ends with the pipe
+            raise LimitExceeded(f"over the time limit of {pool.time_limit:g} s") from None
+        except (EOFError, OSError) as error:
+            log.error("worker %s died (exit code %s, %s); replacing it", worker.process.pid,
+                      worker.process.exitcode, type(error).__name__)
+            await self._lose()
+            raise WorkerLost(f"worker exit code {worker.process.exitcode}") from None
+        self._pending = None
+        self.remaining -= loop.time() - started
+        worker.calls += 1
+        if status == "memory":
+            log.warning("worker %s ran out of memory (limit %d MB); replacing it", worker.process.pid,
+                        pool.memory_limit_bytes >> 20)
+            await self._lose()
+            raise LimitExceeded(f"over the memory limit of {pool.memory_limit_bytes >> 20} MB")
+        if status == "error":
+            raise WorkerError(*value)
+        return value
+
+    async def _lose(self) -> None:
+        worker, self.worker = self.worker, None
+        await self.pool._replace(worker)
+
+    def end(self) -> None:
+        """Give the worker back; if a call is still running (the holder was
+        cancelled), once that call is over."""
+        worker, self.worker = self.worker, None
+        if worker is None:
+            return
+        if self._pending is not None and not self._pending.done():
+            self._pending.add_done_callback(lambda _: self.pool._put_back(worker))
+        else:
+            self.pool._put_back(worker)
