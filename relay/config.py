@@ -453,8 +453,9 @@ def _check(section, prefix: str) -> None:
             except ValueError:
                 raise ConfigError(f"{prefix}proxy_hosts: not an IP address: {host!r}") from None
     elif isinstance(section, WorkersConfig):
-        if section.memory_limit_mb and section.memory_limit_mb < 256:
-            raise ConfigError(f"{prefix}memory_limit_mb: must be 0 (no limit) or at least 256")
+        if section.memory_limit_mb and section.memory_limit_mb < 64:
+            # Python and the pipeline's libraries alone take about 45 MB.
+            raise ConfigError(f"{prefix}memory_limit_mb: must be 0 (no limit) or at least 64")
     elif isinstance(section, LogConfig):
         if section.level not in ("debug", "info", "warning", "error"):
             raise ConfigError(

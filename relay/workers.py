@@ -168,7 +168,14 @@ class WorkerPool:
     @staticmethod
     def _round_trip(worker: _Worker, function, args):
         """In a pool thread: the blocking round trip over the pipe."""
-        worker.conn.send((function, args))
+        try:
+            worker.conn.send((function, args))
+        except (BrokenPipeError, ConnectionResetError):
+            # A worker that could not hold the arguments says so and exits
+            # before reading them all: its answer is still in the pipe.
+            if worker.conn.poll(1):
+                return worker.conn.recv()
+            raise
         return worker.conn.recv()
 
     @contextlib.asynccontextmanager

@@ -66,7 +66,11 @@ def raised_by_email_package(error: BaseException) -> bool:
     """True if `error` was raised inside the standard library's email
     package: its header parser has corner cases that raise IndexError and
     the like on malformed input. Such a failure is a property of the
-    message, so it recurs on every retry: a permanent refusal, not a 451."""
+    message, so it recurs on every retry: a permanent refusal, not a 451.
+    Running out of memory is not one of them: the worker's limit decides
+    that (relay/workers.py)."""
+    if isinstance(error, MemoryError):
+        return False
     tb = error.__traceback__
     last = None
     while tb is not None:

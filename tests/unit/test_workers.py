@@ -1,0 +1,170 @@
+"""The worker pool: real processes, real limits, real deaths.
+
+The functions sent to workers are module-level ones of this module: a
+worker imports what it is sent by name, and the tests' folder is on its
+path as on ours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import pytest
+
+from relay.workers import LimitExceeded, PoolBusy, WorkerError, WorkerLost, WorkerPool
+
+
+def pid_and(value):
+    return os.getpid(), value
+
+
+def sleep_pid(seconds: float, value):
+    time.sleep(seconds)
+    return os.getpid(), value
+
+
+def allocate(megabytes: int) -> int:
+    return len(bytearray(megabytes * 1024 * 1024))
+
+
+def sleep_then(seconds: float, value):
+    time.sleep(seconds)
+    return value
+
+
+def spin(seconds: float) -> int:
+    """Burn CPU (no sleeping) for `seconds` of wall time."""
+    end, n = time.monotonic() + seconds, 0
+    while time.monotonic() < end:
+        n += 1
+    return n
+
+
+def exit_now():
+    os._exit(3)
+
+
+def fail():
+    raise KeyError("a bug")
+
+
+@pytest.fixture
+async def pool():
+    workers = WorkerPool(2, time_limit=2.0, memory_limit_mb=512, wait_timeout=5.0)
+    await workers.start()
+    yield workers
+    await workers.close()
+
+
+async def test_calls_run_in_other_processes_on_every_worker(pool):
+    answers = await asyncio.gather(*(pool.run(sleep_pid, 0.2, n) for n in range(4)))
+    assert [value for _, value in answers] == [0, 1, 2, 3]
+    pids = {pid for pid, _ in answers}
+    assert os.getpid() not in pids
+    assert pids == set(pool.pids)  # both workers were used
+    assert len(pids) == 2
+
+
+async def test_time_limit_kills_and_replaces_the_worker(pool):
+    before = set(pool.pids)
+    with pytest.raises(LimitExceeded, match="time limit"):
+        await pool.run(sleep_then, 30, None)
+    assert pool.replaced == 1
+    after = set(pool.pids)
+    assert len(after) == 2 and after != before
+    # The pool works as before, on both workers.
+    answers = await asyncio.gather(*(pool.run(pid_and, n) for n in range(6)))
+    assert [v for _, v in answers] == list(range(6))
+
+
+async def test_memory_limit_is_a_limit_error_and_the_worker_is_replaced(pool):
+    assert await pool.run(allocate, 16) == 16 * 1024 * 1024
+    with pytest.raises(LimitExceeded, match="memory limit"):
+        await pool.run(allocate, 2048)
+    assert pool.replaced == 1
+    assert await pool.run(allocate, 16) == 16 * 1024 * 1024
+
+
+async def test_a_worker_that_dies_is_replaced(pool):
+    with pytest.raises(WorkerLost):
+        await pool.run(exit_now)
+    pid, _ = await pool.run(pid_and, None)
+    os.kill(pid, signal.SIGKILL)
+    # The next call to that worker finds it dead; whichever worker it lands
+    # on, two calls later the pool has two live workers again.
+    outcomes = []
+    for _ in range(4):
+        try:
+            outcomes.append(await pool.run(pid_and, "ok"))
+        except WorkerLost:
+            outcomes.append("lost")
+    assert [o for o in outcomes if o != "lost"][-1][1] == "ok"
+    assert outcomes.count("lost") <= 1
+    assert len(pool.pids) == 2 and pid not in pool.pids
+
+
+async def test_an_exception_comes_back_with_its_traceback(pool):
+    with pytest.raises(WorkerError) as caught:
+        await pool.run(fail)
+    assert caught.value.kind == "KeyError"
+    assert "a bug" in caught.value.detail and "Traceback" in caught.value.detail
+    assert pool.replaced == 0  # a bug is not a reason to replace a worker
+
+
+async def test_the_event_loop_keeps_running_while_workers_burn_cpu(pool):
+    ticks = 0
+
+    async def ticker():
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    task = asyncio.create_task(ticker())
+    await asyncio.gather(pool.run(spin, 0.5), pool.run(spin, 0.5))
+    task.cancel()
+    # Had the spinning blocked the loop, the ticker would have run about
+    # once; it ran throughout.
+    assert ticks >= 10
+
+
+async def test_waiting_for_a_free_worker_is_bounded():
+    workers = WorkerPool(1, time_limit=5.0, wait_timeout=0.2)
+    await workers.start()
+    try:
+        busy = asyncio.create_task(workers.run(sleep_then, 1.0, "first"))
+        await asyncio.sleep(0.05)
+        with pytest.raises(PoolBusy):
+            await workers.run(pid_and, "second")
+        assert await busy == "first"
+    finally:
+        await workers.close()
+
+
+async def test_a_lease_keeps_one_worker_and_one_time_budget():
+    workers = WorkerPool(2, time_limit=1.0)
+    await workers.start()
+    try:
+        async with workers.lease() as lease:
+            first, _ = await lease.call(pid_and, 1)
+            second, _ = await lease.call(pid_and, 2)
+            assert first == second
+            await lease.call(sleep_then, 0.6, None)
+            with pytest.raises(LimitExceeded):  # 0.6 s used: 0.6 more is over the 1 s budget
+                await lease.call(sleep_then, 0.6, None)
+        assert workers.replaced == 1
+    finally:
+        await workers.close()
+
+
+async def test_close_stops_every_worker(pool):
+    pids = pool.pids
+    await pool.close()
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    with pytest.raises(PoolBusy):
+        await pool.run(pid_and, None)
