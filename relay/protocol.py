@@ -36,7 +36,10 @@ from relay.replies import Reply
 
 log = logging.getLogger("relay.protocol")
 
-PROXY_HEADER_SECONDS = 10.0  # a proxy sends its header at once; a client that does not is cut off
+PROXY_HEADER_SECONDS = 10.0
+# RFC 5321 §4.5.3.1.6: a text line is at most 1000 octets with its CRLF
+# (a dot added for transparency not counted).
+MAX_LINE_OCTETS = 1000  # a proxy sends its header at once; a client that does not is cut off
 
 
 def parse_ip(text: str):
@@ -156,6 +159,23 @@ class RelaySMTP(SMTP):
                 status = f"{status[:3]} {enhanced} {status[4:]}"
         await super().push(status)
 
+    # --- MAIL and RCPT ------------------------------------------------------
+    # aiosmtpd's address parser is lenient: it reads "<a@b" as a@b and
+    # "<a@b\r>" as a@b. An envelope address is where relay tricks and
+    # injected commands hide, so the argument is checked as sent first.
+
+    async def smtp_MAIL(self, arg: str) -> None:
+        if arg and not _well_formed_path(arg):
+            await self.push(replies.BAD_SENDER_SYNTAX.line())
+            return
+        await super().smtp_MAIL(arg)
+
+    async def smtp_RCPT(self, arg: str) -> None:
+        if arg and not _well_formed_path(arg):
+            await self.push(replies.BAD_RECIPIENT_SYNTAX.line())
+            return
+        await super().smtp_RCPT(arg)
+
     # --- DATA ---------------------------------------------------------------
 
     @syntax("DATA")
@@ -230,8 +250,24 @@ class RelaySMTP(SMTP):
             if line.find(b"\n", 0, end) >= 0 or line.find(b"\r", 0, end) >= 0:
                 refusal, buffer = replies.BARE_LINE_ENDING, bytearray()
                 continue
-            buffer += line[1:] if line[:1] == b"." else line
+            if line[:1] == b".":
+                line = line[1:]
+            if len(line) > MAX_LINE_OCTETS:
+                refusal, buffer = replies.LINE_TOO_LONG, bytearray()
+                continue
+            buffer += line
         return bytes(buffer), refusal
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _well_formed_path(arg: str) -> bool:
+    """No control character anywhere, and a "<" closed by a ">" after it."""
+    if _CONTROL.search(arg):
+        return False
+    opened = arg.find("<")
+    return opened < 0 or arg.find(">", opened) > opened
 
 
 class InboundSMTP(RelaySMTP):

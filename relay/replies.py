@@ -85,6 +85,8 @@ MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum messag
 LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long: at most 998 characters (RFC 5321 section 4.5.3.1.6)")
 BARE_LINE_ENDING = Reply(
     550, "5.6.11", "Bare CR or LF in message: lines must end with CRLF (RFC 5321 section 2.3.8)")
+BAD_SENDER_SYNTAX = Reply(501, "5.1.7", "Bad sender address syntax")
+BAD_RECIPIENT_SYNTAX = Reply(501, "5.1.3", "Bad recipient address syntax")
 NEED_RCPT = Reply(503, "5.5.1", "Need RCPT command")
 DATA_SYNTAX = Reply(501, "5.5.4", "Syntax: DATA")
 
