@@ -463,7 +463,6 @@ class MailHtmlCleaner(Cleaner):
         # in another — or failed half-way.
         parser = _MailHTMLParser()
         dom = parser.parseFragment(text)
-        baseline = self.serializer.render(_Baseline(self.walker(dom)))
         counts: Counter = Counter()
         before: Counter = Counter()
         after: Counter = Counter()
@@ -480,7 +479,11 @@ class MailHtmlCleaner(Cleaner):
             elif key == "attributes":
                 counts["attributes"] += count
         outside = self._document_tags_changed(parser.document_tags, links, counts)
-        return cleaned, counts, outside or cleaned != baseline
+        if outside or +counts:
+            # Something was removed: changed, without rendering the baseline.
+            return cleaned, counts, True
+        baseline = self.serializer.render(_Baseline(self.walker(dom)))
+        return cleaned, counts, cleaned != baseline
 
     def _sanitizer(self, stream):
         return BleachSanitizerFilter(

@@ -1,0 +1,43 @@
+"""The relay's DKIM signatures: dkimpy's, with the RSA step done by OpenSSL.
+PKCS#1 v1.5 signatures are deterministic, so both must give the same bytes."""
+
+from __future__ import annotations
+
+import dkim as dkimpy
+import pytest
+
+from relay import dkim
+
+MESSAGE = (b"From: Bea <abcdefghijklmnop@marketplace.example>\r\nTo: seller@shop.example\r\n"
+           b"Subject: Hello\r\nDate: Thu, 26 Nov 2026 09:30:00 +0000\r\nMessage-ID: <1@marketplace.example>\r\n"
+           b"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nHi there.\r\n")
+
+
+@pytest.fixture(scope="module")
+def key():
+    return dkim.DkimKey("s1", "marketplace.example", dkim.generate_private_pem())
+
+
+def test_openssl_signature_is_the_pure_python_one(key, monkeypatch):
+    fast = dkim.sign(MESSAGE, key)
+    monkeypatch.setattr(dkimpy, "RSASSA_PKCS1_v1_5_sign", dkim._pure_python_sign)
+    slow = dkim.sign(MESSAGE, key)
+    assert fast == slow
+    assert fast.startswith(b"DKIM-Signature: v=1; a=rsa-sha256;")
+
+
+def test_the_signature_verifies_against_the_published_record(key):
+    record = dkim.dns_record(key.private_pem).encode()
+
+    def dnsfunc(name, timeout=5):
+        assert name == b"s1._domainkey.marketplace.example."
+        return record
+
+    signed = dkim.sign(MESSAGE, key)
+    assert dkimpy.verify(signed, dnsfunc=dnsfunc)
+    tampered = signed.replace(b"Hi there.", b"Hi there!")
+    assert not dkimpy.verify(tampered, dnsfunc=dnsfunc)
+
+
+def test_the_signer_is_the_one_dkimpy_calls():
+    assert dkimpy.RSASSA_PKCS1_v1_5_sign is dkim.openssl_rsassa_sign
