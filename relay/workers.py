@@ -12,8 +12,8 @@ gets MemoryError in its worker instead of starving the machine).
 and awaits the answer; `WorkerPool.lease()` holds one worker for several
 calls about one message (the parsed message stays in the worker between
 them). A call that overruns `time_limit` gets its worker
-killed and replaced and raises `LimitExceeded`, as does one that ran out of
-memory; a worker that died for any other reason is replaced and the call
+killed and replaced and raises `LimitExceeded` (CPU time: see `Lease`), as
+does one that ran out of memory; a worker that died for any other reason is replaced and the call
 raises `WorkerLost`. Waiting for an idle worker longer than `wait_timeout`
 raises `PoolBusy`. The event loop never blocks: each call's pipe I/O is done
 by a thread of the pool's own, one per worker.
@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
+import os
 import signal
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -101,6 +102,21 @@ def _worker_main(conn, memory_limit_bytes: int) -> None:
             return
         except Exception as error:  # an unpicklable result: a bug, reported as such
             conn.send(("error", (type(error).__name__, traceback.format_exc())))
+
+
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def cpu_seconds(pid: int | None) -> float | None:
+    """CPU time (user + system) a process has used, from /proc; None where
+    there is no /proc or the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    # After the command name: state is field 3, utime and stime 14 and 15.
+    return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
 @dataclass(eq=False)
@@ -231,12 +247,20 @@ class WorkerPool:
 
 
 class Lease:
-    """One worker, held by one message; see `WorkerPool.lease`."""
+    """One worker, held by one message; see `WorkerPool.lease`.
+
+    The time limit counts the worker's CPU time, not the clock: a worker
+    that is merely not getting a core (a stopped process, a starved host)
+    must not turn an ordinary message into a permanent refusal. Only a
+    message that really burned `time_limit` seconds of CPU is `LimitExceeded`
+    (554); a worker that has not answered after `backstop` seconds of wall
+    time without having used its budget is killed as unresponsive
+    (`WorkerLost`, 451: the client tries again later)."""
 
     def __init__(self, pool: WorkerPool, worker: _Worker):
         self.pool = pool
         self.worker: _Worker | None = worker
-        self.remaining = pool.time_limit
+        self.cpu_used = 0.0
         self._pending: asyncio.Future | None = None
 
     async def call(self, function, *args):
@@ -244,26 +268,47 @@ class Lease:
         if worker is None:
             raise WorkerLost("the worker was replaced")
         loop = asyncio.get_running_loop()
-        started = loop.time()
+        pid = worker.process.pid
+        cpu_start = cpu_seconds(pid)
+        wall_start = loop.time()
+        backstop = wall_start + pool.time_limit * 3 + 5
         pending = self._pending = loop.run_in_executor(pool._threads, pool._round_trip, worker, function, args)
+
+        def used() -> float:
+            now = cpu_seconds(pid)
+            if now is None or cpu_start is None:  # no /proc: the clock is all there is
+                return self.cpu_used + loop.time() - wall_start
+            return self.cpu_used + now - cpu_start
+
+        wait = max(pool.time_limit - self.cpu_used, 0.01)
         try:
-            status, value = await asyncio.wait_for(asyncio.shield(pending), self.remaining)
-        except asyncio.TimeoutError:
-            log.warning("worker %s ran over the time limit of %g s; replacing it",
-                        worker.process.pid, pool.time_limit)
-            await self._lose()
-            await asyncio.gather(pending, return_exceptions=True)  # its thread ends with the pipe
-            raise LimitExceeded(f"over the time limit of {pool.time_limit:g} s") from None
+            while True:
+                try:
+                    status, value = await asyncio.wait_for(asyncio.shield(pending), wait)
+                    break
+                except asyncio.TimeoutError:
+                    spent = used()
+                    if spent >= pool.time_limit:
+                        log.warning("worker %s used %.1f s of CPU, over the time limit of %g s; replacing it",
+                                    pid, spent, pool.time_limit)
+                        await self._lose(pending)
+                        raise LimitExceeded(f"over the time limit of {pool.time_limit:g} s") from None
+                    if loop.time() >= backstop:
+                        log.error("worker %s unresponsive (%.1f s of CPU in %.0f s); replacing it",
+                                  pid, spent, loop.time() - wall_start)
+                        await self._lose(pending)
+                        raise WorkerLost("the worker stopped answering") from None
+                    wait = max(min(pool.time_limit - spent, backstop - loop.time()), 0.05)
         except (EOFError, OSError) as error:
-            log.error("worker %s died (exit code %s, %s); replacing it", worker.process.pid,
+            log.error("worker %s died (exit code %s, %s); replacing it", pid,
                       worker.process.exitcode, type(error).__name__)
             await self._lose()
             raise WorkerLost(f"worker exit code {worker.process.exitcode}") from None
         self._pending = None
-        self.remaining -= loop.time() - started
+        self.cpu_used = used()
         worker.calls += 1
         if status == "memory":
-            log.warning("worker %s ran out of memory (limit %d MB); replacing it", worker.process.pid,
+            log.warning("worker %s ran out of memory (limit %d MB); replacing it", pid,
                         pool.memory_limit_bytes >> 20)
             await self._lose()
             raise LimitExceeded(f"over the memory limit of {pool.memory_limit_bytes >> 20} MB")
@@ -271,9 +316,11 @@ class Lease:
             raise WorkerError(*value)
         return value
 
-    async def _lose(self) -> None:
+    async def _lose(self, pending: asyncio.Future | None = None) -> None:
         worker, self.worker = self.worker, None
         await self.pool._replace(worker)
+        if pending is not None:  # its thread ends with the pipe
+            await asyncio.gather(pending, return_exceptions=True)
 
     def end(self) -> None:
         """Give the worker back; if a call is still running (the holder was

@@ -71,7 +71,7 @@ async def test_calls_run_in_other_processes_on_every_worker(pool):
 async def test_time_limit_kills_and_replaces_the_worker(pool):
     before = set(pool.pids)
     with pytest.raises(LimitExceeded, match="time limit"):
-        await pool.run(sleep_then, 30, None)
+        await pool.run(spin, 30)
     assert pool.replaced == 1
     after = set(pool.pids)
     assert len(after) == 2 and after != before
@@ -152,9 +152,24 @@ async def test_a_lease_keeps_one_worker_and_one_time_budget():
             first, _ = await lease.call(pid_and, 1)
             second, _ = await lease.call(pid_and, 2)
             assert first == second
-            await lease.call(sleep_then, 0.6, None)
-            with pytest.raises(LimitExceeded):  # 0.6 s used: 0.6 more is over the 1 s budget
-                await lease.call(sleep_then, 0.6, None)
+            await lease.call(spin, 0.6)
+            with pytest.raises(LimitExceeded):  # 0.6 s of CPU used: 0.6 more is over the 1 s budget
+                await lease.call(spin, 0.6)
+        assert workers.replaced == 1
+    finally:
+        await workers.close()
+
+
+async def test_a_worker_that_sleeps_is_not_over_the_limit_but_unresponsive():
+    """The limit is CPU time: a worker that does not get the CPU (stopped,
+    starved, here sleeping) has not used its budget. It is given up on after
+    the backstop as lost (a transient failure), not over the limit."""
+    workers = WorkerPool(1, time_limit=0.5)
+    await workers.start()
+    try:
+        assert await workers.run(sleep_then, 0.8, "slept") == "slept"  # past 0.5 s of clock: fine
+        with pytest.raises(WorkerLost, match="stopped answering"):
+            await workers.run(sleep_then, 60, None)  # past the backstop (3 × 0.5 + 5 s)
         assert workers.replaced == 1
     finally:
         await workers.close()
