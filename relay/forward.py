@@ -16,6 +16,7 @@ atomically (temporary file, fsync, rename) for single-machine trials.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import ssl
 import time
@@ -44,6 +45,8 @@ class Upstream(Protocol):
 
     async def ping(self) -> None: ...
 
+    async def close(self) -> None: ...
+
 
 def reply_for_upstream(code: int, message: str = "") -> Reply:
     """The reply the client sees for an upstream's refusal `code`."""
@@ -59,8 +62,57 @@ def reply_for_upstream(code: int, message: str = "") -> Reply:
     return replies.UPSTREAM_DEFERRED
 
 
+class Goodbyes:
+    """QUIT in the background: once the upstream has answered the data, the
+    message is delivered (or refused), and neither the client's reply nor
+    the outcome waits for an upstream that is slow to say goodbye. `close()`
+    lets the last of them finish when the relay stops."""
+
+    def __init__(self):
+        self._tasks: set[asyncio.Task] = set()
+
+    @contextlib.asynccontextmanager
+    async def after(self, client: aiosmtplib.SMTP):
+        """Around one transaction on `client`: QUIT in the background when it
+        ended with a reply (accepted or refused); hang up at once when it
+        did not (a timeout, a dropped or broken connection: the dialogue is
+        in no state for another command)."""
+        try:
+            yield
+        except aiosmtplib.SMTPResponseException:
+            self.say(client)
+            raise
+        except BaseException:
+            client.close()
+            raise
+        self.say(client)
+
+    def say(self, client: aiosmtplib.SMTP) -> None:
+        if not client.is_connected:
+            client.close()
+            return
+        task = asyncio.ensure_future(self._goodbye(client))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    async def _goodbye(client: aiosmtplib.SMTP) -> None:
+        try:
+            async with asyncio.timeout(5):
+                await client.quit()
+        except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError, ssl.SSLError):
+            pass
+        finally:
+            client.close()
+
+    async def close(self) -> None:
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
 class SmtpUpstream:
     def __init__(self, config: UpstreamConfig, local_hostname: str):
+        self.goodbyes = Goodbyes()
         target = config.url
         self.target = target
         self.timeout = config.timeout
@@ -76,7 +128,10 @@ class SmtpUpstream:
         try:
             # The client object rather than aiosmtplib.send(): send() refuses
             # the empty (null) reverse-path that bounce notices must use.
-            async with self._client() as client:
+            client = self._client()
+            # aiosmtplib's timeout bounds each reply; this bounds the delivery.
+            async with self.goodbyes.after(client), asyncio.timeout(self.timeout):
+                await client.connect()
                 errors, response = await client.sendmail(mail_from, [rcpt_to], data)
         except aiosmtplib.SMTPRecipientsRefused as exc:
             refusal = exc.recipients[0]
@@ -115,6 +170,9 @@ class SmtpUpstream:
         """Connect, greet (and log in) and quit: raises if the upstream is not answering."""
         async with self._client():
             pass
+
+    async def close(self) -> None:
+        await self.goodbyes.close()
 
 
 class MaildirUpstream:
@@ -158,6 +216,10 @@ class MaildirUpstream:
         return f"written {name}"
 
 
+    async def close(self) -> None:
+        pass
+
+
 class MxUpstream:
     """Direct delivery: the recipient domain's MX hosts in preference order
     (RFC 5321 §5.1: no MX → the domain's own address; a null MX "0 ." →
@@ -169,6 +231,7 @@ class MxUpstream:
     a 451. DNS goes through the relay's resolver (`[dns] nameservers`)."""
 
     def __init__(self, config: UpstreamConfig, local_hostname: str, resolver, port: int = 25):
+        self.goodbyes = Goodbyes()
         self.timeout = config.timeout
         self.local_hostname = local_hostname
         self.resolver = resolver
@@ -218,7 +281,8 @@ class MxUpstream:
             client = aiosmtplib.SMTP(hostname=host, port=self.port, local_hostname=self.local_hostname,
                                      start_tls=None, tls_context=self.tls_context, timeout=self.timeout)
             try:
-                async with client:
+                async with self.goodbyes.after(client), asyncio.timeout(self.timeout):  # per host
+                    await client.connect()
                     errors, response = await client.sendmail(mail_from, [rcpt_to], data)
                 if not errors:
                     return f"{host}: {response}"
@@ -242,6 +306,9 @@ class MxUpstream:
         from relay import dns as relay_dns
 
         await asyncio.to_thread(relay_dns.resolve, self.resolver, self.local_hostname, "A")
+
+    async def close(self) -> None:
+        await self.goodbyes.close()
 
 
 def make_upstream(config: UpstreamConfig, local_hostname: str, resolver=None) -> Upstream:

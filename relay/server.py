@@ -231,6 +231,8 @@ class RelayServer:
         for session in list(self._sessions):
             if session.transport is not None:
                 session.transport.close()
+        if self.upstream is not None:
+            await self.upstream.close()
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()

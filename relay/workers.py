@@ -200,10 +200,20 @@ class WorkerPool:
         kept in the worker between them); the time limit covers them all."""
         if self._idle is None or self.closed:
             raise PoolBusy("the worker pool is not running")
-        try:
-            worker = await asyncio.wait_for(self._idle.get(), self.wait_timeout)
-        except asyncio.TimeoutError:
-            raise PoolBusy(f"no worker free within {self.wait_timeout:g} s") from None
+        deadline = asyncio.get_running_loop().time() + self.wait_timeout
+        while True:
+            try:
+                worker = await asyncio.wait_for(self._idle.get(),
+                                                max(deadline - asyncio.get_running_loop().time(), 0))
+            except asyncio.TimeoutError:
+                raise PoolBusy(f"no worker free within {self.wait_timeout:g} s") from None
+            if worker.process.is_alive():
+                break
+            # Died while idle (killed by an operator, the OOM killer): not a
+            # reason to fail the message that would have been sent to it.
+            log.error("worker %s died while idle (exit code %s); replacing it", worker.process.pid,
+                      worker.process.exitcode)
+            await self._replace(worker)
         lease = Lease(self, worker)
         try:
             yield lease
