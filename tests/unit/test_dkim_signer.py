@@ -41,3 +41,44 @@ def test_the_signature_verifies_against_the_published_record(key):
 
 def test_the_signer_is_the_one_dkimpy_calls():
     assert dkimpy.RSASSA_PKCS1_v1_5_sign is dkim.openssl_rsassa_sign
+
+
+def _samples():
+    """Bytes made of the characters canonicalization cares about, in every
+    arrangement up to length 6, plus real-looking messages."""
+    import itertools
+
+    alphabet = [b" ", b"\t", b"\r", b"\n", b"a", b":"]
+    for length in range(7):
+        for combo in itertools.product(alphabet, repeat=length):
+            yield b"".join(combo)
+    yield MESSAGE
+    yield MESSAGE.replace(b"Hi there.", b"Hi  there.\t\r\n \r\n\r\n")
+    yield MESSAGE.replace(b"\r\n", b"\n")
+    yield b"\r\n" + MESSAGE
+
+
+def test_fast_paths_give_dkimpys_own_output():
+    samples = list(_samples())
+    assert len(samples) > 50_000
+    for sample in samples:
+        assert dkim.compress_whitespace(sample) == dkim._compress_whitespace(sample), sample
+        assert dkim.strip_trailing_whitespace(sample) == dkim._strip_trailing_whitespace(sample), sample
+    for sample in samples:
+        try:
+            expected = dkim._rfc822_parse(sample)
+        except Exception as error:  # dkimpy raises MessageFormatError, or IndexError on a lone fold
+            with pytest.raises(type(error)):
+                dkim.rfc822_parse(sample)
+            continue
+        assert dkim.rfc822_parse(sample) == expected, sample
+
+
+@pytest.mark.parametrize("body", [b"Hi there.\r\n", b"Hi  there.\t \r\n\r\n\r\n", b"a\tb  c \r\nd\r\n"])
+def test_signatures_agree_with_and_without_the_fast_paths(key, monkeypatch, body):
+    message = MESSAGE.replace(b"Hi there.\r\n", body)
+    fast = dkim.sign(message, key)
+    monkeypatch.setattr(dkimpy.canonicalization, "compress_whitespace", dkim._compress_whitespace)
+    monkeypatch.setattr(dkimpy.canonicalization, "strip_trailing_whitespace", dkim._strip_trailing_whitespace)
+    monkeypatch.setattr(dkimpy, "rfc822_parse", dkim._rfc822_parse)
+    assert dkim.sign(message, key) == fast
