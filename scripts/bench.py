@@ -1,24 +1,38 @@
-"""Throughput benchmark: the relay against a bare aiosmtpd passthrough.
+"""Benchmark: the relay with every policy on against a bare aiosmtpd
+passthrough, on one machine, over loopback. Run through scripts/bench;
+docs/benchmark.md explains what is measured and how to read it.
 
-Run through scripts/bench. Everything listens on 127.0.0.1, in this process:
+Processes (everything listens on 127.0.0.1):
 
-- a sink upstream, an aiosmtpd server that accepts and counts every message;
-- the baseline, a bare passthrough: an aiosmtpd server whose DATA hook
-  forwards the message unchanged to the sink with aiosmtplib, so it makes
-  the same network hops as the relay but neither rewrites nor archives;
-- the relay (`ThreadedRelay`) with a throw-away SQLite database, the sink as
-  its upstream and one provisioned seller/buyer pair.
+- this one: the orchestrator, a counting sink (aiosmtpd, in a thread), the
+  tests' DNS server (tests/dnsserver.py) serving the buyer's domain (SPF,
+  DKIM key, DMARC p=reject), and an RSS sampler (/proc, every 50 ms, the
+  process plus all its descendants);
+- (a) the passthrough, scripts/bench_passthrough.py: aiosmtpd whose DATA
+  hook forwards the message unchanged to the sink with aiosmtplib;
+- (b) the relay, `python -m relay serve`, with a throw-away SQLite database,
+  the sink as upstream, inbound SPF/DKIM/DMARC checks against the DNS
+  server, DKIM signing, HTML sanitizing, link stripping and the archive, one
+  seller/buyer pair provisioned with the `relay` CLI;
+- the load client, scripts/bench_load.py: C connections sending the mix of
+  scripts/bench_messages.py (70 % 2 KB text, 25 % 20 KB HTML with links,
+  5 % 500 KB PDF), the same seeded sequence to both servers.
 
-Each phase sends N messages (about 4 KB: text and HTML alternatives naming
-the buyer's address, plus a small base64 attachment) from the buyer to the
-seller's alias over C concurrent smtplib connections, and gets at most
-PHASE_SECONDS. Afterwards the sink must have received exactly N messages
-(and the relay archived N), otherwise the run fails with exit status 1: a
-benchmark that loses mail is a failure. Prints messages/second for both and
-their ratio, or one JSON object with --json.
+Phases: (a) and (b) closed loop (each connection sends its next message as
+soon as the last one is answered: the peak rate); both again paced, open
+loop, at half of (b)'s peak rate; then a fresh relay (and a fresh
+passthrough) handles one message with a 10,000,000-byte PDF while its RSS is
+sampled every 10 ms. Each phase starts with an unmeasured warm-up.
 
-Clients, servers and the relay share one process and so one GIL; the numbers
-compare the two setups on one machine and are no capacity figure.
+A benchmark that loses mail is a failure: every message must get 250, the
+sink must have received exactly what was accepted, the relay must have
+archived each one as delivered, and no message the relay delivered may
+name the buyer's real address, keep an off-site link or lack the relay's
+DKIM signature. Otherwise exit status 1. Targets are reported, never
+asserted.
+
+    scripts/bench [--quick] [--json] [--messages N] [--concurrency C]
+    scripts/bench --profile    # where the relay's CPU goes, per message kind
 """
 
 from __future__ import annotations
@@ -26,254 +40,824 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime
 import json
 import logging
-import smtplib
+import math
+import os
+import platform
+import signal
+import socket
+import sqlite3
+import subprocess
 import sys
 import tempfile
 import threading
 import time
-import uuid
-from dataclasses import replace
-from email import policy
-from email.message import EmailMessage
 from pathlib import Path
 
-import aiosmtplib
 from aiosmtpd.smtp import SMTP
 
-from relay.config import Config, Endpoint, parse_upstream_url
-from relay.server import ThreadedRelay
-from relay.store import utc_now
-
-# The tests' DNS server: the relay checks SPF/DKIM/DMARC as in production.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+SCRIPTS = Path(__file__).resolve().parent
+ROOT = SCRIPTS.parent
+sys.path.insert(0, str(ROOT / "tests"))  # the tests' DNS server
 from dnsserver import DNSServer  # noqa: E402
 
+import bench_messages as mix  # noqa: E402
+
 HOST = "127.0.0.1"
-PHASE_SECONDS = 120.0
-SELLER = "seller@shop.example"
-BUYER = "buyer@mail.example"
+PYTHON = sys.executable
+MB = 1024 * 1024
+SAMPLE_INTERVAL = 0.05
+BIG_SAMPLE_INTERVAL = 0.01
+TREE_REFRESH = 4  # samples between two scans of /proc for new descendants
+START_TIMEOUT = 30.0
+TARGETS = {"ratio_min": 0.5, "rss_growth_max_x_wire": 3.0, "half_peak_added_p99_max_ms": 50.0}
+
+# Sizes of a run: messages per closed-loop phase, warm-up messages, seconds
+# of each paced phase, the time cap of one phase.
+DEFAULTS = {"messages": 600, "warmup": 24, "paced_seconds": 20.0, "phase_seconds": 90.0}
+PROFILE_MESSAGES = 200  # --profile: messages of the mix per pass (two passes)
+QUICK = {"messages": 120, "warmup": 12, "paced_seconds": 4.0, "phase_seconds": 10.0}
 
 
 class BenchError(Exception):
-    """The run produced no valid number: mail lost or refused, or too slow."""
+    """The run produced no valid number: mail lost, refused or mangled."""
 
 
-# --- the sink and the passthrough ----------------------------------------------
+_T0 = time.monotonic()
 
-class Sink:
-    """Accepts every message and counts it (only ever on the sink's loop)."""
+
+def log(text: str) -> None:
+    print(f"bench: {time.monotonic() - _T0:5.1f}s {text}", file=sys.stderr, flush=True)
+
+
+# --- processes and their memory -----------------------------------------------
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, process: subprocess.Popen, name: str, logfile: Path | None = None) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            tail = logfile.read_text(errors="replace")[-2000:] if logfile and logfile.exists() else ""
+            raise BenchError(f"{name} exited with status {process.returncode} at start-up\n{tail}")
+        with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=0.5):
+            return
+        time.sleep(0.05)
+    raise BenchError(f"{name} did not listen on port {port} within {START_TIMEOUT:g} s")
+
+
+def descendants(root: int) -> list[int]:
+    """`root` and every process below it, from the ppid field of /proc/*/stat."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(b")") + 2:].split(None, 2)[1])
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        if pid in found:
+            continue
+        found.append(pid)
+        todo.extend(children.get(pid, ()))
+    return found
+
+
+def memory(pids: list[int]) -> tuple[int, int]:
+    """(RSS, PSS) in bytes, summed over `pids`. RSS counts a page shared by
+    two processes (a forked worker's inherited pages) twice, PSS halves it."""
+    rss = pss = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+                for line in f:
+                    if line.startswith(b"Rss:"):
+                        rss += int(line.split()[1]) * 1024
+                    elif line.startswith(b"Pss:"):
+                        pss += int(line.split()[1]) * 1024
+                        break
+        except FileNotFoundError:
+            try:  # no smaps_rollup (old kernel): RSS only, PSS taken as RSS
+                with open(f"/proc/{pid}/statm", "rb") as f:
+                    value = int(f.read().split()[1]) * PAGE
+                rss += value
+                pss += value
+            except (OSError, IndexError, ValueError):
+                pass  # gone
+        except (OSError, IndexError, ValueError):
+            pass  # gone
+    return rss, pss
+
+
+class RssSampler(threading.Thread):
+    """Samples the memory of each watched process tree (a root and all its
+    descendants, summed) every `interval` seconds; keeps each tree's peak
+    RSS and peak PSS since `reset()`."""
 
     def __init__(self):
-        self.count = 0
+        super().__init__(name="rss-sampler", daemon=True)
+        self.interval = SAMPLE_INTERVAL
+        self.roots: dict[str, int] = {}
+        self.trees: dict[str, list[int]] = {}
+        self.peak: dict[str, int] = {}  # RSS
+        self.peak_pss: dict[str, int] = {}
+        self.current: dict[str, tuple[int, int]] = {}
+        self.processes: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._halt = threading.Event()
+
+    def watch(self, name: str, pid: int) -> None:
+        with self._lock:
+            self.roots[name] = pid
+            self.trees[name] = descendants(pid)
+            self.current[name] = memory(self.trees[name])
+            self.peak[name], self.peak_pss[name] = self.current[name]
+            self.processes[name] = len(self.trees[name])
+
+    def unwatch(self, name: str) -> None:
+        with self._lock:
+            for table in (self.roots, self.trees, self.peak, self.peak_pss, self.current, self.processes):
+                table.pop(name, None)
+
+    def reset(self, name: str) -> None:
+        with self._lock:
+            self.peak[name], self.peak_pss[name] = self.current.get(name, (0, 0))
+            self.processes[name] = len(self.trees.get(name, ()))
+
+    def measure(self, name: str) -> tuple[int, int]:
+        """The tree's (RSS, PSS) now, outside the sampling rhythm."""
+        with self._lock:
+            pids = descendants(self.roots[name])
+        return memory(pids)
+
+    def run(self) -> None:
+        count = 0
+        while not self._halt.wait(self.interval):
+            count += 1
+            with self._lock:
+                for name, root in self.roots.items():
+                    if count % TREE_REFRESH == 0:
+                        self.trees[name] = descendants(root)
+                        self.processes[name] = max(self.processes.get(name, 0), len(self.trees[name]))
+                    value = memory(self.trees[name])
+                    self.current[name] = value
+                    self.peak[name] = max(self.peak.get(name, 0), value[0])
+                    self.peak_pss[name] = max(self.peak_pss.get(name, 0), value[1])
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(timeout=5)
+
+
+# --- the sink ----------------------------------------------------------------------
+
+class Sink:
+    """Accepts every message; counts it and what it contains (only ever on
+    the sink's loop; read between phases)."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.count = self.bytes = self.naming_buyer = self.offsite_links = self.relay_signed = 0
 
     async def handle_DATA(self, server, session, envelope):
+        data = envelope.original_content
+        head = data[:data.find(b"\r\n\r\n") + 2]
         self.count += 1
+        self.bytes += len(data)
+        self.naming_buyer += mix.BUYER.encode() in data
+        self.offsite_links += mix.OFFSITE_HOST.encode() in data
+        self.relay_signed += b"DKIM-Signature:" in head and f"d={mix.MARKETPLACE};".encode() in head
         return "250 2.0.0 OK"
 
-
-class Passthrough:
-    """Forwards each message unchanged to the sink and answers 250 only after
-    the sink did, one upstream connection per message, as the relay does."""
-
-    def __init__(self, sink_port: int):
-        self.sink_port = sink_port
-
-    async def handle_DATA(self, server, session, envelope):
-        try:
-            await aiosmtplib.send(
-                envelope.original_content,
-                sender=envelope.mail_from,
-                recipients=envelope.rcpt_tos,
-                hostname=HOST,
-                port=self.sink_port,
-                local_hostname="passthrough.bench",
-                timeout=30,
-            )
-        except (aiosmtplib.SMTPException, OSError) as exc:
-            return f"451 4.4.1 sink unavailable: {exc}"
-        return "250 2.0.0 OK forwarded"
+    def snapshot(self) -> dict:
+        return {"count": self.count, "bytes": self.bytes, "naming_buyer": self.naming_buyer,
+                "offsite_links": self.offsite_links, "relay_signed": self.relay_signed}
 
 
-class LoopServer:
-    """An aiosmtpd server for `handler` on 127.0.0.1 at a port the OS picks,
-    on its own event loop in a thread."""
+class SinkServer:
+    """The sink on its own event loop in a thread, at a port the OS picks."""
 
-    def __init__(self, handler, name: str):
+    def __init__(self, handler: Sink):
         self.handler = handler
-        self.name = name
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name=name, daemon=True)
-        self._server: asyncio.base_events.Server | None = None
+        self._thread = threading.Thread(target=self._loop.run_forever, name="sink", daemon=True)
+        self._server = None
 
     def start(self) -> int:
         self._thread.start()
-        self._server = self._call(self._listen())
+
+        async def listen():
+            return await asyncio.get_running_loop().create_server(
+                lambda: SMTP(self.handler, hostname="sink.bench", ident="sink",
+                             data_size_limit=64 * MB, decode_data=False), HOST, 0)
+
+        self._server = self.call(listen())
         return self._server.sockets[0].getsockname()[1]
 
-    async def _listen(self) -> asyncio.base_events.Server:
-        def factory() -> SMTP:
-            return SMTP(self.handler, hostname=f"{self.name}.bench", ident=self.name)
+    def call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=30)
 
-        return await asyncio.get_running_loop().create_server(factory, HOST, 0)
+    def snapshot(self) -> dict:
+        async def read():
+            return self.handler.snapshot()
+        return self.call(read())
+
+    def reset(self) -> None:
+        async def clear():
+            self.handler.reset()
+        self.call(clear())
 
     def stop(self) -> None:
         async def close():
             self._server.close()
-            # Sessions still open (only after an aborted phase) end here, not
-            # as "Task was destroyed" noise when the loop closes.
-            sessions = asyncio.all_tasks() - {asyncio.current_task()}
-            for task in sessions:
+            tasks = asyncio.all_tasks() - {asyncio.current_task()}
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(*sessions, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
             await self._server.wait_closed()
 
-        self._call(close())
+        with contextlib.suppress(Exception):
+            self.call(close())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
         self._loop.close()
 
-    def _call(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=10)
 
+# --- the servers under test ------------------------------------------------------
 
-# --- the relay -------------------------------------------------------------------
+class Server:
+    """A server process: started, waited for on its port, stopped with SIGTERM."""
 
-# The buyer's domain as the relay's SPF/DKIM/DMARC checks see it: mail from
-# 127.0.0.1 passes SPF (no DKIM, no DMARC record), as from a small provider.
-BUYER_ZONE = """$ORIGIN mail.example.
-@ 300 IN SOA ns.mail.example. hostmaster.mail.example. 1 3600 600 86400 300
-@ 300 IN NS ns.mail.example.
-@ 300 IN TXT "v=spf1 ip4:127.0.0.1 -all"
-"""
+    name = "server"
 
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.port = 0
+        self.process: subprocess.Popen | None = None
+        self.logfile = directory / f"{self.name}.log"
 
-def relay_config(directory: Path, sink_port: int, nameserver: str) -> Config:
-    base = Config()
-    return replace(
-        base,
-        database=str(directory / "relay.sqlite3"),
-        inbound=replace(base.inbound, listen=Endpoint(HOST, 0)),
-        submission=replace(base.submission, listen=None, listen_tls=None),
-        dns=replace(base.dns, nameservers=(nameserver,)),
-        upstream=replace(base.upstream,
-                         url=parse_upstream_url("upstream.url", f"smtp://{HOST}:{sink_port}")),
-    )
+    def command(self) -> list[str]:
+        raise NotImplementedError
 
+    env: dict | None = None
 
-def provision(relay: ThreadedRelay) -> str:
-    """Add the seller, the buyer and an order; return the seller's alias."""
-    store = relay.server.store
-    relay.call(store.add_party("seller", SELLER, "Sam Seller"))
-    relay.call(store.add_party("buyer", BUYER, "Bea Buyer"))
-    relationship, _ = relay.call(store.add_order(
-        "ORDER-1", SELLER, BUYER, utc_now(), relay.server.config.domain))
-    return relationship.seller_alias
+    def start(self) -> None:
+        self.port = free_port()
+        self.prepare()
+        with open(self.logfile, "ab") as out:
+            self.process = subprocess.Popen(self.command(), stdout=out, stderr=subprocess.STDOUT,
+                                            cwd=self.directory, env=self.env, start_new_session=True)
+        wait_for_port(self.port, self.process, self.name, self.logfile)
 
+    def prepare(self) -> None:
+        """Anything to write before the process starts on `self.port`."""
 
-# --- the load --------------------------------------------------------------------
-
-def bench_message(to: str) -> bytes:
-    """The message body sent in both phases, without a Message-ID (each send
-    adds a fresh one, as real clients do)."""
-    msg = EmailMessage()
-    msg["From"] = f"Bea Buyer <{BUYER}>"
-    msg["To"] = to
-    msg["Subject"] = "Question about order ORDER-1"
-    msg["Date"] = "Thu, 26 Nov 2026 10:00:00 +0000"
-    paragraphs = [
-        "Hello, thank you for the quick dispatch. The parcel arrived today, but the "
-        "blue mug in the set has a chip on its rim, and the saucer is missing.",
-        "Could you send a replacement, or refund that part of the order? I attached "
-        "the receipt. Photos of the damage can follow if you need them.",
-        f"If it is easier, write to me directly at {BUYER} or call me in the "
-        "afternoon; I am at home most days this week.",
-        "I would also like to order two more of the small bowls if they are back "
-        "in stock, to be shipped together with the replacement.",
-        f"Best regards,\nBea Buyer <{BUYER}>",
-    ]
-    msg.set_content("\n\n".join(paragraphs) + "\n")
-    html = "".join(f"<p>{p.replace(chr(10), '<br>')}</p>\n" for p in paragraphs)
-    msg.add_alternative(
-        "<html><body>\n" + html.replace(BUYER, f'<a href="mailto:{BUYER}">{BUYER}</a>', 1)
-        + "</body></html>\n",
-        subtype="html",
-    )
-    # A real PDF header: the relay checks attachment content, not just names.
-    msg.add_attachment(b"%PDF-1.4\n" + bytes(range(256)) * 5 + b"\n%%EOF\n", maintype="application", subtype="pdf",
-                       filename="receipt.pdf")
-    return msg.as_bytes(policy=policy.SMTP)
-
-
-def with_message_id(body: bytes) -> bytes:
-    return b"Message-ID: <%s@mail.example>\r\n" % uuid.uuid4().hex.encode() + body
-
-
-def run_phase(name: str, port: int, rcpt: str, body: bytes, messages: int,
-              concurrency: int, sink: Sink) -> float:
-    """Send `messages` over `concurrency` connections; return messages/second."""
-    before = sink.count
-    shares = [messages // concurrency + (i < messages % concurrency) for i in range(concurrency)]
-    deadline = time.monotonic() + PHASE_SECONDS
-    errors: list[Exception] = []
-
-    def client(count: int) -> None:
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
         try:
-            with smtplib.SMTP(HOST, port, timeout=PHASE_SECONDS) as smtp:
-                for _ in range(count):
-                    if time.monotonic() > deadline:
-                        return
-                    smtp.sendmail(BUYER, [rcpt], with_message_id(body))
-        except (smtplib.SMTPException, OSError) as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=client, args=(count,), name=f"{name}-client-{i}", daemon=True)
-               for i, count in enumerate(shares)]
-    started = time.monotonic()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(max(0.0, deadline - time.monotonic()))
-    elapsed = time.monotonic() - started
-    received = sink.count - before
-    if any(thread.is_alive() for thread in threads) or time.monotonic() > deadline:
-        raise BenchError(f"{name}: aborted after {PHASE_SECONDS:g} s, "
-                         f"{received} of {messages} message(s) delivered")
-    if errors:
-        raise BenchError(f"{name}: {len(errors)} of {concurrency} client(s) failed, first with "
-                         f"{type(errors[0]).__name__}: {errors[0]}")
-    if received != messages:
-        raise BenchError(f"{name}: the sink received {received} message(s), expected {messages}")
-    return messages / elapsed
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            log(f"{self.name} did not stop within 30 s of SIGTERM; killing it")
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
 
 
-def run(messages: int, concurrency: int) -> tuple[float, float]:
-    """Both phases; returns (passthrough, relay) in messages/second."""
-    with tempfile.TemporaryDirectory(prefix="relay-bench-") as tmp, contextlib.ExitStack() as stack:
-        sink = Sink()
-        sink_server = LoopServer(sink, "sink")
-        sink_port = sink_server.start()
-        stack.callback(sink_server.stop)
+class Passthrough(Server):
+    name = "passthrough"
 
-        dns_server = stack.enter_context(DNSServer([BUYER_ZONE]))
-        relay = ThreadedRelay(relay_config(Path(tmp), sink_port, dns_server.address))
-        _, relay_port = relay.start()
-        stack.callback(relay.stop, drain_seconds=10)
-        seller_alias = provision(relay)
-        body = bench_message(seller_alias)
+    def __init__(self, directory: Path, sink_port: int):
+        super().__init__(directory)
+        self.sink_port = sink_port
 
-        passthrough_server = LoopServer(Passthrough(sink_port), "passthrough")
-        passthrough_port = passthrough_server.start()
-        stack.callback(passthrough_server.stop)
+    def command(self) -> list[str]:
+        return [PYTHON, str(SCRIPTS / "bench_passthrough.py"), "--port", str(self.port),
+                "--upstream-port", str(self.sink_port)]
 
-        passthrough_mps = run_phase("passthrough", passthrough_port, seller_alias, body,
-                                    messages, concurrency, sink)
-        relay_mps = run_phase("relay", relay_port, seller_alias, body, messages, concurrency, sink)
-        archived = len(relay.call(relay.server.store.archive_ids()))
-        if archived != messages:
-            raise BenchError(f"relay: {archived} message(s) archived, expected {messages}")
-        return passthrough_mps, relay_mps
+
+class Relay(Server):
+    """`python -m relay serve` with a config written for the bench. The
+    process runs in the temporary directory, so `relay` is whatever the
+    interpreter imports (PYTHONPATH first, then the installed package)."""
+
+    name = "relay"
+
+    def __init__(self, directory: Path, sink_port: int, nameserver: str, env: dict):
+        super().__init__(directory)
+        self.sink_port = sink_port
+        self.nameserver = nameserver
+        self.env = env
+        self.config_path = directory / "relay.toml"
+        self.database = directory / "relay.sqlite3"
+        self.limits: dict = {}
+        self.effective: dict = {}
+
+    def write_config(self) -> None:
+        q = json.dumps  # a TOML basic string
+        text = f"""# written by scripts/bench
+domain = {q(mix.MARKETPLACE)}
+database = {q(str(self.database))}
+
+[inbound]
+listen = {q(f"{HOST}:{self.port}")}
+xforward_hosts = []
+
+[submission]
+listen = ""
+listen_tls = ""
+
+[upstream]
+url = {q(f"smtp://{HOST}:{self.sink_port}")}
+
+[policy]
+allowed_link_domains = [{q(mix.MARKETPLACE)}]
+
+[dns]
+nameservers = [{q(self.nameserver)}]
+
+[auth]
+inbound = "dmarc"
+
+[dkim]
+key_file = {q(str(self.directory / "dkim.pem"))}
+
+[log]
+level = "info"
+"""
+        if self.limits:
+            text += "\n[limits]\n" + "".join(f"{key} = {value}\n" for key, value in self.limits.items())
+        self.config_path.write_text(text)
+
+    def cli(self, *args: str) -> str:
+        done = subprocess.run([PYTHON, "-m", "relay", "--config", str(self.config_path), *args],
+                              cwd=self.directory, env=self.env, capture_output=True, text=True, timeout=60)
+        if done.returncode != 0:
+            raise BenchError(f"relay {' '.join(args)}: exit {done.returncode}: {done.stderr.strip()}")
+        return done.stdout
+
+    def configure(self) -> None:
+        """Write the config; when the relay has a [limits] section, raise its
+        connection limits above the bench's load."""
+        self.write_config()
+        self.effective = json.loads(self.cli("check-config", "--json"))
+        limits = self.effective.get("limits")
+        if isinstance(limits, dict):
+            for key, value in limits.items():
+                if "connection" in key and isinstance(value, int) and not isinstance(value, bool):
+                    self.limits[key] = max(value, 1000)
+            if self.limits:
+                self.write_config()
+                self.effective = json.loads(self.cli("check-config", "--json"))
+
+    def provision(self) -> str:
+        """The seller, the buyer and one order; returns the seller's alias."""
+        self.cli("seller", "add", mix.SELLER, "--name", mix.SELLER_NAME)
+        self.cli("buyer", "add", mix.BUYER, "--name", mix.BUYER_NAME)
+        order = json.loads(self.cli("order", "add", "111-000", "--seller", mix.SELLER,
+                                    "--buyer", mix.BUYER, "--json"))
+        return order["seller_alias"]
+
+    def command(self) -> list[str]:
+        return [PYTHON, "-m", "relay", "--config", str(self.config_path), "serve"]
+
+    def prepare(self) -> None:
+        self.write_config()
+
+    def archive_verdicts(self) -> dict[str, int]:
+        """Archived messages by verdict: straight from SQLite (read-only), or
+        through `relay archive list` should the schema have moved on."""
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{self.database}?mode=ro", uri=True,
+                                                    timeout=30)) as db:
+                return dict(db.execute("SELECT verdict, COUNT(*) FROM archive GROUP BY verdict").fetchall())
+        except sqlite3.Error:
+            counts: dict[str, int] = {}
+            for row in json.loads(self.cli("archive", "list", "--json", "--limit", "1000000")):
+                counts[row["verdict"]] = counts.get(row["verdict"], 0) + 1
+            return counts
+
+    def log_problems(self) -> dict:
+        """WARNING/ERROR lines of the relay's log, counted by their text
+        (numbers blanked), the start-up DKIM key notice left out."""
+        counts: dict[str, int] = {}
+        if not self.logfile.exists():
+            return counts
+        for line in self.logfile.read_text(errors="replace").splitlines():
+            if not any(level in line for level in ("WARNING", "ERROR", "CRITICAL", "Traceback")):
+                continue
+            if "made a DKIM key" in line:
+                continue
+            key = "".join("#" if c.isdigit() else c for c in line)[:160]
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
+
+def relay_source(env: dict) -> str:
+    """Which relay code runs: the git commit of the tree it is imported from
+    (with "+changes" when relay/ differs from that commit)."""
+    probe = subprocess.run([PYTHON, "-c", "import relay, os; print(os.path.dirname(relay.__file__))"],
+                           cwd=tempfile.gettempdir(), env=env, capture_output=True, text=True, timeout=30)
+    package = Path(probe.stdout.strip())
+    try:
+        commit = subprocess.run(["git", "-C", str(package), "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(package), "status", "--porcelain", "."],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except OSError:
+        return "unknown"
+    return (commit or "unknown") + ("+changes" if dirty else "")
+
+
+# --- load ------------------------------------------------------------------------------
+
+class Load:
+    """Runs scripts/bench_load.py with a plan; collects its JSON."""
+
+    def __init__(self, directory: Path, variants: list[mix.Message], rcpt: str, concurrency: int):
+        self.directory = directory
+        self.rcpt = rcpt
+        self.concurrency = concurrency
+        self.kinds = [v.kind for v in variants]
+        self.payloads = []
+        payload_dir = directory / "messages"
+        payload_dir.mkdir(parents=True, exist_ok=True)
+        for variant in variants:
+            path = payload_dir / f"{variant.name}.eml"
+            path.write_bytes(variant.payload())
+            self.payloads.append(str(path))
+        self.runs = 0
+
+    def run(self, tag: str, port: int, sequence: list[int], warmup: list[int], *, rate: float = 0.0,
+            max_seconds: float, concurrency: int | None = None) -> dict:
+        self.runs += 1
+        plan = {"host": HOST, "port": port, "helo": "client.mail.example", "mail_from": mix.BUYER,
+                "rcpt": self.rcpt, "payloads": self.payloads, "kinds": self.kinds, "sequence": sequence,
+                "warmup": warmup, "concurrency": concurrency or self.concurrency, "rate": rate,
+                "max_seconds": max_seconds, "tag": f"{tag}{self.runs}"}
+        plan_path = self.directory / f"plan-{self.runs}.json"
+        plan_path.write_text(json.dumps(plan))
+        try:
+            done = subprocess.run([PYTHON, str(SCRIPTS / "bench_load.py"), str(plan_path)],
+                                  capture_output=True, text=True, timeout=max_seconds + 150)
+        except subprocess.TimeoutExpired:
+            raise BenchError(f"{tag}: the load client did not finish within {max_seconds + 150:g} s") from None
+        try:
+            result = json.loads(done.stdout)
+        except json.JSONDecodeError:
+            raise BenchError(f"{tag}: the load client failed: {done.stderr.strip()[-2000:]}") from None
+        if "error" in result:
+            raise BenchError(f"{tag}: {result['error']}")
+        return result
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest rank."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+def stats(result: dict) -> dict:
+    latencies = result["latencies_ms"]
+    out = {
+        "messages": result["delivered"],
+        "msgs_per_s": result["delivered"] / result["elapsed_s"] if result["elapsed_s"] > 0 else 0.0,
+        "p50_ms": percentile(latencies, 0.50),
+        "p99_ms": percentile(latencies, 0.99),
+        "max_ms": max(latencies) if latencies else float("nan"),
+        "elapsed_s": result["elapsed_s"],
+        "timed_out": result["timed_out"],
+        "by_kind": {},
+    }
+    for kind in mix.KINDS:
+        values = [v for v, k in zip(latencies, result["kinds"]) if k == kind]
+        if values:
+            out["by_kind"][kind] = {"messages": len(values), "p50_ms": percentile(values, 0.5),
+                                    "p99_ms": percentile(values, 0.99)}
+    if any(result.get("lateness_ms", ())):
+        out["max_lateness_ms"] = max(result["lateness_ms"])
+    return out
+
+
+def check_delivery(name: str, result: dict, sink: dict) -> None:
+    """Every message accepted with 250, and the sink got exactly those."""
+    if result["failures"]:
+        first = result["failures"][0]
+        raise BenchError(f"{name}: {len(result['failures'])} message(s) not accepted; first: "
+                         f"{first['kind']} message at {first['step']}: {first['reply']}")
+    accepted = result["warmup_sent"] + result["delivered"]
+    if sink["count"] != accepted:
+        raise BenchError(f"{name}: the sink received {sink['count']} message(s), the client had "
+                         f"{accepted} accepted")
+
+
+def check_policies(name: str, sink: dict) -> None:
+    """The relay really applied its policies to what it delivered."""
+    problems = []
+    if sink["naming_buyer"]:
+        problems.append(f"{sink['naming_buyer']} naming the buyer's real address")
+    if sink["offsite_links"]:
+        problems.append(f"{sink['offsite_links']} with an off-site link")
+    if sink["relay_signed"] != sink["count"]:
+        problems.append(f"{sink['count'] - sink['relay_signed']} without the relay's DKIM signature")
+    if problems:
+        raise BenchError(f"{name}: of {sink['count']} delivered message(s), " + ", ".join(problems))
+
+
+# --- the run ---------------------------------------------------------------------------
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, sizes: dict):
+        self.args = args
+        self.sizes = sizes
+        self.stack = contextlib.ExitStack()
+        self.sampler = RssSampler()
+        self.results: dict = {}
+        self.relay_sent = 0  # messages the relay accepted, warm-ups included (for the archive check)
+
+    def phase(self, name: str, server: Server, sampler_name: str, sequence: list[int], warmup: list[int],
+              *, rate: float = 0.0, policies: bool = False) -> dict:
+        self.sink.reset()
+        self.sampler.reset(sampler_name)
+        seconds = self.sizes["phase_seconds"] if rate == 0 else self.sizes["paced_seconds"] * 1.5 + 10
+        result = self.load.run(name.split()[0], server.port, sequence, warmup, rate=rate, max_seconds=seconds)
+        sink = self.sink.snapshot()
+        check_delivery(name, result, sink)
+        if policies:
+            check_policies(name, sink)
+        if server is self.relay:
+            self.relay_sent += sink["count"]
+        out = stats(result)
+        out["peak_rss_mb"] = self.sampler.peak[sampler_name] / MB
+        out["peak_pss_mb"] = self.sampler.peak_pss[sampler_name] / MB
+        out["processes"] = self.sampler.processes[sampler_name]
+        out["warmup"] = result["warmup_sent"]
+        if out["timed_out"]:
+            log(f"{name}: stopped at the {seconds:g} s cap after {out['messages']} of {len(sequence)} messages")
+        log(f"{name}: {out['messages']} messages, {out['msgs_per_s']:.1f} msg/s, "
+            f"p50 {out['p50_ms']:.1f} ms, p99 {out['p99_ms']:.1f} ms")
+        return out
+
+    def big_message(self, server: Server, sampler_name: str, message: mix.Message, warmup: list[int]) -> dict:
+        """RSS growth of a freshly started, warmed-up server while it handles
+        one message with a 10 MB attachment."""
+        self.sink.reset()
+        warm = self.load.run("warm", server.port, [], warmup, max_seconds=60, concurrency=1)
+        check_delivery(f"{sampler_name} warm-up", warm, self.sink.snapshot())
+        time.sleep(0.5)
+        baseline, baseline_pss = min(self.sampler.measure(sampler_name) for _ in range(3))
+        self.sampler.interval = BIG_SAMPLE_INTERVAL
+        self.sampler.reset(sampler_name)
+        big = Load(self.directory / f"big-{sampler_name}", [message], self.load.rcpt, 1)
+        try:
+            result = big.run("big", server.port, [0], [], max_seconds=120)
+            time.sleep(0.2)
+        finally:
+            self.sampler.interval = SAMPLE_INTERVAL
+        sink = self.sink.snapshot()
+        check_delivery(f"{sampler_name} 10 MB attachment", {**result, "warmup_sent": len(warmup)}, sink)
+        if server is self.relay:
+            self.relay_sent += sink["count"]
+        peak, peak_pss = self.sampler.peak[sampler_name], self.sampler.peak_pss[sampler_name]
+        return {"baseline_mb": baseline / MB, "peak_mb": peak / MB, "growth_mb": (peak - baseline) / MB,
+                "pss_growth_mb": (peak_pss - baseline_pss) / MB,
+                "latency_ms": result["latencies_ms"][0] if result["latencies_ms"] else float("nan")}
+
+    def run(self) -> dict:
+        args, sizes = self.args, self.sizes
+        started = time.monotonic()
+        load_at_start = os.getloadavg()[0]
+        if load_at_start > 0.5:
+            log(f"the load average is {load_at_start:.2f}: other work on this machine skews the numbers")
+        with self.stack:
+            self.directory = Path(self.stack.enter_context(tempfile.TemporaryDirectory(prefix="relay-bench-")))
+            private_pem = mix.TEST_KEY.read_bytes()
+            env = dict(os.environ)
+
+            self.sink = Sink()
+            sink_server = SinkServer(self.sink)
+            sink_port = sink_server.start()
+            self.stack.callback(sink_server.stop)
+            dns_server = self.stack.enter_context(DNSServer([mix.buyer_zone(private_pem)]))
+
+            passthrough = Passthrough(self.directory, sink_port)
+            passthrough.start()
+            self.stack.callback(passthrough.stop)
+
+            self.relay = relay = Relay(self.directory, sink_port, dns_server.address, env)
+            relay.port = free_port()
+            relay.configure()
+            alias = relay.provision()
+            relay.start()
+            self.stack.callback(relay.stop)
+
+            self.sampler.start()
+            self.stack.callback(self.sampler.stop)
+            self.sampler.watch("passthrough", passthrough.process.pid)
+            self.sampler.watch("relay", relay.process.pid)
+            relay_idle, relay_idle_pss = self.sampler.measure("relay")
+
+            variants = mix.build_variants(alias, args.seed, private_pem)
+            self.load = Load(self.directory, variants, alias, args.concurrency)
+            sequence = mix.sequence(variants, args.messages, args.seed)
+            warmup = mix.sequence(variants, sizes["warmup"], args.seed + 1)
+            source = relay_source(env)
+            log(f"set up in {time.monotonic() - started:.1f} s; relay {source}")
+
+            a = self.phase("passthrough (a)", passthrough, "passthrough", sequence, warmup)
+            b = self.phase("relay (b)", relay, "relay", sequence, warmup, policies=True)
+            relay_peak_rss = b["peak_rss_mb"]
+
+            rate = b["msgs_per_s"] / 2
+            paced_count = max(1, min(len(sequence), round(rate * sizes["paced_seconds"])))
+            paced_sequence = mix.sequence(variants, paced_count, args.seed + 2)
+            short_warmup = warmup[:args.concurrency]
+            half_b = self.phase("relay at half peak", relay, "relay", paced_sequence, short_warmup,
+                                rate=rate, policies=True)
+            relay_peak_rss = max(relay_peak_rss, half_b["peak_rss_mb"])
+            relay_peak_pss = max(b["peak_pss_mb"], half_b["peak_pss_mb"])
+            half_a = self.phase("passthrough at half peak", passthrough, "passthrough", paced_sequence,
+                                short_warmup, rate=rate)
+
+            archived = relay.archive_verdicts()
+            if archived.get("delivered", 0) != self.relay_sent or sum(archived.values()) != self.relay_sent:
+                raise BenchError(f"relay: the archive holds {archived}, expected {self.relay_sent} delivered")
+
+            # One 10 MB attachment, each server freshly started and warmed up.
+            big = mix.big_message(alias, args.seed + 3, private_pem)
+            wire = len(big.payload())
+            big_warmup = [next(j for j, v in enumerate(variants) if v.kind == kind) for kind in mix.KINDS]
+            relay.stop()
+            self.sampler.unwatch("relay")
+            relay.start()
+            self.sampler.watch("relay", relay.process.pid)
+            relay_big = self.big_message(relay, "relay", big, big_warmup)
+            log(f"relay, one 10 MB attachment: RSS +{relay_big['growth_mb']:.1f} MB, "
+                f"{relay_big['latency_ms']:.0f} ms")
+            archived = relay.archive_verdicts()
+            if archived.get("delivered", 0) != self.relay_sent:
+                raise BenchError(f"relay: the archive holds {archived}, expected {self.relay_sent} delivered")
+            passthrough.stop()
+            self.sampler.unwatch("passthrough")
+            passthrough.start()
+            self.sampler.watch("passthrough", passthrough.process.pid)
+            passthrough_big = self.big_message(passthrough, "passthrough", big, big_warmup)
+            log(f"passthrough, one 10 MB attachment: RSS +{passthrough_big['growth_mb']:.1f} MB, "
+                f"{passthrough_big['latency_ms']:.0f} ms")
+            problems = relay.log_problems()
+
+        ratio = b["msgs_per_s"] / a["msgs_per_s"] if a["msgs_per_s"] else float("nan")
+        added = half_b["p99_ms"] - half_a["p99_ms"]
+        growth_x = relay_big["growth_mb"] * MB / wire
+        report = {
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "relay_code": source,
+            "cores": os.cpu_count(),
+            "loadavg_at_start": round(load_at_start, 2),
+            "python": platform.python_version(),
+            "quick": bool(args.quick),
+            "concurrency": args.concurrency,
+            "seed": args.seed,
+            "mix": {kind: sum(1 for i in sequence if variants[i].kind == kind) for kind in mix.KINDS},
+            "passthrough_messages": a["messages"],
+            "passthrough_msgs_per_s": round(a["msgs_per_s"], 1),
+            "passthrough_p50_ms": round(a["p50_ms"], 1),
+            "passthrough_p99_ms": round(a["p99_ms"], 1),
+            "passthrough_peak_rss_mb": round(a["peak_rss_mb"], 1),
+            "relay_messages": b["messages"],
+            "relay_msgs_per_s": round(b["msgs_per_s"], 1),
+            "relay_p50_ms": round(b["p50_ms"], 1),
+            "relay_p99_ms": round(b["p99_ms"], 1),
+            "relay_max_ms": round(b["max_ms"], 1),
+            "relay_by_kind": _rounded(b["by_kind"]),
+            "passthrough_by_kind": _rounded(a["by_kind"]),
+            "ratio": round(ratio, 3),
+            "relay_idle_rss_mb": round(relay_idle / MB, 1),
+            "relay_peak_rss_mb": round(relay_peak_rss, 1),
+            "relay_peak_pss_mb": round(relay_peak_pss, 1),
+            "relay_idle_pss_mb": round(relay_idle_pss / MB, 1),
+            "relay_processes": max(b["processes"], half_b["processes"]),
+            "half_peak_rate_msgs_per_s": round(rate, 2),
+            "half_peak_messages": half_b["messages"],
+            "half_peak_relay_p50_ms": round(half_b["p50_ms"], 1),
+            "half_peak_relay_p99_ms": round(half_b["p99_ms"], 1),
+            "half_peak_passthrough_p50_ms": round(half_a["p50_ms"], 1),
+            "half_peak_passthrough_p99_ms": round(half_a["p99_ms"], 1),
+            "half_peak_added_p99_ms": round(added, 1),
+            "half_peak_relay_max_lateness_ms": round(half_b.get("max_lateness_ms", 0.0), 1),
+            "half_peak_relay_by_kind": _rounded(half_b["by_kind"]),
+            "half_peak_passthrough_by_kind": _rounded(half_a["by_kind"]),
+            "big_message_wire_mb": round(wire / MB, 2),
+            "big_attachment_decoded_bytes": mix.BIG_PDF_BYTES,
+            "rss_10mb_attachment_mb": round(relay_big["growth_mb"], 1),
+            "rss_10mb_attachment_x_wire": round(growth_x, 2),
+            "rss_10mb_attachment_baseline_mb": round(relay_big["baseline_mb"], 1),
+            "pss_10mb_attachment_mb": round(relay_big["pss_growth_mb"], 1),
+            "big_message_relay_ms": round(relay_big["latency_ms"], 1),
+            "passthrough_rss_10mb_attachment_mb": round(passthrough_big["growth_mb"], 1),
+            "big_message_passthrough_ms": round(passthrough_big["latency_ms"], 1),
+            "relay_limits_set": relay.limits,
+            "relay_workers": relay.effective.get("workers"),
+            "relay_log_problems": problems,
+            "targets": TARGETS,
+            "targets_met": {
+                "ratio": ratio >= TARGETS["ratio_min"],
+                "rss_10mb_attachment": growth_x <= TARGETS["rss_growth_max_x_wire"],
+                "half_peak_added_p99": added <= TARGETS["half_peak_added_p99_max_ms"],
+            },
+            "wall_s": round(time.monotonic() - started, 1),
+        }
+        return report
+
+
+def _finite(value):
+    """NaN (a phase without a number) as null: the JSON stays standard."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _rounded(by_kind: dict) -> dict:
+    return {kind: {k: round(v, 1) if isinstance(v, float) else v for k, v in values.items()}
+            for kind, values in by_kind.items()}
+
+
+def table(r: dict) -> str:
+    def row(label, msgs, rate, p50, p99, extra=""):
+        return f"{label:<30}{msgs:>7}{rate:>9}{p50:>9}{p99:>9}  {extra}".rstrip()
+
+    def yes(ok):
+        return "met" if ok else "NOT met"
+
+    kinds = r["mix"]
+    total = sum(kinds.values())
+    lines = [
+        f"relay bench {r['date']}, {r['cores']} cores, Python {r['python']}, relay {r['relay_code']}, "
+        f"{r['concurrency']} connections{', quick' if r['quick'] else ''}",
+        f"mix of {total}: {kinds['text']} text 2 KB, {kinds['html']} HTML 20 KB with links, "
+        f"{kinds['pdf']} PDF 500 KB",
+        "",
+        row("closed loop (peak)", "msgs", "msg/s", "p50 ms", "p99 ms", "peak RSS"),
+        row("(a) aiosmtpd passthrough", r["passthrough_messages"], f"{r['passthrough_msgs_per_s']:.1f}",
+            f"{r['passthrough_p50_ms']:.1f}", f"{r['passthrough_p99_ms']:.1f}",
+            f"{r['passthrough_peak_rss_mb']:.1f} MB"),
+        row("(b) relay, all policies", r["relay_messages"], f"{r['relay_msgs_per_s']:.1f}",
+            f"{r['relay_p50_ms']:.1f}", f"{r['relay_p99_ms']:.1f}",
+            f"{r['relay_peak_rss_mb']:.1f} MB (PSS {r['relay_peak_pss_mb']:.1f} MB; "
+            f"{r['relay_processes']} process(es); idle {r['relay_idle_rss_mb']:.1f} MB)"),
+    ]
+    for kind in mix.KINDS:
+        k = r["relay_by_kind"].get(kind)
+        if k:
+            lines.append(row(f"    relay, {kind}", k["messages"], "", f"{k['p50_ms']:.1f}", f"{k['p99_ms']:.1f}"))
+    lines += [
+        f"ratio b/a: {r['ratio']:.3f}  (target >= {TARGETS['ratio_min']}: {yes(r['targets_met']['ratio'])})",
+        "",
+        row(f"paced at {r['half_peak_rate_msgs_per_s']:.1f} msg/s (half b)", "msgs", "", "p50 ms", "p99 ms"),
+        row("(a) aiosmtpd passthrough", r["half_peak_messages"], "", f"{r['half_peak_passthrough_p50_ms']:.1f}",
+            f"{r['half_peak_passthrough_p99_ms']:.1f}"),
+        row("(b) relay, all policies", r["half_peak_messages"], "", f"{r['half_peak_relay_p50_ms']:.1f}",
+            f"{r['half_peak_relay_p99_ms']:.1f}"),
+        f"added p99 at half peak: {r['half_peak_added_p99_ms']:.1f} ms  (target <= "
+        f"{TARGETS['half_peak_added_p99_max_ms']:g} ms: {yes(r['targets_met']['half_peak_added_p99'])})",
+        "",
+        f"one 10 MB attachment ({r['big_attachment_decoded_bytes']:,} bytes decoded, "
+        f"{r['big_message_wire_mb']:.1f} MB on the wire):",
+        f"  relay RSS grows {r['rss_10mb_attachment_mb']:.1f} MB = {r['rss_10mb_attachment_x_wire']:.2f}x the wire "
+        f"size (target <= {TARGETS['rss_growth_max_x_wire']:g}x: {yes(r['targets_met']['rss_10mb_attachment'])}; "
+        f"PSS grows {r['pss_10mb_attachment_mb']:.1f} MB), answered in {r['big_message_relay_ms']:.0f} ms",
+        f"  passthrough RSS grows {r['passthrough_rss_10mb_attachment_mb']:.1f} MB, answered in "
+        f"{r['big_message_passthrough_ms']:.0f} ms",
+    ]
+    if r["relay_log_problems"]:
+        lines += ["", "relay log warnings/errors:"]
+        lines += [f"  {count} x {text}" for text, count in r["relay_log_problems"].items()]
+    lines += ["", f"{r['wall_s']:.0f} s"]
+    return "\n".join(lines)
 
 
 # --- command line ------------------------------------------------------------------
@@ -288,13 +872,25 @@ def positive(text: str) -> int:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="scripts/bench",
-        description="Messages/second through the relay and through a bare aiosmtpd passthrough.")
-    parser.add_argument("--messages", type=positive, default=400, metavar="N",
-                        help="messages per phase (default 400)")
+        description="Throughput, latency and memory of the relay with every policy on, against a bare "
+                    "aiosmtpd passthrough, on loopback. See docs/benchmark.md.")
+    parser.add_argument("--messages", type=positive, metavar="N",
+                        help=f"messages per closed-loop phase (default {DEFAULTS['messages']}, "
+                             f"--quick {QUICK['messages']}; --profile {PROFILE_MESSAGES})")
     parser.add_argument("--concurrency", type=positive, default=8, metavar="C",
                         help="concurrent client connections (default 8)")
+    parser.add_argument("--quick", action="store_true", help="a smaller run, under 45 s")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead of the load: profile the relay's per-message work in-process "
+                             "(cProfile) and print the top functions and CPU ms per message kind")
+    parser.add_argument("--seed", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.messages is None:
+        if args.profile:
+            args.messages = PROFILE_MESSAGES // 2 if args.quick else PROFILE_MESSAGES
+        else:
+            args.messages = (QUICK if args.quick else DEFAULTS)["messages"]
     if args.concurrency > args.messages:
         parser.error("--concurrency must not exceed --messages")
     return args
@@ -303,22 +899,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.profile:
+        import bench_profile
+
+        return bench_profile.main(args)
+    sizes = dict(QUICK if args.quick else DEFAULTS)
     try:
-        passthrough_mps, relay_mps = run(args.messages, args.concurrency)
+        report = Bench(args, sizes).run()
     except BenchError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 1
-    ratio = relay_mps / passthrough_mps
-    if args.json:
-        print(json.dumps({
-            "messages": args.messages,
-            "concurrency": args.concurrency,
-            "passthrough_mps": round(passthrough_mps, 1),
-            "relay_mps": round(relay_mps, 1),
-            "ratio": round(ratio, 3),
-        }))
-    else:
-        print(f"passthrough {passthrough_mps:.1f} msg/s  relay {relay_mps:.1f} msg/s  ratio {ratio:.2f}")
+    print(json.dumps(_finite(report), allow_nan=False) if args.json else table(report))
     return 0
 
 
