@@ -413,8 +413,11 @@ def _record(domain: str, tags: dict[str, str], *, subdomain: bool) -> DmarcRecor
 
 
 @functools.cache
+@functools.lru_cache(maxsize=1)
 def _public_suffix_list() -> PublicSuffixList:
-    return PublicSuffixList()  # the list the package ships, ICANN and private sections
+    # The list the package ships, ICANN and private sections. Reading it
+    # takes about 5 ms: once per process, not once per message.
+    return PublicSuffixList()
 
 
 def organizational_domain(domain: str) -> str:

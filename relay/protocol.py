@@ -214,13 +214,17 @@ class RelaySMTP(SMTP):
         unstuffed) or the refusal to give once it is all read (RFC 5321
         §4.2.5: the reply comes after the data). Past a refusal nothing more
         is kept. A line longer than the reader's limit (1001 bytes with its
-        CRLF) is read and dropped in pieces."""
+        CRLF) is read and dropped in pieces.
+
+        The loop does per line only what must be done per line; the checks
+        that can be done on the whole (bare CR or LF, dot-unstuffing) are
+        done once at the end, by bytes methods in C."""
         reader = self._reader
-        limit = self.data_size_limit
+        limit = self.data_size_limit or 0
         buffer = bytearray()
         size, refusal = 0, None
         long_line = False
-        idle_reset = loop.time()
+        lines = 0
         while True:
             try:
                 line = await reader.readuntil(b"\r\n")
@@ -235,10 +239,9 @@ class RelaySMTP(SMTP):
                 continue
             if line == b".\r\n":
                 break
-            now = loop.time()
-            if now - idle_reset > 1.0:  # the idle timer measures silence, not the transfer
+            lines += 1
+            if not lines & 127:  # the idle timer measures silence, not the transfer
                 self._reset_timeout()
-                idle_reset = now
             if refusal is not None:
                 continue
             size += len(line)
@@ -246,17 +249,23 @@ class RelaySMTP(SMTP):
                 refusal, buffer = replies.MESSAGE_TOO_BIG.with_text(
                     f"Message size exceeds fixed maximum message size of {limit} bytes"), bytearray()
                 continue
-            end = len(line) - 2  # readuntil() returns the line with its CRLF
-            if line.find(b"\n", 0, end) >= 0 or line.find(b"\r", 0, end) >= 0:
-                refusal, buffer = replies.BARE_LINE_ENDING, bytearray()
-                continue
-            if line[:1] == b".":
-                line = line[1:]
-            if len(line) > MAX_LINE_OCTETS:
+            # At most 1000 octets with the CRLF, a dot added for transparency not counted.
+            if len(line) > MAX_LINE_OCTETS and (len(line) > MAX_LINE_OCTETS + 1 or line[0] != 0x2E):
                 refusal, buffer = replies.LINE_TOO_LONG, bytearray()
                 continue
             buffer += line
-        return bytes(buffer), refusal
+        if refusal is not None:
+            return b"", refusal
+        # Every line ends in CRLF (readuntil): any other CR or LF is bare.
+        crlf = buffer.count(b"\r\n")
+        if buffer.count(b"\r") != crlf or buffer.count(b"\n") != crlf:
+            return b"", replies.BARE_LINE_ENDING
+        # Dot-unstuffing: the first dot of every line that starts with one.
+        if buffer[:1] == b".":
+            del buffer[0]
+        if b"\r\n." in buffer:
+            buffer = buffer.replace(b"\r\n.", b"\r\n")
+        return bytes(buffer), None
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")

@@ -1,0 +1,30 @@
+"""The relay's shortcut for aiosmtplib's line-ending normalization gives
+aiosmtplib's own output for every input."""
+
+from __future__ import annotations
+
+import itertools
+
+import aiosmtplib.protocol
+
+from relay import forward
+
+
+def test_the_shortcut_is_the_one_aiosmtplib_calls():
+    assert aiosmtplib.protocol.normalize_message_line_endings is forward.normalize_message_line_endings
+
+
+def test_same_output_as_aiosmtplib_for_every_short_input():
+    alphabet = [b"\r", b"\n", b"a", b"."]
+    count = 0
+    for length in range(9):
+        for combo in itertools.product(alphabet, repeat=length):
+            data = b"".join(combo)
+            assert forward.normalize_message_line_endings(data) == forward._normalize_line_endings(data), data
+            count += 1
+    assert count > 80_000
+
+
+def test_a_crlf_message_is_returned_as_it_is():
+    message = b"Subject: x\r\n\r\nline one\r\n.dot\r\n"
+    assert forward.normalize_message_line_endings(message) is message
