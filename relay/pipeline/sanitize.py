@@ -130,8 +130,22 @@ class _MailCSSSanitizer(CSSSanitizer):
     def __init__(self, allowed_css_properties: frozenset[str] | None):
         super().__init__(allowed_css_properties=allowed_css_properties or frozenset())
         self.keep_all = allowed_css_properties is None
+        # Mail repeats the same few style attributes on every cell and
+        # paragraph; the result depends on the value alone.
+        self._sanitized: dict[str, str] = {}
 
     def sanitize_css(self, style: str) -> str:
+        if len(style) > 1024:  # kept short: the cache lives as long as the worker
+            return self._sanitize_css(style)
+        cached = self._sanitized.get(style)
+        if cached is None:
+            cached = self._sanitize_css(style)
+            if len(self._sanitized) >= 4096:
+                self._sanitized.clear()
+            self._sanitized[style] = cached
+        return cached
+
+    def _sanitize_css(self, style: str) -> str:
         kept = []
         for node in tinycss2.parse_declaration_list(_decode_attribute(style)):
             if node.type == "declaration":
@@ -397,8 +411,7 @@ class _LinkFilter(Filter):
                 elif kind == "declaration":
                     yield from urls(node.value)
 
-        parsed = tinycss2.parse_blocks_contents(html.unescape(value))
-        return all(self.policy.url_allowed(url) for url in urls(parsed))
+        return _style_urls_allowed(self.policy, value, urls)
 
     def _text(self, tokens: list[dict], result=None):
         """A stretch of text tokens; `result` is its clean_text() if known."""
@@ -431,6 +444,18 @@ class _LinkFilter(Filter):
                 yield {"type": "Entity", "name": references[piece]}
             elif piece:
                 yield {"type": "Characters", "data": piece}
+
+
+def _style_urls_allowed(policy: LinkPolicy, value: str, urls) -> bool:
+    """Whether every URL in a style attribute leads somewhere allowed. Kept
+    on the link policy, which is the message's own (its aliases decide
+    mailto: links): styles repeat on every cell of a table."""
+    verdicts = policy.__dict__.setdefault("style_verdicts", {})
+    verdict = verdicts.get(value)
+    if verdict is None:
+        parsed = tinycss2.parse_blocks_contents(html.unescape(value))
+        verdict = verdicts[value] = all(policy.url_allowed(url) for url in urls(parsed))
+    return verdict
 
 
 class MailHtmlCleaner(Cleaner):
