@@ -148,6 +148,8 @@ def rfc822_parse(message: bytes):
     return headers, message[end + 4:]
 
 
+# dkimpy reads the PEM key (a pure-Python ASN.1 parse) for every signature.
+dkimpy.parse_pem_private_key = functools.lru_cache(maxsize=8)(dkimpy.parse_pem_private_key)
 dkimpy.canonicalization.compress_whitespace = compress_whitespace
 dkimpy.canonicalization.strip_trailing_whitespace = strip_trailing_whitespace
 dkimpy.rfc822_parse = rfc822_parse

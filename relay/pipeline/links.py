@@ -153,8 +153,9 @@ class _Found:
 
 # A token that linkify-it could find something in: a dot before a letter or
 # digit (a host, an IP address), an "@", a ":" (a scheme) or "//".
-_CANDIDATE = re.compile(rf"[{_DOTS}][^\W_]|@|:|//")
-_TOKEN = re.compile(r"\S+")
+# Whole tokens holding one, found in one pass: matched from a token's start
+# only (the lookbehind), so the scan is linear.
+_CANDIDATE_TOKEN = re.compile(rf"(?<!\S)\S*?(?:[{_DOTS}][^\W_]|@|:|//)\S*")
 
 
 def _link_matches(text: str) -> list[_Found]:
@@ -168,11 +169,10 @@ def _link_matches(text: str) -> list[_Found]:
     once over the candidate tokens joined by spaces, and each match is put
     back where its token was."""
     starts, joined, length = [], [], 0
-    for token in _TOKEN.finditer(text):
-        if _CANDIDATE.search(token.group()):
-            starts.append((length, token.start()))
-            joined.append(token.group())
-            length += len(token.group()) + 1
+    for token in _CANDIDATE_TOKEN.finditer(text):
+        starts.append((length, token.start()))
+        joined.append(token.group())
+        length += len(token.group()) + 1
     if not joined:
         return []
     found = []
