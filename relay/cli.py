@@ -19,6 +19,7 @@ from pathlib import Path
 from relay import __version__, addresses, archive, auth, config as config_module, postfix
 from relay.config import Config, ConfigError
 from relay.store import NotFound, StoreError, StoreUnavailable, iso, open_store, sha256_hex
+from relay.store.url import is_postgres, redact
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -47,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     db_commands = db.add_subparsers(dest="db_command", metavar="COMMAND", parser_class=_Parser)
     db_commands.required = True
     db_commands.add_parser("upgrade", help="create or migrate the database")
+    migrate = db_commands.add_parser(
+        "migrate-to", help="copy this SQLite store into an empty PostgreSQL database, then verify the copy")
+    migrate.add_argument("url", metavar="URL", help="postgresql://user@host:port/dbname (the password: PGPASSWORD)")
+    migrate.add_argument("--json", action="store_true")
 
     check = commands.add_parser("check-config", help="validate the config and print the effective settings")
     check.add_argument("--json", action="store_true")
@@ -252,11 +257,62 @@ def cmd_db_upgrade(args, config: Config) -> int:
             await store.close()
 
     applied, version = asyncio.run(work())
+    database = redact(config.database)
     if applied:
-        print(f"database {config.database}: applied migration(s) {', '.join(map(str, applied))};"
+        print(f"database {database}: applied migration(s) {', '.join(map(str, applied))};"
               f" now at version {version}")
     else:
-        print(f"database {config.database}: up to date at version {version}")
+        print(f"database {database}: up to date at version {version}")
+    return 0
+
+
+def cmd_db_migrate_to(args, config: Config) -> int:
+    """Copy the configured SQLite store into an empty PostgreSQL database,
+    then check the copy as `relay archive verify` does."""
+    if is_postgres(config.database):
+        raise UsageError(f"the configured database is PostgreSQL already ({redact(config.database)}); "
+                         "migrate-to copies a SQLite store")
+    if not is_postgres(args.url):
+        raise UsageError(f"not a postgresql:// URL: {redact(args.url)!r}")
+    if not Path(config.database).is_file():
+        raise NotFound(f"database {config.database}: no such file")
+
+    async def work():
+        from relay.store.migrate import copy_store
+
+        source = await open_store(config.database)
+        try:
+            target = await open_store(args.url)
+            try:
+                copied = await copy_store(source, target)
+                return copied, await _verify_archive(target)
+            finally:
+                await target.close()
+        finally:
+            await source.close()
+
+    copied, (verifier, breaks, _) = asyncio.run(work())
+    if copied.source_head is not None and verifier.head != copied.source_head:
+        breaks.append(archive.ChainBreak(0, "head", f"the copy's head {verifier.head} is not the source's "
+                                                     f"{copied.source_head}"))
+    if args.json:
+        _print_json({"ok": not breaks, "source": config.database, "target": redact(args.url),
+                     "schema_version": copied.schema_version, "rows": copied.counts,
+                     "archive": {"rows": verifier.rows, "purged": verifier.purged, "head": verifier.head},
+                     "breaks": [{"archive_id": b.archive_id, "kind": b.kind, "detail": b.detail} for b in breaks]})
+        return EXIT_FAILURE if breaks else 0
+    print(f"copied {config.database} into {redact(args.url)} (schema version {copied.schema_version}):")
+    width = max(len(table) for table in copied.counts)
+    for table, count in copied.counts.items():
+        print(f"  {table:<{width}}  {count:>9} row(s)")
+    if breaks:
+        first = breaks[0]
+        text = first.line() if first.kind != "head" else f"archive chain broken: {first.detail}"
+        more = f" (and {len(breaks) - 1} more)" if len(breaks) > 1 else ""
+        print(f"relay: the copy does not verify: {text}{more}; "
+              f"run `relay archive verify` on {config.database}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"copy: {verifier.summary()}")
     return 0
 
 
@@ -674,23 +730,26 @@ def cmd_archive_export(args, config: Config) -> int:
     return 0
 
 
-def cmd_archive_verify(args, config: Config) -> int:
-    async def work(store):
-        verifier = archive.ChainVerifier(purge_runs=await store.purge_runs())
-        async for row in store.archive_chain():
-            verifier.feed(row)
-        for table, archive_id in await store.archive_dangling_references():
-            verifier.missing_referenced(table, archive_id)
-        breaks = sorted(verifier.breaks, key=lambda b: b.archive_id)
-        if breaks and breaks[0].kind == "link":
-            predecessor = await store.archive_id_by_row_hash(breaks[0].stored_prev)
-            breaks[0] = archive.explain_link_break(breaks[0], predecessor)
-        head_found = None
-        if args.head:
-            head_found = await store.archive_id_by_row_hash(args.head.strip().lower())
-        return verifier, breaks, head_found
+async def _verify_archive(store, head: str | None = None):
+    """`relay archive verify`'s checks: (verifier, breaks in id order, the
+    row holding `head` or None)."""
+    verifier = archive.ChainVerifier(purge_runs=await store.purge_runs())
+    async for row in store.archive_chain():
+        verifier.feed(row)
+    for table, archive_id in await store.archive_dangling_references():
+        verifier.missing_referenced(table, archive_id)
+    breaks = sorted(verifier.breaks, key=lambda b: b.archive_id)
+    if breaks and breaks[0].kind == "link":
+        predecessor = await store.archive_id_by_row_hash(breaks[0].stored_prev)
+        breaks[0] = archive.explain_link_break(breaks[0], predecessor)
+    head_found = None
+    if head:
+        head_found = await store.archive_id_by_row_hash(head.strip().lower())
+    return verifier, breaks, head_found
 
-    verifier, breaks, head_found = asyncio.run(_with_store(config, work))
+
+def cmd_archive_verify(args, config: Config) -> int:
+    verifier, breaks, head_found = asyncio.run(_with_store(config, lambda store: _verify_archive(store, args.head)))
     if args.head and head_found is None:
         breaks.append(archive.ChainBreak(0, "head", f"the head {args.head} is no longer in the chain: "
                                                      "rows after it were rewritten or deleted"))
@@ -811,6 +870,7 @@ def cmd_dkim_keygen(args, config: Config) -> int:
 COMMANDS = {
     "serve": cmd_serve,
     "db upgrade": cmd_db_upgrade,
+    "db migrate-to": cmd_db_migrate_to,
     "check-config": cmd_check_config,
     "seller add": _add_party("seller"),
     "buyer add": _add_party("buyer"),

@@ -333,6 +333,34 @@ def _build(cls: type, data: typing.Mapping[str, typing.Any], prefix: str):
     return built
 
 
+def _check_database_url(config: "Config") -> None:
+    """`database` is a URL: PostgreSQL, for one or several relay nodes. The
+    files a node makes beside a SQLite database (bounce key, DKIM key,
+    submission certificate) have no folder to go in, and every node must
+    use the same ones: they must be configured."""
+    from relay.store.url import SCHEMES, postgres_options, scheme_of
+
+    scheme = scheme_of(config.database)
+    if scheme not in SCHEMES:
+        raise ConfigError(f"database: {scheme}:// is not supported; give a SQLite file path "
+                          "or a postgresql:// URL")
+    try:
+        postgres_options(config.database)
+    except ValueError as exc:
+        raise ConfigError(f"database: {exc}") from None
+    missing = []
+    if not config.bounce.secret_file:
+        missing.append("[bounce] secret_file")
+    if not config.dkim.key_file:
+        missing.append("[dkim] key_file")
+    submission = config.submission
+    if (submission.listen is not None or submission.listen_tls is not None) and not submission.tls_cert:
+        missing.append("[submission] tls_cert and tls_key")
+    if missing:
+        raise ConfigError(f"database: with PostgreSQL, set {', '.join(missing)}: every relay node must use "
+                          "the same files, and nothing is made beside the database")
+
+
 def _convert(key: str, kind, raw):
     if kind is str:
         if not isinstance(raw, str):
@@ -385,10 +413,7 @@ def _check(section, prefix: str) -> None:
         if not section.database:
             raise ConfigError("database: must not be empty")
         if "://" in section.database:
-            scheme = section.database.split("://", 1)[0]
-            raise ConfigError(
-                f"database: {scheme}:// is not supported by this version; give a SQLite file path"
-            )
+            _check_database_url(section)
     elif isinstance(section, InboundConfig):
         if section.hostname and not _HOSTNAME_RE.match(section.hostname.lower()):
             raise ConfigError(f"{prefix}hostname: not a host name: {section.hostname!r}")
@@ -550,4 +575,7 @@ def effective(config: Config) -> dict:
         return value
     settings = plain(config)
     settings["inbound"]["effective_size_limit"] = config.size_limit
+    from relay.store.url import redact
+
+    settings["database"] = redact(config.database)
     return settings

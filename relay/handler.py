@@ -23,7 +23,6 @@ import logging
 import math
 import secrets
 import time
-from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
@@ -119,7 +118,6 @@ class RelayHandler:
         self.workers = workers  # parsing, rewriting, sanitizing and signing happen there
         self.bounce_secret = bounce_secret or secrets.token_bytes(32)
         self._in_flight: set[asyncio.Task] = set()
-        self._reserved: Counter = Counter()  # seller id → messages past the cap check, not yet archived
         self.closing = False
 
     # --- aiosmtpd hooks -------------------------------------------------------
@@ -363,23 +361,30 @@ class RelayHandler:
         await self.upstream.deliver("", sender.address, data)
         return True
 
-    async def _over_daily_cap(self, seller: Party, reserve: bool = False) -> Reply | None:
-        """The daily-cap refusal, or None. With `reserve`, a message about to
-        be forwarded takes a place in `_reserved` until it is archived: the
-        store counts a message only once archived, and transactions open at
-        the same time must not all slip under the cap."""
+    async def _over_daily_cap(self, seller: Party, reservations: list[int] | None = None) -> Reply | None:
+        """The daily-cap refusal, or None. Without `reservations` (at RCPT) a
+        read-only check. With it (a message about to be forwarded), the
+        message takes its place in the store: `store.reserve_send()` counts
+        and inserts in one transaction serialized per seller, across
+        processes and relay nodes, so transactions open side by side cannot
+        all slip under the cap; the reservation id is appended to
+        `reservations`, and record() turns it into the message's row or
+        gives it back."""
         policy = self.config.policy
         now = self.clock()
         window_start = now - timedelta(hours=policy.daily_window_hours)
         orders = await self.store.seller_orders_since(
             seller.id, iso(now - timedelta(days=policy.order_window_days)))
         cap = daily_cap(policy, orders, seller.daily_orders)
-        sent, oldest = await self.store.seller_sends_since(seller.id, iso(window_start))
-        # No await from here on: the check and the reservation are one step.
-        if sent + self._reserved[seller.id] < cap:
-            if reserve:
-                self._reserved[seller.id] += 1
-            return None
+        if reservations is None:
+            sent, oldest = await self.store.seller_sends_since(seller.id, iso(window_start))
+            if sent < cap:
+                return None
+        else:
+            reservation, sent, oldest = await self.store.reserve_send(seller.id, iso(now), iso(window_start), cap)
+            if reservation is not None:
+                reservations.append(reservation)
+                return None
         frees_at = (datetime.fromisoformat(oldest.replace("Z", "+00:00")) if oldest else now) \
             + timedelta(hours=policy.daily_window_hours)
         return replies.DAILY_CAP.with_text(
@@ -397,7 +402,7 @@ class RelayHandler:
         delivered: bytes | None = None
         original_id = None
         relay_id = addresses.new_message_id(self.config.domain)
-        reserved: list[int] = []  # daily-cap places taken by this message, given back once archived
+        reserved: list[int] = []  # the daily-cap place this message took in the store (reservation id)
         try:
             reply, verdict, delivered, original_id = await self._process_and_forward(
                 route, raw, relay_id, transaction_id, changes, session, envelope, reserved)
@@ -421,6 +426,7 @@ class RelayHandler:
             sender_id=route.sender.id,
             original_message_id=original_id,
             relay_message_id=relay_id,
+            send_reservation=reserved[0] if reserved else None,
         )
         archive_id = None
         try:
@@ -434,8 +440,11 @@ class RelayHandler:
                 log.error("message %s was delivered but not archived; the client will retry",
                           transaction_id)
                 reply = replies.ARCHIVE_FAILED
-        for seller_id in reserved:  # archived (or not delivered): the store counts it now
-            self._reserved[seller_id] -= 1
+        if reserved and archive_id is None:  # not archived: the client retries, counted then
+            try:
+                await self.store.release_send(reserved[0])
+            except Exception as exc:  # counted until it leaves the window: the cap errs on the safe side
+                log.warning("daily-cap place of message %s not given back: %s", transaction_id, exc)
         self.metrics.messages.labels(route.direction, verdict).inc()
         self.metrics.refused("data", reply)
         if reply is replies.DELIVERED and archive_id is not None:
@@ -533,13 +542,17 @@ class RelayHandler:
             return replies.INTERNAL_ERROR, "deferred", None, None
 
         if route.direction == SELLER_TO_BUYER:
-            # Checked at RCPT already; again here, holding a place, since
-            # transactions running side by side all passed RCPT.
-            over = await self._over_daily_cap(route.sender, reserve=True)
+            # Checked at RCPT already; again here, taking a place in the
+            # store, since transactions running side by side (on any node)
+            # all passed RCPT.
+            try:
+                over = await self._over_daily_cap(route.sender, reservations=reserved)
+            except StoreUnavailable as exc:
+                log.warning("daily cap of message %s not checked: %s", transaction_id, exc)
+                return replies.LOOKUP_FAILED, "deferred", None, result.original_message_id
             if over is not None:
                 changes.append("refused: the daily cap was reached while this transaction was open")
                 return over, "deferred", None, result.original_message_id
-            reserved.append(route.sender.id)
         started = time.monotonic()
         try:
             return_path = bounces.make_address(relay_id, self.config.domain, self.bounce_secret, self.clock(),

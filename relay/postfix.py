@@ -38,7 +38,8 @@ from typing import Iterable
 
 from relay import bounces
 from relay.config import Config
-from relay.store.sqlite import all_aliases
+from relay.store import all_aliases
+from relay.store.url import is_postgres
 
 MODES = ("transport", "filter")
 HELP = "print (or write into --out DIR) the postfix configuration for this relay"
@@ -237,8 +238,10 @@ def render(config: Config, mode: str = "transport", *, map_dir: str = DEFAULT_MA
 # --- the alias table ----------------------------------------------------------
 
 def aliases_from_db(path: str | os.PathLike) -> list[str]:
-    """Every alias, read from the SQLite file at `path` opened read-only
-    (safe beside a running relay)."""
+    """Every alias: from the SQLite file at `path` opened read-only (safe
+    beside a running relay), or from the PostgreSQL database it names."""
+    if is_postgres(str(path)):
+        return all_aliases(str(path))
     path = Path(path)
     if not path.exists():
         raise PostfixRuntimeError(f"database: {path}: no such file (run `relay db upgrade` first)")

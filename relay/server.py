@@ -31,6 +31,7 @@ from relay.handler import RelayHandler, utc_clock
 from relay.protocol import ConnectionLimiter, InboundSMTP, RelaySMTP
 from relay.metrics import Metrics, MetricsServer
 from relay.store import iso, open_store
+from relay.store.url import redact
 from relay.workers import WorkerPool
 
 log = logging.getLogger("relay.server")
@@ -73,7 +74,7 @@ class RelayServer:
         try:
             applied = await self.store.upgrade()
             if applied:
-                log.info("database %s migrated to version %s", config.database, applied[-1])
+                log.info("database %s migrated to version %s", redact(config.database), applied[-1])
             self.resolver = None
             if config.upstream.url.scheme == "mx" or config.auth.inbound != "off":
                 # Every DNS lookup of the relay (libraries' too) goes through it.

@@ -1,8 +1,11 @@
 """The store: parties, orders, relationships, the Message-ID map, the archive.
 
 This package is the only code that speaks SQL. `open_store()` picks the
-backend from the config (SQLite through aiosqlite today; the interface is
-what a PostgreSQL backend implements for a multi-node deployment). Every
+backend from the config's `database`: a file path is SQLite through
+aiosqlite (sqlite.py, the embedded default, one node), a ``postgresql://``
+URL is PostgreSQL through asyncpg (postgresql.py, for several relay nodes
+on one database). Both implement the same methods with the same meaning and
+run the same numbered migrations (migrations/<engine>/NNNN_*.sql). Every
 method is a coroutine; any failure of the database itself surfaces as
 `StoreUnavailable`, which the handler answers with a 4xx, never a 5xx.
 """
@@ -94,6 +97,10 @@ class ArchiveEntry:
     sender_id: int | None = None
     original_message_id: str | None = None
     relay_message_id: str | None = None
+    # The daily-cap place taken for this message by `store.reserve_send()`:
+    # record() turns it into the message's seller_sends row when the message
+    # was delivered, and gives it back otherwise (same transaction).
+    send_reservation: int | None = None
 
     def metadata(self) -> dict:
         return {
@@ -241,7 +248,32 @@ class PurgeCounts:
 
 
 async def open_store(database: str):
-    """Open (not migrate) the store named by the config's `database`."""
+    """Open (not migrate) the store named by the config's `database`: a
+    ``postgresql://`` (or ``postgres://``) URL opens a PostgresStore, a path
+    a SqliteStore."""
+    from relay.store.url import is_postgres
+
+    if is_postgres(database):
+        from relay.store.postgresql import PostgresStore
+
+        return await PostgresStore.open(database)
     from relay.store.sqlite import SqliteStore
 
     return await SqliteStore.open(database)
+
+
+def all_aliases(database: str) -> list[str]:
+    """Every alias of every relationship, for tools that run beside the
+    relay without an event loop of their own (the postfix recipient table).
+    SQLite: the file opened read-only; PostgreSQL: one short connection."""
+    from relay.store.url import is_postgres
+
+    if is_postgres(database):
+        import asyncio
+
+        from relay.store.postgresql import all_aliases as postgres_aliases
+
+        return asyncio.run(postgres_aliases(database))
+    from relay.store.sqlite import all_aliases as sqlite_aliases
+
+    return sqlite_aliases(database)

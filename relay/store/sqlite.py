@@ -15,7 +15,6 @@ import contextlib
 import json
 import os
 import sqlite3
-from importlib import resources
 from pathlib import Path
 
 import aiosqlite
@@ -26,7 +25,6 @@ from relay.store import (
     BODY_ENCODING,
     GENESIS_HASH,
     ArchiveEntry,
-    BodyDecodeError,
     Conflict,
     MessageIdRow,
     NotFound,
@@ -36,11 +34,15 @@ from relay.store import (
     RelationshipStats,
     StoreUnavailable,
     chain_hash,
-    decode_bodies,
-    encode_bodies,
-    sha256_hex,
     utc_now,
 )
+from relay.store import common
+from relay.store.common import RELATIONSHIP_SELECT as _RELATIONSHIP_SELECT
+from relay.store.common import checked as _checked
+from relay.store.common import decoded as _decoded
+from relay.store.common import prepare_bodies as _prepare_bodies  # noqa: F401 - scripts/bench_profile.py
+from relay.store.common import purge_check as _purge_check
+from relay.store.common import relationship_from_row as _relationship
 
 # How long a statement waits for another process's lock (the CLI beside a
 # running server) before the store reports itself unavailable.
@@ -52,34 +54,8 @@ BATCH_BYTES = 32 * 1024 * 1024
 
 
 def migrations() -> list[tuple[int, str]]:
-    """The numbered migrations shipped in relay/store/migrations/."""
-    found = []
-    for entry in resources.files("relay.store").joinpath("migrations").iterdir():
-        name = entry.name
-        if name.endswith(".sql") and name[:4].isdigit():
-            found.append((int(name[:4]), entry.read_text(encoding="utf-8")))
-    return sorted(found)
-
-
-_RELATIONSHIP_SELECT = """
-    SELECT r.id, r.seller_alias, r.buyer_alias, r.created_at,
-           s.id, s.address, s.display_name, s.opted_out, s.daily_orders,
-           b.id, b.address, b.display_name, b.opted_out, b.daily_orders
-      FROM relationships r
-      JOIN parties s ON s.id = r.seller_id
-      JOIN parties b ON b.id = r.buyer_id
-"""
-
-
-def _relationship(row) -> Relationship:
-    return Relationship(
-        id=row[0],
-        seller_alias=row[1],
-        buyer_alias=row[2],
-        created_at=row[3],
-        seller=Party(row[4], "seller", row[5], row[6], bool(row[7]), row[8]),
-        buyer=Party(row[9], "buyer", row[10], row[11], bool(row[12]), row[13]),
-    )
+    """The numbered migrations shipped in relay/store/migrations/sqlite/."""
+    return common.migrations("sqlite")
 
 
 @contextlib.contextmanager
@@ -133,15 +109,21 @@ class SqliteStore:
             with _unavailable_on_db_error():
                 await self._db.execute("COMMIT")
 
+    # Reads run the statement and fetch its rows in one step on aiosqlite's
+    # thread. A cursor left open between two steps is a read transaction of
+    # the connection, and a BEGIN IMMEDIATE of another coroutine issued
+    # meanwhile would then get "database is locked" at once, without
+    # waiting the busy timeout, whenever another process or node holds the
+    # write lock (SQLite declines to wait while the connection itself holds
+    # a read lock).
+
     async def _fetchone(self, sql: str, params=()):
-        with _unavailable_on_db_error():
-            async with self._db.execute(sql, params) as cursor:
-                return await cursor.fetchone()
+        rows = await self._fetchall(sql, params)
+        return rows[0] if rows else None
 
     async def _fetchall(self, sql: str, params=()):
         with _unavailable_on_db_error():
-            async with self._db.execute(sql, params) as cursor:
-                return await cursor.fetchall()
+            return list(await self._db.execute_fetchall(sql, params))
 
     # --- schema -----------------------------------------------------------
 
@@ -169,6 +151,51 @@ class SqliteStore:
                     )
                     applied.append(version)
         return applied
+
+    async def tables(self) -> list[str]:
+        """The database's own tables (SQLite's internal ones left out)."""
+        rows = await self._fetchall(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name")
+        return [row[0] for row in rows]
+
+    async def table_columns(self, table: str) -> list[str]:
+        assert table in await self.tables()  # never from input
+        return [row[1] for row in await self._fetchall(f"PRAGMA table_info({table})")]
+
+    @contextlib.asynccontextmanager
+    async def snapshot(self):
+        """One read transaction around the reads inside: in WAL mode they all
+        see the database as of one commit, whatever a running relay writes
+        meanwhile (for `relay db migrate-to`)."""
+        async with self._write_lock:
+            with _unavailable_on_db_error():
+                await self._db.execute("BEGIN")
+            try:
+                yield self
+            finally:
+                with contextlib.suppress(sqlite3.Error, ValueError):
+                    await self._db.execute("COMMIT")
+
+    async def table_rows(self, table: str, columns: list[str], batch: int = 1000):
+        """Every row of `table` (those `columns`, as tuples) in rowid order,
+        in lists of at most `batch` rows and about BATCH_BYTES."""
+        assert set(columns) <= set(await self.table_columns(table))  # never from input
+        size = " + ".join(f"COALESCE(length({column}), 0)" for column in columns)
+        names = ", ".join(columns)
+        after = -(2 ** 63)
+        while True:
+            sizes = await self._fetchall(
+                f"SELECT rowid, {size} FROM {table} WHERE rowid > ? ORDER BY rowid LIMIT ?", (after, batch))
+            if not sizes:
+                return
+            last, total = sizes[0][0], 0
+            for rowid, nbytes in sizes:
+                if total and total + nbytes > BATCH_BYTES:
+                    break
+                last, total = rowid, total + nbytes
+            yield await self._fetchall(
+                f"SELECT {names} FROM {table} WHERE rowid > ? AND rowid <= ? ORDER BY rowid", (after, last))
+            after = last
 
     async def schema_version(self) -> int:
         row = await self._fetchone(
@@ -242,6 +269,39 @@ class SqliteStore:
             "SELECT COUNT(*), MIN(sent_at) FROM seller_sends WHERE seller_id = ? AND sent_at >= ?",
             (seller_id, since))
         return row[0], row[1]
+
+    async def reserve_send(self, seller_id: int, at: str, window_start: str,
+                           cap: int) -> tuple[int | None, int, str | None]:
+        """Take a place under the seller's daily cap for a message about to
+        be forwarded: count the seller's seller_sends rows since
+        `window_start` (reservations included) and, if fewer than `cap`,
+        insert a reservation (archive_id NULL, sent_at `at`). Returns
+        (reservation id or None when the cap is reached, the count, the
+        oldest sent_at in the window).
+
+        The count and the insert are one BEGIN IMMEDIATE transaction: SQLite
+        takes its write lock at BEGIN, so every other transaction of this
+        process (`_write_lock`) and of any other process on the file waits,
+        and no two senders can both see room for one more message."""
+        async with self._transaction() as db:
+            with _unavailable_on_db_error():
+                async with db.execute(
+                        "SELECT COUNT(*), MIN(sent_at) FROM seller_sends WHERE seller_id = ? AND sent_at >= ?",
+                        (seller_id, window_start)) as cursor:
+                    count, oldest = await cursor.fetchone()
+                if count >= cap:
+                    return None, count, oldest
+                cursor = await db.execute(
+                    "INSERT INTO seller_sends (seller_id, archive_id, sent_at) VALUES (?, NULL, ?)",
+                    (seller_id, at))
+                return cursor.lastrowid, count, oldest
+
+    async def release_send(self, reservation_id: int) -> None:
+        """Give back a place taken by `reserve_send()` for a message that
+        was not archived (record() itself settles the others)."""
+        async with self._transaction() as db:
+            with _unavailable_on_db_error():
+                await db.execute("DELETE FROM seller_sends WHERE id = ? AND archive_id IS NULL", (reservation_id,))
 
     async def prune_seller_sends(self, before: str) -> int:
         """Forget cap bookkeeping older than `before` (the cap only ever looks
@@ -375,8 +435,10 @@ class SqliteStore:
     # --- archive ------------------------------------------------------------
 
     async def record(self, entry: ArchiveEntry) -> int:
-        """Append `entry` to the archive (and its Message-ID map row) in one
-        transaction; return the archive id once committed."""
+        """Append `entry` to the archive (and its Message-ID map row, and the
+        daily-cap row of a delivered seller message, settling
+        `entry.send_reservation`) in one transaction; return the archive id
+        once committed."""
         metadata = entry.metadata()
         # Hashing and compressing a 10 MB message takes a while: off the loop,
         # and before the write lock is taken.
@@ -421,7 +483,18 @@ class SqliteStore:
                 await db.execute(
                     "INSERT INTO archive_bodies (archive_id, raw, delivered) VALUES (?, ?, ?)",
                     (archive_id, raw_blob, delivered_blob))
-                if entry.verdict == "delivered" and entry.direction == "seller_to_buyer" and entry.sender_id:
+                delivered = entry.verdict == "delivered"
+                counted = False
+                if entry.send_reservation is not None:
+                    if delivered:  # the reserved place becomes this message's row
+                        cursor = await db.execute(
+                            "UPDATE seller_sends SET archive_id = ?, sent_at = ? WHERE id = ? AND archive_id IS NULL",
+                            (archive_id, entry.received_at, entry.send_reservation))
+                        counted = cursor.rowcount == 1
+                    else:  # not sent: the place is free again
+                        await db.execute("DELETE FROM seller_sends WHERE id = ? AND archive_id IS NULL",
+                                         (entry.send_reservation,))
+                if delivered and not counted and entry.direction == "seller_to_buyer" and entry.sender_id:
                     await db.execute(
                         "INSERT INTO seller_sends (seller_id, archive_id, sent_at) VALUES (?, ?, ?)",
                         (entry.sender_id, archive_id, entry.received_at))
@@ -458,14 +531,13 @@ class SqliteStore:
 
     async def _archive_rows(self, where: str, params=()) -> list[dict]:
         """Archive rows joined with their bodies, still encoded."""
-        with _unavailable_on_db_error():
-            async with self._db.execute(
-                "SELECT a.*, length(a.raw) AS inline_raw_size, b.raw AS body_raw,"
-                " b.delivered AS body_delivered"
-                " FROM archive a LEFT JOIN archive_bodies b ON b.archive_id = a.id" + where, params
-            ) as cursor:
-                names = [d[0] for d in cursor.description]
-                return [dict(zip(names, row)) for row in await cursor.fetchall()]
+        names = [row[1] for row in await self._fetchall("PRAGMA table_info(archive)")]
+        names += ["inline_raw_size", "body_raw", "body_delivered"]
+        rows = await self._fetchall(
+            "SELECT a.*, length(a.raw) AS inline_raw_size, b.raw AS body_raw,"
+            " b.delivered AS body_delivered"
+            " FROM archive a LEFT JOIN archive_bodies b ON b.archive_id = a.id" + where, params)
+        return [dict(zip(names, row)) for row in rows]
 
     async def _archive_batch(self, where: str, params, order: str, limit: int) -> list[dict]:
         """Up to `limit` rows matching `where`, in `order`, but no more than
@@ -583,6 +655,11 @@ class SqliteStore:
             for row in rows
         ]
 
+    async def archive_head(self) -> str | None:
+        """The newest row's row_sha256 (None for an empty archive)."""
+        row = await self._fetchone("SELECT row_sha256 FROM archive ORDER BY id DESC LIMIT 1")
+        return None if row is None else row[0]
+
     async def archive_id_by_row_hash(self, row_sha256: str) -> int | None:
         """The row whose row_sha256 is this (a full scan: for diagnosing a break)."""
         row = await self._fetchone("SELECT id FROM archive WHERE row_sha256 = ? LIMIT 1", (row_sha256,))
@@ -595,7 +672,7 @@ class SqliteStore:
             " SELECT 'message_ids' AS t, archive_id FROM message_ids m"
             "  WHERE NOT EXISTS (SELECT 1 FROM archive a WHERE a.id = m.archive_id)"
             " UNION ALL SELECT 'seller_sends', archive_id FROM seller_sends s"
-            "  WHERE NOT EXISTS (SELECT 1 FROM archive a WHERE a.id = s.archive_id)"
+            "  WHERE s.archive_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM archive a WHERE a.id = s.archive_id)"
             " UNION ALL SELECT 'archive_bodies', archive_id FROM archive_bodies b"
             "  WHERE NOT EXISTS (SELECT 1 FROM archive a WHERE a.id = b.archive_id)"
             ") ORDER BY archive_id, t LIMIT ?", (limit,))
@@ -811,65 +888,6 @@ class SqliteStore:
         """The highest archive id: the number of rows ever archived, cheap at any size."""
         row = await self._fetchone("SELECT COALESCE(MAX(id), 0) FROM archive")
         return row[0]
-
-
-def _prepare_bodies(raw: bytes, delivered: bytes | None):
-    """(raw sha256, delivered sha256, raw blob, delivered blob, auto-reply)."""
-    raw_blob, delivered_blob = encode_bodies(raw, delivered)
-    return (sha256_hex(raw), sha256_hex(delivered), raw_blob, delivered_blob,
-            archive_logic.is_auto_reply(raw))
-
-
-def _decoded(row: dict) -> dict:
-    """A row from `_archive_rows()` with its bodies uncompressed."""
-    row = dict(row)
-    body_raw, body_delivered = row.pop("body_raw"), row.pop("body_delivered")
-    inline_raw_size = row.pop("inline_raw_size")
-    row["rcpt_to"] = json.loads(row["rcpt_to"])
-    row["changes"] = json.loads(row["changes"])
-    row["decode_error"] = None
-    if row["purged_at"]:
-        row["raw"] = row["delivered"] = None
-        return row
-    try:
-        if row["body_encoding"] == "identity":
-            row["raw"], row["delivered"] = decode_bodies("identity", row["raw"], row["delivered"])
-        else:
-            if inline_raw_size or row["delivered"] is not None:
-                raise BodyDecodeError("the archive table's own raw/delivered columns were written to")
-            row["raw"], row["delivered"] = decode_bodies(row["body_encoding"], body_raw, body_delivered)
-    except BodyDecodeError as exc:
-        row["raw"] = row["delivered"] = None
-        row["decode_error"] = str(exc)
-    return row
-
-
-def _checked(rows: list[dict]) -> list[dict]:
-    """Decoded rows, each with its own `content_problem` (None for a
-    tombstone, whose content is gone)."""
-    result = []
-    for encoded in rows:
-        row = _decoded(encoded)
-        row["content_problem"] = None if row["purged_at"] else archive_logic.content_problem(row)
-        result.append(row)
-    return result
-
-
-def _purge_check(rows: list[dict]) -> list[tuple[int, bool, int, str | None]]:
-    """For each row about to be purged: (id, auto-reply, body bytes, problem).
-    A row that fails its own hashes is not purged: that would launder an edit."""
-    result = []
-    for encoded in rows:
-        row = _decoded(encoded)
-        problem = archive_logic.content_problem(row)
-        auto = row["auto_reply"]
-        size = 0
-        if problem is None:
-            if auto is None:
-                auto = archive_logic.is_auto_reply(row["raw"])
-            size = len(row["raw"]) + len(row["delivered"] or b"")
-        result.append((row["id"], bool(auto), size, problem))
-    return result
 
 
 def all_aliases(path) -> list[str]:

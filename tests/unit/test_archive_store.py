@@ -1,20 +1,21 @@
-"""The archive in a real SQLite file: compressed bodies that read back as
-the exact bytes, the per-row encoding, holds and purge at the store level."""
+"""The archive on both backends (a real SQLite file, a real PostgreSQL
+database: tests/store_backends.py): compressed bodies that read back as the
+exact bytes, the per-row encoding, holds and purge at the store level."""
 
 from __future__ import annotations
 
 import base64
 import random
-import sqlite3
 
 import pytest
 
 from relay.store import ArchiveEntry, BodyDecodeError, NotFound, decode_bodies, encode_bodies, open_store
+from store_backends import database, engine  # noqa: F401
 
 
 @pytest.fixture
-async def store(tmp_path):
-    store = await open_store(str(tmp_path / "relay.sqlite3"))
+async def store(database):
+    store = await open_store(database)
     await store.upgrade()
     await store.add_party("seller", "sam@shop.example", "Sam")
     await store.add_party("buyer", "bea@mail.example", "Bea")
@@ -48,11 +49,9 @@ async def test_bodies_are_compressed_and_read_back_exactly(store):
     row = await store.archive_row(archive_id)
     assert (row["raw"], row["delivered"], row["body_encoding"]) == (raw, delivered, "zstd")
     assert (row["raw_size"], row["delivered_size"], row["auto_reply"]) == (len(raw), len(delivered), 0)
-    db = sqlite3.connect(store.path)
-    inline, stored_raw, stored_delivered = db.execute(
+    inline, stored_raw, stored_delivered = await store._fetchone(
         "SELECT length(a.raw), length(b.raw), length(b.delivered) FROM archive a"
-        " JOIN archive_bodies b ON b.archive_id = a.id WHERE a.id = ?", (archive_id,)).fetchone()
-    db.close()
+        f" JOIN archive_bodies b ON b.archive_id = a.id WHERE a.id = {int(archive_id)}")
     assert inline == 0
     # Base64 of random bytes packs to about 3/4; the delivered copy is a
     # delta against raw: a few hundred bytes for a 2 MB message.
@@ -108,12 +107,81 @@ async def test_purge_dry_run_hold_and_tombstone(store):
 
 
 async def test_batches_are_bounded_by_bytes_not_only_rows(store, monkeypatch):
-    import relay.store.sqlite as sqlite_module
+    import importlib
 
+    backend = importlib.import_module(f"relay.store.{engine(store)}")
     ids = [await store.record(entry(store, b"Subject: %d\r\n\r\nbody\r\n" % n, b"out", relay_id=f"<r{n}@m>",
                                     when=f"2020-01-0{n + 1}T00:00:00.000000Z")) for n in range(3)]
-    monkeypatch.setattr(sqlite_module, "BATCH_BYTES", 1)  # every batch holds one row
+    monkeypatch.setattr(backend, "BATCH_BYTES", 1)  # every batch holds one row
     assert [row["id"] async for row in store.archive_chain()] == ids
     assert [row["id"] async for row in store.conversation(store.relationship.id)] == ids
     assert [row["content_problem"] async for row in store.archive_chain()] == [None, None, None]
     assert (await store.purge("2025-01-01T00:00:00.000000Z")).rows == 3
+
+
+async def second_pair(store):
+    await store.add_party("buyer", "bob@mail.example", "Bob")
+    relationship, _ = await store.add_order("O-2", "sam@shop.example", "bob@mail.example",
+                                            "2026-01-01T00:00:00.000000Z", "marketplace.example")
+    return relationship
+
+
+async def test_listing_filters_and_pages(store):
+    bob = await second_pair(store)
+    bea_first = await store.record(entry(store, b"Subject: 1\r\n\r\n1\r\n", b"o1", when="2026-02-01T00:00:00.000000Z"))
+    refused = await store.record(entry(store, b"Subject: 2\r\n\r\n2\r\n", None, verdict="rejected",
+                                       when="2026-02-02T00:00:00.000000Z", relay_id="<r2@m>"))
+    bob_row = await store.record(ArchiveEntry(
+        received_at="2026-02-03T00:00:00.000000Z", relationship_id=bob.id, direction="buyer_to_seller",
+        client_address="127.0.0.1", mail_from="bob@mail.example", rcpt_to=("s@m",), verdict="delivered",
+        reply="250", changes=(), raw=b"Subject: 3\r\n\r\n3\r\n", delivered=b"o3", sender_id=bob.buyer.id,
+        relay_message_id="<r3@m>"))
+    everything = await store.archive_list()
+    assert [row["id"] for row in everything] == [bob_row, refused, bea_first]
+    assert everything[0] | {"reply": None} == {
+        "id": bob_row, "received_at": "2026-02-03T00:00:00.000000Z", "relationship": bob.id,
+        "direction": "buyer_to_seller", "verdict": "delivered", "reply": None, "bytes": 17, "delivered_bytes": 2,
+        "purged_at": None, "seller": "sam@shop.example", "buyer": "bob@mail.example"}
+    ids = lambda rows: [row["id"] for row in rows]  # noqa: E731
+    assert ids(await store.archive_list(relationship_id=store.relationship.id)) == [refused, bea_first]
+    assert ids(await store.archive_list(seller="SAM@shop.example")) == [bob_row, refused, bea_first]
+    assert ids(await store.archive_list(buyer="bob@mail.example")) == [bob_row]
+    assert ids(await store.archive_list(since="2026-02-02T00:00:00.000000Z")) == [bob_row, refused]
+    assert ids(await store.archive_list(until="2026-02-02T00:00:00.000000Z")) == [bea_first]
+    assert ids(await store.archive_list(verdict="rejected", seller="sam@shop.example")) == [refused]
+    assert ids(await store.archive_list(limit=1, offset=1)) == [refused]
+    assert ids([row async for row in store.conversation(store.relationship.id)]) == [bea_first, refused]
+    row = await store.archive_row(refused)
+    assert await store.archive_id_by_row_hash(row["row_sha256"]) == refused
+    assert await store.archive_id_by_row_hash("f" * 64) is None
+
+
+async def test_response_facts_work_out_unknown_auto_reply_flags_once(store):
+    asking = await store.record(entry(store, b"Subject: q\r\n\r\nq\r\n", b"q", when="2026-02-01T00:00:00.000000Z"))
+    auto = await store.record(entry(store, b"Auto-Submitted: auto-replied\r\n\r\naway\r\n", b"a",
+                                    when="2026-02-01T01:00:00.000000Z", relay_id="<r2@m>"))
+    # As rows written before migration 3 are: the flag not known yet.
+    await store._fetchone("UPDATE archive SET auto_reply = NULL RETURNING id")
+    facts, names = await store.response_facts(since="2026-01-01T00:00:00.000000Z", seller="sam@shop.example")
+    assert [(fact.archive_id, fact.auto_reply) for fact in facts] == [(asking, False), (auto, True)]
+    assert names == {"sam@shop.example": "Sam"}
+    assert [(await store.archive_row(i))["auto_reply"] for i in (asking, auto)] == [0, 1]
+    assert (await store.response_facts(until="2026-02-01T00:30:00.000000Z"))[0][0].archive_id == asking
+
+
+async def test_holds_are_listed_and_purge_takes_bounces_along(store):
+    old = await store.record(entry(store, b"Subject: old\r\n\r\nold\r\n", b"old out", when="2020-01-01T00:00:00.000000Z"))
+    await store.record_bounce("2020-01-02T00:00:00.000000Z", "<r1@m>", old, store.relationship.id, "failed", "5.1.1",
+                              True, b"report")
+    assert await store.hold(store.relationship.id, "case 7", at="2026-03-01T00:00:00.000000Z")
+    assert await store.holds() == [{"relationship": store.relationship.id, "held_at": "2026-03-01T00:00:00.000000Z",
+                                    "reason": "case 7", "seller": "sam@shop.example", "buyer": "bea@mail.example"}]
+    await store.release(store.relationship.id)
+    assert await store.holds() == []
+    dry = await store.purge("2025-01-01T00:00:00.000000Z", dry_run=True)
+    assert (dry.rows, dry.bounces, dry.message_ids) == (1, 1, 1)
+    done = await store.purge("2025-01-01T00:00:00.000000Z")
+    assert (done.rows, done.bounces, done.message_ids) == (1, 1, 1)
+    assert await store.bounces_for(old) == []
+    # Purged once: a second run finds nothing to do.
+    assert (await store.purge("2025-01-01T00:00:00.000000Z")).rows == 0
