@@ -245,7 +245,7 @@ def aliases_from_db(path: str | os.PathLike) -> list[str]:
     path = Path(path)
     if not path.exists():
         raise PostfixRuntimeError(f"database: {path}: no such file (run `relay db upgrade` first)")
-    return all_aliases(path)
+    return all_aliases(str(path))
 
 
 # --- files ----------------------------------------------------------------

@@ -257,3 +257,10 @@ def test_shipped_examples_are_what_the_generator_writes(mode):
     assert sorted(p.name for p in (EXAMPLES / mode).iterdir()) == sorted(files)
     for name, text in files.items():
         assert (EXAMPLES / mode / name).read_text() == text, name
+
+
+def test_recipient_table_from_postgresql(postgres_url):
+    """With several relay nodes on PostgreSQL, the postfix recipient table
+    is read from that database (`relay postfix-config --recipients-only`)."""
+    _, aliases = make_db(postgres_url, 3)
+    assert sorted(postfix.aliases_from_db(postgres_url)) == sorted(aliases)
