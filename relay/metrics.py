@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -73,9 +72,8 @@ class MetricsServer:
 
     def _refresh_archive_gauges(self) -> None:
         metrics = self.relay.metrics
-        database = self.relay.config.database
-        metrics.archive_bytes.set(sum(os.path.getsize(database + suffix)
-                                      for suffix in ("", "-wal") if os.path.exists(database + suffix)))
+        size = asyncio.run_coroutine_threadsafe(self.relay.store.database_bytes(), self.loop)
+        metrics.archive_bytes.set(size.result(HEALTH_TIMEOUT))
         future = asyncio.run_coroutine_threadsafe(self.relay.store.archive_size(), self.loop)
         metrics.archive_rows.set(future.result(HEALTH_TIMEOUT))
 

@@ -60,6 +60,23 @@ def postgres_cluster():
     cluster.stop()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def relays_on_postgresql(request):
+    """RELAY_TEST_DATABASE=postgresql: every relay the tests start through
+    make_config runs on a fresh PostgreSQL database instead of a SQLite file
+    (.ci/run runs the suites that do not open SQLite files themselves a
+    second time this way)."""
+    import support
+
+    if os.environ.get("RELAY_TEST_DATABASE", "sqlite") != "postgresql":
+        yield
+        return
+    cluster = request.getfixturevalue("postgres_cluster")
+    support.database_factory = cluster.create_database
+    yield
+    support.database_factory = None
+
+
 @pytest.fixture
 def postgres_url(postgres_cluster) -> str:
     """The URL of a new, empty database on the session's cluster."""

@@ -170,8 +170,32 @@ def shared_dkim_key_file() -> str:
     return str(path)
 
 
+# Set by tests/conftest.py when RELAY_TEST_DATABASE=postgresql: makes a new,
+# empty database on the session's PostgreSQL cluster and returns its URL.
+# The relays the tests start then run on PostgreSQL instead of SQLite.
+database_factory = None
+
+
+def _database(tmp_path) -> tuple[str, dict]:
+    """The `database` for a test's relay and what PostgreSQL needs besides
+    (the files every node must share, so none is made next to a URL)."""
+    if database_factory is None:
+        return str(tmp_path / "relay.sqlite3"), {}
+    from relay import tls
+
+    cert, key = tls.self_signed_pair(Path(tmp_path) / "tls", "marketplace.example")
+    return database_factory(), {
+        "bounce": replace(config_module.BounceConfig(), secret_file=str(Path(tmp_path) / "bounce.key")),
+        "submission_files": {"tls_cert": cert, "tls_key": key},
+    }
+
+
 def make_config(tmp_path, upstream_url: str, **overrides) -> config_module.Config:
     base = config_module.Config()
+    database, shared = _database(tmp_path)
+    for name, value in shared.items():
+        if name != "submission_files":
+            overrides.setdefault(name, value)
     upstream = replace(
         base.upstream,
         url=config_module.parse_upstream_url("upstream.url", upstream_url),
@@ -182,11 +206,11 @@ def make_config(tmp_path, upstream_url: str, **overrides) -> config_module.Confi
                       processing_timeout=overrides.pop("processing_timeout", 30.0),
                       max_message_bytes=overrides.pop("max_message_bytes", base.inbound.max_message_bytes))
     submission = replace(base.submission, listen=Endpoint("127.0.0.1", 0), listen_tls=Endpoint("127.0.0.1", 0),
-                         **overrides.pop("submission", {}))
+                         **{**shared.get("submission_files", {}), **overrides.pop("submission", {})})
     dkim_config = overrides.pop("dkim", replace(base.dkim, key_file=shared_dkim_key_file()))
     # No DNS here unless a test brings its own server (tests/dnsserver.py).
     overrides.setdefault("auth", replace(base.auth, inbound="off"))
-    return replace(base, database=str(tmp_path / "relay.sqlite3"), upstream=upstream,
+    return replace(base, database=database, upstream=upstream,
                    inbound=inbound, submission=submission, dkim=dkim_config, **overrides)
 
 

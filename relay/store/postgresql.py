@@ -841,6 +841,11 @@ class PostgresStore:
         row = await self._fetchone("SELECT COALESCE(MAX(id), 0) FROM archive")
         return row[0]
 
+    async def database_bytes(self) -> int:
+        """The database's size on the server's disk."""
+        row = await self._fetchone("SELECT pg_database_size(current_database())")
+        return row[0]
+
     # --- relay db migrate-to ---------------------------------------------------
 
     @contextlib.asynccontextmanager

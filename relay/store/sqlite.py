@@ -889,6 +889,11 @@ class SqliteStore:
         row = await self._fetchone("SELECT COALESCE(MAX(id), 0) FROM archive")
         return row[0]
 
+    async def database_bytes(self) -> int:
+        """The database's size on disk: the file and its write-ahead log."""
+        return sum(os.path.getsize(self.path + suffix) for suffix in ("", "-wal")
+                   if os.path.exists(self.path + suffix))
+
 
 def all_aliases(path) -> list[str]:
     """Every alias of every relationship, from the SQLite file at `path`
