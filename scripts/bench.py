@@ -31,8 +31,24 @@ name the buyer's real address, keep an off-site link or lack the relay's
 DKIM signature. Otherwise exit status 1. Targets are reported, never
 asserted.
 
+One node vs two (--nodes N, --compare-nodes): the relay phase only, closed
+loop, after the same passthrough phase as the reference. With PostgreSQL
+(bench_postgres.py: a throwaway cluster on loopback, durable settings) the
+bench creates a database, runs `relay db upgrade` and provisions the pair
+once, then starts N `relay serve` processes on that one database, each with
+its own inbound port and the same bounce secret and DKIM key files; the
+load client spreads its C connections round-robin over the nodes' ports.
+Reported: msg/s, p50/p99, the ratio to the passthrough, the RSS summed over
+all nodes, the CPU the nodes, PostgreSQL and the load client spent per
+message. Checked afterwards: every message 250, each delivered once at the
+sink, the archive holds each as delivered, `relay archive verify` passes.
+--compare-nodes runs 1 node on SQLite, 1 node on PostgreSQL and 2 nodes on
+PostgreSQL in one run (a fresh store each, the same shared files).
+
     scripts/bench [--quick] [--json] [--messages N] [--concurrency C]
     scripts/bench --profile    # where the relay's CPU goes, per message kind
+    scripts/bench --nodes 2 [--database postgresql] [--quick] [--json]
+    scripts/bench --compare-nodes [--quick] [--json]
 """
 
 from __future__ import annotations
@@ -46,6 +62,7 @@ import logging
 import math
 import os
 import platform
+import resource
 import signal
 import socket
 import sqlite3
@@ -115,8 +132,8 @@ def wait_for_port(port: int, process: subprocess.Popen, name: str, logfile: Path
     raise BenchError(f"{name} did not listen on port {port} within {START_TIMEOUT:g} s")
 
 
-def descendants(root: int) -> list[int]:
-    """`root` and every process below it, from the ppid field of /proc/*/stat."""
+def descendants(*roots: int) -> list[int]:
+    """The `roots` and every process below them, from the ppid field of /proc/*/stat."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -128,7 +145,7 @@ def descendants(root: int) -> list[int]:
             continue
         ppid = int(stat[stat.rindex(b")") + 2:].split(None, 2)[1])
         children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [root]
+    found, todo = [], list(roots)
     while todo:
         pid = todo.pop()
         if pid in found:
@@ -164,15 +181,42 @@ def memory(pids: list[int]) -> tuple[int, int]:
     return rss, pss
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU time (user + system) of `pids`, their reaped children included,
+    in seconds."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
+            fields = stat[stat.rindex(b")") + 2:].split()
+            total += sum(int(fields[i]) for i in (11, 12, 13, 14))  # utime stime cutime cstime
+        except (OSError, ValueError, IndexError):
+            pass  # gone
+    return total / ticks
+
+
+def machine_cpu() -> tuple[float, float]:
+    """(busy, total) jiffies of all cores, from /proc/stat."""
+    try:
+        with open("/proc/stat", "rb") as f:
+            values = [int(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return 0.0, 0.0
+    idle = values[3] + values[4]  # idle, iowait
+    return float(sum(values) - idle), float(sum(values))
+
+
 class RssSampler(threading.Thread):
-    """Samples the memory of each watched process tree (a root and all its
-    descendants, summed) every `interval` seconds; keeps each tree's peak
-    RSS and peak PSS since `reset()`."""
+    """Samples the memory of each watched process tree (one or several
+    roots and all their descendants, summed) every `interval` seconds; keeps
+    each tree's peak RSS and peak PSS since `reset()`."""
 
     def __init__(self):
         super().__init__(name="rss-sampler", daemon=True)
         self.interval = SAMPLE_INTERVAL
-        self.roots: dict[str, int] = {}
+        self.roots: dict[str, tuple[int, ...]] = {}
         self.trees: dict[str, list[int]] = {}
         self.peak: dict[str, int] = {}  # RSS
         self.peak_pss: dict[str, int] = {}
@@ -181,10 +225,10 @@ class RssSampler(threading.Thread):
         self._lock = threading.Lock()
         self._halt = threading.Event()
 
-    def watch(self, name: str, pid: int) -> None:
+    def watch(self, name: str, *pids: int) -> None:
         with self._lock:
-            self.roots[name] = pid
-            self.trees[name] = descendants(pid)
+            self.roots[name] = pids
+            self.trees[name] = descendants(*pids)
             self.current[name] = memory(self.trees[name])
             self.peak[name], self.peak_pss[name] = self.current[name]
             self.processes[name] = len(self.trees[name])
@@ -202,17 +246,23 @@ class RssSampler(threading.Thread):
     def measure(self, name: str) -> tuple[int, int]:
         """The tree's (RSS, PSS) now, outside the sampling rhythm."""
         with self._lock:
-            pids = descendants(self.roots[name])
+            pids = descendants(*self.roots[name])
         return memory(pids)
+
+    def cpu(self, name: str) -> float:
+        """CPU seconds of the tree so far (see cpu_seconds)."""
+        with self._lock:
+            pids = descendants(*self.roots[name])
+        return cpu_seconds(pids)
 
     def run(self) -> None:
         count = 0
         while not self._halt.wait(self.interval):
             count += 1
             with self._lock:
-                for name, root in self.roots.items():
+                for name, roots in self.roots.items():
                     if count % TREE_REFRESH == 0:
-                        self.trees[name] = descendants(root)
+                        self.trees[name] = descendants(*roots)
                         self.processes[name] = max(self.processes.get(name, 0), len(self.trees[name]))
                     value = memory(self.trees[name])
                     self.current[name] = value
@@ -340,6 +390,10 @@ class Server:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout=10)
+        # Anything of its process group left behind (a worker the server did
+        # not take down with it).
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
 
 
 class Passthrough(Server):
@@ -361,15 +415,25 @@ class Relay(Server):
 
     name = "relay"
 
-    def __init__(self, directory: Path, sink_port: int, nameserver: str, env: dict):
+    def __init__(self, directory: Path, sink_port: int, nameserver: str, env: dict, *,
+                 database: str = "", shared: dict | None = None, name: str = ""):
+        if name:
+            self.name = name
         super().__init__(directory)
         self.sink_port = sink_port
         self.nameserver = nameserver
         self.env = env
         self.config_path = directory / "relay.toml"
-        self.database = directory / "relay.sqlite3"
+        # A SQLite file in the directory, or a postgresql:// URL (--nodes).
+        self.database = database or str(directory / "relay.sqlite3")
+        # Files every node shares (--nodes): "bounce_secret", "dkim_key".
+        self.shared = shared or {}
         self.limits: dict = {}
         self.effective: dict = {}
+
+    @property
+    def postgres(self) -> bool:
+        return self.database.startswith(("postgresql://", "postgres://"))
 
     def write_config(self) -> None:
         q = json.dumps  # a TOML basic string
@@ -398,11 +462,13 @@ nameservers = [{q(self.nameserver)}]
 inbound = "dmarc"
 
 [dkim]
-key_file = {q(str(self.directory / "dkim.pem"))}
+key_file = {q(self.shared.get("dkim_key", str(self.directory / "dkim.pem")))}
 
 [log]
 level = "info"
 """
+        if "bounce_secret" in self.shared:
+            text += f"\n[bounce]\nsecret_file = {q(self.shared['bounce_secret'])}\n"
         if self.limits:
             text += "\n[limits]\n" + "".join(f"{key} = {value}\n" for key, value in self.limits.items())
         self.config_path.write_text(text)
@@ -444,8 +510,11 @@ level = "info"
 
     def archive_verdicts(self) -> dict[str, int]:
         """Archived messages by verdict: straight from SQLite (read-only), or
-        through `relay archive list` should the schema have moved on."""
+        through `relay archive list` should the schema have moved on (and
+        always for PostgreSQL)."""
         try:
+            if self.postgres:
+                raise sqlite3.Error("not SQLite")
             with contextlib.closing(sqlite3.connect(f"file:{self.database}?mode=ro", uri=True,
                                                     timeout=30)) as db:
                 return dict(db.execute("SELECT verdict, COUNT(*) FROM archive GROUP BY verdict").fetchall())
@@ -454,6 +523,16 @@ level = "info"
             for row in json.loads(self.cli("archive", "list", "--json", "--limit", "1000000")):
                 counts[row["verdict"]] = counts.get(row["verdict"], 0) + 1
             return counts
+
+    def archive_verify(self) -> dict:
+        """`relay archive verify --json`: {"ok", "rows", "purged", "head", "breaks"}."""
+        done = subprocess.run([PYTHON, "-m", "relay", "--config", str(self.config_path), "archive", "verify",
+                               "--json"], cwd=self.directory, env=self.env, capture_output=True, text=True,
+                              timeout=300)
+        try:
+            return json.loads(done.stdout)
+        except json.JSONDecodeError:
+            raise BenchError(f"relay archive verify: exit {done.returncode}: {done.stderr.strip()[-2000:]}") from None
 
     def log_problems(self) -> dict:
         """WARNING/ERROR lines of the relay's log, counted by their text
@@ -506,10 +585,13 @@ class Load:
             self.payloads.append(str(path))
         self.runs = 0
 
-    def run(self, tag: str, port: int, sequence: list[int], warmup: list[int], *, rate: float = 0.0,
-            max_seconds: float, concurrency: int | None = None) -> dict:
+    def run(self, tag: str, port: int | list[int], sequence: list[int], warmup: list[int], *,
+            rate: float = 0.0, max_seconds: float, concurrency: int | None = None) -> dict:
+        """`port`: one server, or a list of them (relay nodes), over which
+        the connections are spread round-robin."""
         self.runs += 1
-        plan = {"host": HOST, "port": port, "helo": "client.mail.example", "mail_from": mix.BUYER,
+        ports = list(port) if isinstance(port, (list, tuple)) else [port]
+        plan = {"host": HOST, "port": ports[0], "ports": ports, "helo": "client.mail.example", "mail_from": mix.BUYER,
                 "rcpt": self.rcpt, "payloads": self.payloads, "kinds": self.kinds, "sequence": sequence,
                 "warmup": warmup, "concurrency": concurrency or self.concurrency, "rate": rate,
                 "max_seconds": max_seconds, "tag": f"{tag}{self.runs}"}
@@ -586,6 +668,14 @@ def check_policies(name: str, sink: dict) -> None:
 
 # --- the run ---------------------------------------------------------------------------
 
+def load_average() -> float:
+    """The one-minute load average, with a warning when it will skew the run."""
+    load = os.getloadavg()[0]
+    if load > 0.5:
+        log(f"the load average is {load:.2f}: other work on this machine skews the numbers")
+    return load
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace, sizes: dict):
         self.args = args
@@ -643,22 +733,39 @@ class Bench:
                 "pss_growth_mb": (peak_pss - baseline_pss) / MB,
                 "latency_ms": result["latencies_ms"][0] if result["latencies_ms"] else float("nan")}
 
+    def run_facts(self, source: str, load_at_start: float, sequence, variants) -> dict:
+        """The report's first keys: when, on what, with which load."""
+        args = self.args
+        return {
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "relay_code": source,
+            "cores": os.cpu_count(),
+            "loadavg_at_start": round(load_at_start, 2),
+            "python": platform.python_version(),
+            "quick": bool(args.quick),
+            "concurrency": args.concurrency,
+            "seed": args.seed,
+            "mix": {kind: sum(1 for i in sequence if variants[i].kind == kind) for kind in mix.KINDS},
+        }
+
+    def start_common(self):
+        """What every mode needs, on `self.stack`: the work folder, the sink
+        and the DNS server with the buyer's zone."""
+        self.directory = Path(self.stack.enter_context(tempfile.TemporaryDirectory(prefix="relay-bench-")))
+        private_pem = mix.TEST_KEY.read_bytes()
+        env = dict(os.environ)
+        self.sink = Sink()
+        sink_server = SinkServer(self.sink)
+        sink_port = sink_server.start()
+        self.stack.callback(sink_server.stop)
+        dns_server = self.stack.enter_context(DNSServer([mix.buyer_zone(private_pem)]))
+        return private_pem, env, sink_port, dns_server
+
     def run(self) -> dict:
         args, sizes = self.args, self.sizes
-        started = time.monotonic()
-        load_at_start = os.getloadavg()[0]
-        if load_at_start > 0.5:
-            log(f"the load average is {load_at_start:.2f}: other work on this machine skews the numbers")
+        started, load_at_start = time.monotonic(), load_average()
         with self.stack:
-            self.directory = Path(self.stack.enter_context(tempfile.TemporaryDirectory(prefix="relay-bench-")))
-            private_pem = mix.TEST_KEY.read_bytes()
-            env = dict(os.environ)
-
-            self.sink = Sink()
-            sink_server = SinkServer(self.sink)
-            sink_port = sink_server.start()
-            self.stack.callback(sink_server.stop)
-            dns_server = self.stack.enter_context(DNSServer([mix.buyer_zone(private_pem)]))
+            private_pem, env, sink_port, dns_server = self.start_common()
 
             passthrough = Passthrough(self.directory, sink_port)
             passthrough.start()
@@ -730,15 +837,7 @@ class Bench:
         added = half_b["p99_ms"] - half_a["p99_ms"]
         growth_x = relay_big["growth_mb"] * MB / wire
         report = {
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "relay_code": source,
-            "cores": os.cpu_count(),
-            "loadavg_at_start": round(load_at_start, 2),
-            "python": platform.python_version(),
-            "quick": bool(args.quick),
-            "concurrency": args.concurrency,
-            "seed": args.seed,
-            "mix": {kind: sum(1 for i in sequence if variants[i].kind == kind) for kind in mix.KINDS},
+            **self.run_facts(source, load_at_start, sequence, variants),
             "passthrough_messages": a["messages"],
             "passthrough_msgs_per_s": round(a["msgs_per_s"], 1),
             "passthrough_p50_ms": round(a["p50_ms"], 1),
@@ -788,6 +887,311 @@ class Bench:
             "wall_s": round(time.monotonic() - started, 1),
         }
         return report
+
+
+# --- one node vs two ---------------------------------------------------------------
+
+COMPARE = (("sqlite", 1), ("postgresql", 1), ("postgresql", 2))  # --compare-nodes, in this order
+ENGINE_NAMES = {"sqlite": "SQLite", "postgresql": "PostgreSQL"}
+
+
+class Setup:
+    """One relay configuration of --nodes/--compare-nodes: its store (a
+    fresh SQLite file, or a fresh database on the bench's cluster), its
+    nodes, the seller's alias it provisioned, and the messages to it."""
+
+    def __init__(self, kind: str, count: int):
+        self.kind = kind
+        self.count = count
+        self.key = f"{kind}-{count}"
+        self.label = f"{ENGINE_NAMES[kind]}, {count} node{'s' if count > 1 else ''}"
+        self.relays: list[Relay] = []
+        self.alias = ""
+        self.variants: list[mix.Message] = []
+        self.load: Load | None = None
+
+
+class NodesBench(Bench):
+    """--nodes N and --compare-nodes: one passthrough phase, then for each
+    configuration its relay nodes on one store, closed loop, checked."""
+
+    def __init__(self, args: argparse.Namespace, sizes: dict, configurations: list[tuple[str, int]]):
+        super().__init__(args, sizes)
+        self.configurations = configurations
+        self.relay = None  # phase() counts nothing for the relay: each configuration checks its own
+        self.cluster = None
+        self.postgres_version = ""
+
+    def start_cluster(self) -> None:
+        import bench_postgres
+
+        bindir = bench_postgres.find_bindir()
+        if bindir is None:
+            raise BenchError("PostgreSQL's server binaries (initdb, pg_ctl, postgres) were not found "
+                             "(pg_config --bindir, /usr/lib/postgresql/*/bin, PATH, RELAY_TEST_PG_BINDIR)")
+        cluster = bench_postgres.BenchCluster(bindir)
+        self.stack.callback(cluster.stop)  # before start(): a half-started cluster is stopped too
+        try:
+            cluster.start()
+        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+            raise BenchError(f"PostgreSQL: {exc}") from None
+        self.cluster = cluster
+        self.postgres_version = cluster.version()
+        self.postgres_settings = bench_postgres.DURABLE
+        pid = cluster.postmaster_pid()
+        if pid is None:
+            raise BenchError("PostgreSQL: no postmaster.pid after start")
+        self.sampler.watch("postgresql", pid)
+        log(f"PostgreSQL {self.postgres_version} on {cluster.host}:{cluster.port}")
+
+    def shared_files(self) -> dict:
+        """The bounce secret (made here) and the DKIM key (made by `relay
+        dkim keygen` with the first configuration): one set for every node
+        of every configuration, as on real nodes."""
+        folder = self.directory / "shared"
+        folder.mkdir()
+        secret = folder / "bounce.key"
+        fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(os.urandom(32))
+        return {"bounce_secret": str(secret), "dkim_key": str(folder / "dkim.pem")}
+
+    def prepare_setup(self, setup: Setup, sink_port: int, nameserver: str, env: dict, shared: dict,
+                      private_pem: bytes) -> None:
+        """The store made and migrated once (`relay db upgrade`), the pair
+        provisioned once (CLI), the nodes' configs written; nothing started."""
+        database = ""
+        if setup.kind == "postgresql":
+            try:
+                database = self.cluster.create_named_database(f"relay_bench_{setup.count}_nodes")
+            except RuntimeError as exc:
+                raise BenchError(f"PostgreSQL: {exc}") from None
+        for number in range(1, setup.count + 1):
+            folder = self.directory / setup.key / f"node-{number}"
+            folder.mkdir(parents=True)
+            setup.relays.append(Relay(folder, sink_port, nameserver, env, database=database, shared=shared,
+                                      name=f"relay-{number}"))
+        first = setup.relays[0]
+        first.port = free_port()
+        first.configure()
+        for relay in setup.relays[1:]:
+            relay.limits, relay.effective = dict(first.limits), first.effective
+        if not Path(shared["dkim_key"]).exists():
+            first.cli("dkim", "keygen", "--out", shared["dkim_key"])
+        first.cli("db", "upgrade")
+        setup.alias = first.provision()
+        setup.variants = mix.build_variants(setup.alias, self.args.seed, private_pem)
+        setup.load = Load(self.directory / setup.key / "load", setup.variants, setup.alias, self.args.concurrency)
+
+    def relay_phase(self, setup: Setup, sequence: list[int], warmup: list[int], reference: dict) -> dict:
+        """Start the configuration's nodes, send the closed-loop phase spread
+        over them, stop them, check sink, archive and chain."""
+        name = f"relay (b), {setup.label}"
+        relays = setup.relays
+        for relay in relays:
+            self.stack.callback(relay.stop)  # stop() does nothing to a stopped server
+            relay.start()
+        group = f"relay {setup.key}"
+        self.sampler.watch(group, *(relay.process.pid for relay in relays))
+        time.sleep(0.5)
+        idle_rss, idle_pss = min(self.sampler.measure(group) for _ in range(3))
+        postgres = setup.kind == "postgresql"
+
+        self.sink.reset()
+        self.sampler.reset(group)
+        if postgres:
+            self.sampler.reset("postgresql")
+        relay_cpu, pg_cpu = self.sampler.cpu(group), self.sampler.cpu("postgresql") if postgres else 0.0
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        own_cpu, machine = time.process_time(), machine_cpu()
+        result = setup.load.run("relay", [relay.port for relay in relays], sequence, warmup,
+                                max_seconds=self.sizes["phase_seconds"])
+        machine_after = machine_cpu()
+        children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = {
+            "relay": self.sampler.cpu(group) - relay_cpu,
+            "postgresql": (self.sampler.cpu("postgresql") - pg_cpu) if postgres else 0.0,
+            "load_client": (children_after.ru_utime + children_after.ru_stime
+                            - children.ru_utime - children.ru_stime),
+            "sink_and_bench": time.process_time() - own_cpu,
+        }
+        sink = self.sink.snapshot()
+        check_delivery(name, result, sink)
+        check_policies(name, sink)
+        out = stats(result)
+        peak_rss, peak_pss = self.sampler.peak[group], self.sampler.peak_pss[group]
+        processes = self.sampler.processes[group]
+        pg_rss = self.sampler.peak["postgresql"] if postgres else None
+        pg_pss = self.sampler.peak_pss["postgresql"] if postgres else None
+        handled = sink["count"]  # warm-up and measured messages, each accepted and delivered once
+        if out["timed_out"]:
+            log(f"{name}: stopped at the {self.sizes['phase_seconds']:g} s cap after {out['messages']} of "
+                f"{len(sequence)} messages")
+        per_node = [result.get("by_port", {}).get(str(relay.port), 0) for relay in relays]
+        log(f"{name}: {out['messages']} messages ({' + '.join(map(str, per_node))}), {out['msgs_per_s']:.1f} msg/s, "
+            f"p50 {out['p50_ms']:.1f} ms, p99 {out['p99_ms']:.1f} ms")
+        for relay in relays:
+            relay.stop()
+        self.sampler.unwatch(group)
+
+        archived = relays[0].archive_verdicts()
+        if archived.get("delivered", 0) != handled or sum(archived.values()) != handled:
+            raise BenchError(f"{name}: the archive holds {archived}, expected {handled} delivered")
+        verify = relays[0].archive_verify()
+        if not verify.get("ok") or verify.get("rows") != handled:
+            breaks = verify.get("breaks") or []
+            raise BenchError(f"{name}: relay archive verify: ok={verify.get('ok')}, {verify.get('rows')} rows "
+                             f"(expected {handled}); first breaks: {breaks[:3]}")
+        problems: dict[str, int] = {}
+        for relay in relays:
+            for text, count in relay.log_problems().items():
+                problems[text] = problems.get(text, 0) + count
+        log(f"{name}: archive {archived}, chain verified ({verify['rows']} rows)")
+
+        total_jiffies = machine_after[1] - machine[1]
+        per_msg = {key: round(value * 1000 / handled, 2) if handled else None for key, value in cpu.items()}
+        return {
+            "label": setup.label,
+            "database": setup.kind,
+            "nodes": setup.count,
+            "messages": out["messages"],
+            "warmup": result["warmup_sent"],
+            "msgs_per_s": round(out["msgs_per_s"], 1),
+            "p50_ms": round(out["p50_ms"], 1),
+            "p99_ms": round(out["p99_ms"], 1),
+            "max_ms": round(out["max_ms"], 1),
+            "ratio": round(out["msgs_per_s"] / reference["msgs_per_s"], 3) if reference["msgs_per_s"] else None,
+            "by_kind": _rounded(out["by_kind"]),
+            "messages_per_node": per_node,
+            "timed_out": out["timed_out"],
+            "idle_rss_mb": round(idle_rss / MB, 1),
+            "idle_pss_mb": round(idle_pss / MB, 1),
+            "peak_rss_mb": round(peak_rss / MB, 1),
+            "peak_pss_mb": round(peak_pss / MB, 1),
+            "processes": processes,
+            "postgresql_peak_rss_mb": round(pg_rss / MB, 1) if pg_rss is not None else None,
+            "postgresql_peak_pss_mb": round(pg_pss / MB, 1) if pg_pss is not None else None,
+            "cpu_ms_per_msg": per_msg,
+            "machine_cpu_busy_pct": round(100 * (machine_after[0] - machine[0]) / total_jiffies, 1)
+            if total_jiffies else None,
+            "archive": archived,
+            "archive_verify": {"ok": verify["ok"], "rows": verify["rows"], "head": verify.get("head")},
+            "workers_per_node": relays[0].effective.get("workers"),
+            "log_problems": problems,
+        }
+
+    def run(self) -> dict:
+        args, sizes = self.args, self.sizes
+        started, load_at_start = time.monotonic(), load_average()
+        with self.stack:
+            private_pem, env, sink_port, dns_server = self.start_common()
+
+            self.sampler.start()
+            self.stack.callback(self.sampler.stop)
+            if any(kind == "postgresql" for kind, _ in self.configurations):
+                self.start_cluster()
+            shared = self.shared_files()
+            setups = [Setup(kind, count) for kind, count in self.configurations]
+            for setup in setups:
+                self.prepare_setup(setup, sink_port, dns_server.address, env, shared, private_pem)
+
+            passthrough = Passthrough(self.directory, sink_port)
+            self.stack.callback(passthrough.stop)
+            passthrough.start()
+            self.sampler.watch("passthrough", passthrough.process.pid)
+
+            # The same sequence of the mix for every configuration (each sends
+            # it to its own alias: the stores are separate).
+            self.load = setups[0].load
+            sequence = mix.sequence(setups[0].variants, args.messages, args.seed)
+            warmup = mix.sequence(setups[0].variants, sizes["warmup"], args.seed + 1)
+            source = relay_source(env)
+            log(f"set up in {time.monotonic() - started:.1f} s; relay {source}")
+
+            a = self.phase("passthrough (a)", passthrough, "passthrough", sequence, warmup)
+            passthrough.stop()
+            self.sampler.unwatch("passthrough")
+            entries = [self.relay_phase(setup, sequence, warmup, a) for setup in setups]
+
+        variants = setups[0].variants
+        report = {
+            "mode": "compare-nodes" if self.args.compare_nodes else "nodes",
+            **self.run_facts(source, load_at_start, sequence, variants),
+            "postgresql": ({"version": self.postgres_version, "settings": self.postgres_settings,
+                            "pool_size_per_node": "relay default (10)", "host": "127.0.0.1"}
+                           if self.cluster else None),
+            "passthrough_messages": a["messages"],
+            "passthrough_msgs_per_s": round(a["msgs_per_s"], 1),
+            "passthrough_p50_ms": round(a["p50_ms"], 1),
+            "passthrough_p99_ms": round(a["p99_ms"], 1),
+            "passthrough_peak_rss_mb": round(a["peak_rss_mb"], 1),
+        }
+        if self.args.compare_nodes:
+            report["nodes_comparison"] = entries
+        else:
+            entry = entries[0]
+            report.update({"nodes": entry["nodes"], "database": entry["database"]})
+            report.update({f"relay_{key}": value for key, value in entry.items()
+                           if key not in ("label", "database", "nodes", "ratio")})
+            report["ratio"] = entry["ratio"]
+            report["nodes_run"] = entry
+        report["wall_s"] = round(time.monotonic() - started, 1)
+        return report
+
+
+def nodes_table(r: dict) -> str:
+    entries = r.get("nodes_comparison") or [r["nodes_run"]]
+    kinds = r["mix"]
+    total = sum(kinds.values())
+
+    def row(*cells, widths=(28, 6, 7, 8, 8, 8, 7)):
+        return "".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(cells, widths)))
+
+    lines = [
+        f"relay bench {r['date']}, {r['cores']} cores, Python {r['python']}, relay {r['relay_code']}, "
+        f"{r['concurrency']} connections{', quick' if r['quick'] else ''}",
+        f"mix of {total}: {kinds['text']} text 2 KB, {kinds['html']} HTML 20 KB with links, "
+        f"{kinds['pdf']} PDF 500 KB",
+    ]
+    if r["postgresql"]:
+        lines.append(f"PostgreSQL {r['postgresql']['version']} on 127.0.0.1 (fsync, synchronous_commit, "
+                     f"full_page_writes on), a fresh database per configuration")
+    lines += [
+        "",
+        row("closed loop (peak)", "nodes", "msgs", "msg/s", "p50 ms", "p99 ms", "ratio") + "  per node",
+        row("(a) aiosmtpd passthrough", "-", r["passthrough_messages"], f"{r['passthrough_msgs_per_s']:.1f}",
+            f"{r['passthrough_p50_ms']:.1f}", f"{r['passthrough_p99_ms']:.1f}", "-"),
+    ]
+    for e in entries:
+        lines.append(row(f"(b) relay, {ENGINE_NAMES[e['database']]}", e["nodes"], e["messages"],
+                         f"{e['msgs_per_s']:.1f}", f"{e['p50_ms']:.1f}", f"{e['p99_ms']:.1f}",
+                         f"{e['ratio']:.3f}") + "  " + " + ".join(map(str, e["messages_per_node"])))
+    lines += ["", row("memory, peak under load", "", "", "RSS MB", "PSS MB", "procs", "")
+              + "  PostgreSQL RSS / PSS MB"]
+    for e in entries:
+        pg = (f"{e['postgresql_peak_rss_mb']:.1f} / {e['postgresql_peak_pss_mb']:.1f}"
+              if e["postgresql_peak_rss_mb"] is not None else "-")
+        lines.append(row(f"(b) relay, {ENGINE_NAMES[e['database']]}", e["nodes"], "", f"{e['peak_rss_mb']:.1f}",
+                         f"{e['peak_pss_mb']:.1f}", e["processes"], "") + f"  {pg}")
+    cpu_widths = (28, 6, 7, 12, 8, 8, 14)
+    lines += ["", row("CPU ms per message", "", "relay", "PostgreSQL", "load", "sink", "machine busy",
+                      widths=cpu_widths),
+              "  (warm-up included; relay: all nodes and their workers; sink: the bench's own process)"]
+    for e in entries:
+        c = e["cpu_ms_per_msg"]
+        lines.append(row(f"(b) relay, {ENGINE_NAMES[e['database']]}", e["nodes"], f"{c['relay']:.1f}",
+                         f"{c['postgresql']:.1f}", f"{c['load_client']:.1f}", f"{c['sink_and_bench']:.1f}",
+                         f"{e['machine_cpu_busy_pct']:.0f} %", widths=cpu_widths))
+    lines += ["", "checks: every message answered 250 and delivered once; archive and chain:"]
+    for e in entries:
+        lines.append(f"  {e['label']}: {e['archive'].get('delivered', 0)} delivered, relay archive verify ok "
+                     f"({e['archive_verify']['rows']} rows)")
+    problems = [(e["label"], text, count) for e in entries for text, count in e["log_problems"].items()]
+    if problems:
+        lines += ["", "relay log warnings/errors:"]
+        lines += [f"  {label}: {count} x {text}" for label, text, count in problems]
+    lines += ["", f"{r['wall_s']:.0f} s"]
+    return "\n".join(lines)
 
 
 def _finite(value):
@@ -884,8 +1288,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true",
                         help="instead of the load: profile the relay's per-message work in-process "
                              "(cProfile) and print the top functions and CPU ms per message kind")
+    parser.add_argument("--nodes", type=int, choices=(1, 2), metavar="N",
+                        help="one node vs two: N relay nodes (1 or 2) on one database, the relay phase only "
+                             "(closed loop) after the passthrough phase; the load's connections spread "
+                             "round-robin over the nodes")
+    parser.add_argument("--database", choices=("sqlite", "postgresql"),
+                        help="with --nodes: the nodes' store (default postgresql: a throwaway cluster on "
+                             "loopback; sqlite for one node only)")
+    parser.add_argument("--compare-nodes", action="store_true",
+                        help="relay phases for 1 node on SQLite, 1 node on PostgreSQL and 2 nodes on "
+                             "PostgreSQL after one passthrough phase, and a table")
     parser.add_argument("--seed", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.compare_nodes and (args.nodes or args.database):
+        parser.error("--compare-nodes runs its own configurations: leave out --nodes and --database")
+    if args.profile and (args.nodes or args.database or args.compare_nodes):
+        parser.error("--profile measures one relay in-process: no --nodes, --database or --compare-nodes")
+    if args.database and not args.nodes:
+        args.nodes = 1
+    if args.nodes and not args.database:
+        args.database = "postgresql"
+    if args.nodes == 2 and args.database == "sqlite":
+        parser.error("two nodes share one database: --database postgresql")
+    if max(args.nodes or 0, 2 if args.compare_nodes else 0) > args.concurrency:
+        parser.error("--concurrency must be at least the number of nodes: each node gets its share of the "
+                     "connections")
     if args.messages is None:
         if args.profile:
             args.messages = PROFILE_MESSAGES // 2 if args.quick else PROFILE_MESSAGES
@@ -904,13 +1331,28 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench_profile.main(args)
     sizes = dict(QUICK if args.quick else DEFAULTS)
+    # SIGTERM unwinds like Ctrl-C: every server, the cluster and the
+    # temporary folders are stopped and removed on the way out.
+    signal.signal(signal.SIGTERM, _terminated)
+    nodes_mode = bool(args.nodes or args.compare_nodes)
     try:
-        report = Bench(args, sizes).run()
+        if nodes_mode:
+            configurations = list(COMPARE) if args.compare_nodes else [(args.database, args.nodes)]
+            report = NodesBench(args, sizes, configurations).run()
+        else:
+            report = Bench(args, sizes).run()
     except BenchError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps(_finite(report), allow_nan=False) if args.json else table(report))
+    if args.json:
+        print(json.dumps(_finite(report), allow_nan=False))
+    else:
+        print(nodes_table(report) if nodes_mode else table(report))
     return 0
+
+
+def _terminated(signum, frame):
+    raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,12 @@ a prepared mix. Run by scripts/bench.py with a plan file (JSON):
      "sequence": [0, 3, 1, ...], "warmup": [0, 1, ...], "concurrency": 8,
      "rate": 0, "max_seconds": 60, "tag": "relay"}
 
+Several servers (relay nodes): "ports": [2525, 2526, ...] instead of (or
+beside) "port"; connection i goes to ports[i % len(ports)], so the C
+connections are spread round-robin over the servers and each keeps its
+server for the whole run. The result counts the measured messages per
+port ("by_port").
+
 Each payload file holds a message as written after DATA (CRLF, dot-stuffed,
 ending in CRLF.CRLF); a fresh Message-ID header goes in front of it per send.
 C connections each say EHLO once, then MAIL/RCPT/DATA for message after
@@ -71,13 +77,15 @@ class Connection:
     def __init__(self, plan: dict, number: int):
         self.plan = plan
         self.number = number
+        ports = plan.get("ports") or [plan["port"]]
+        self.port = ports[number % len(ports)]
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
         self.messages = 0  # sent on the current connection
 
     async def open(self) -> None:
         self.reader, self.writer = await asyncio.wait_for(
-            asyncio.open_connection(self.plan["host"], self.plan["port"]), IO_TIMEOUT)
+            asyncio.open_connection(self.plan["host"], self.port), IO_TIMEOUT)
         self.messages = 0
         code, text = await read_reply(self.reader)
         if code != 220:
@@ -127,6 +135,7 @@ class Run:
         self.failures: list[dict] = []
         self.sent = 0
         self.reconnects = 0
+        self.by_port: dict[str, int] = {}  # measured messages answered 250, per server port
         self.nonce = f"{os.getpid():x}{int(time.time() * 1000) % 100000000:x}"
 
     async def deliver(self, conn: Connection, position: int, index: int, phase: str) -> float | None:
@@ -153,6 +162,10 @@ class Run:
             await self.drop(conn)
         return None
 
+    def count_port(self, conn: Connection) -> None:
+        key = str(conn.port)
+        self.by_port[key] = self.by_port.get(key, 0) + 1
+
     async def drop(self, conn: Connection) -> None:
         if conn.writer is not None:
             conn.writer.close()
@@ -175,6 +188,7 @@ class Run:
                 latency = await self.deliver(conn, position, index, phase)
                 if record and latency is not None:
                     self.results.append((position, latency, 0.0))
+                    self.count_port(conn)
 
         await asyncio.gather(*(worker(conn) for conn in conns))
 
@@ -204,6 +218,7 @@ class Run:
                 latency = await self.deliver(conn, position, index, "measured")
                 if latency is not None:
                     self.results.append((position, latency, lateness))
+                    self.count_port(conn)
 
         await asyncio.gather(producer(), *(worker(conn) for conn in conns))
 
@@ -238,6 +253,7 @@ class Run:
             "elapsed_s": elapsed,
             "timed_out": time.monotonic() > deadline,
             "reconnects": self.reconnects,
+            "by_port": self.by_port,
             "failures": self.failures,
             "latencies_ms": [round(r[1], 3) for r in self.results],
             "lateness_ms": [round(r[2], 3) for r in self.results],

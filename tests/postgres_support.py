@@ -88,10 +88,15 @@ class PostgresCluster:
             raise RuntimeError(f"{' '.join(argv)} failed ({result.returncode}):\n{result.stdout}{result.stderr}")
         return result
 
+    # A throwaway server: nothing it writes has to survive a crash.
+    settings = ("-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+                " -c max_connections=300 -c shared_buffers=32MB")
+    folder_prefix = "relay-pg-"
+
     def start(self) -> "PostgresCluster":
         # Not pytest's tmp_path: its base folder is private to the user that
         # runs the tests, and the server may run as another one.
-        self.folder = Path(tempfile.mkdtemp(prefix="relay-pg-"))
+        self.folder = Path(tempfile.mkdtemp(prefix=self.folder_prefix))
         if os.geteuid() == 0:
             try:
                 self._owner = pwd.getpwnam("postgres")
@@ -104,9 +109,7 @@ class PostgresCluster:
         for attempt in range(5):
             self.port = _free_port()
             options = (f"-c listen_addresses={self.host} -c port={self.port}"
-                       f" -c unix_socket_directories={self.folder}"
-                       " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-                       " -c max_connections=300 -c shared_buffers=32MB")
+                       f" -c unix_socket_directories={self.folder} {self.settings}")
             try:
                 self._run([str(self.bindir / "pg_ctl"), "-D", str(data), "-l", str(self.folder / "server.log"),
                            "-o", options, "-w", "-t", "60", "start"])
