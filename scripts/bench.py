@@ -761,6 +761,17 @@ class Bench:
         dns_server = self.stack.enter_context(DNSServer([mix.buyer_zone(private_pem)]))
         return private_pem, env, sink_port, dns_server
 
+    def restart_and_send_big(self, server, name: str, big, warmup) -> dict:
+        """Restart `server` (so its memory starts from idle) and measure one
+        message with a 10 MB attachment through it."""
+        server.stop()
+        self.sampler.unwatch(name)
+        server.start()
+        self.sampler.watch(name, server.process.pid)
+        result = self.big_message(server, name, big, warmup)
+        log(f"{name}, one 10 MB attachment: RSS +{result['growth_mb']:.1f} MB, {result['latency_ms']:.0f} ms")
+        return result
+
     def run(self) -> dict:
         args, sizes = self.args, self.sizes
         started, load_at_start = time.monotonic(), load_average()
@@ -814,23 +825,11 @@ class Bench:
             big = mix.big_message(alias, args.seed + 3, private_pem)
             wire = len(big.payload())
             big_warmup = [next(j for j, v in enumerate(variants) if v.kind == kind) for kind in mix.KINDS]
-            relay.stop()
-            self.sampler.unwatch("relay")
-            relay.start()
-            self.sampler.watch("relay", relay.process.pid)
-            relay_big = self.big_message(relay, "relay", big, big_warmup)
-            log(f"relay, one 10 MB attachment: RSS +{relay_big['growth_mb']:.1f} MB, "
-                f"{relay_big['latency_ms']:.0f} ms")
+            relay_big = self.restart_and_send_big(relay, "relay", big, big_warmup)
             archived = relay.archive_verdicts()
             if archived.get("delivered", 0) != self.relay_sent:
                 raise BenchError(f"relay: the archive holds {archived}, expected {self.relay_sent} delivered")
-            passthrough.stop()
-            self.sampler.unwatch("passthrough")
-            passthrough.start()
-            self.sampler.watch("passthrough", passthrough.process.pid)
-            passthrough_big = self.big_message(passthrough, "passthrough", big, big_warmup)
-            log(f"passthrough, one 10 MB attachment: RSS +{passthrough_big['growth_mb']:.1f} MB, "
-                f"{passthrough_big['latency_ms']:.0f} ms")
+            passthrough_big = self.restart_and_send_big(passthrough, "passthrough", big, big_warmup)
             problems = relay.log_problems()
 
         ratio = b["msgs_per_s"] / a["msgs_per_s"] if a["msgs_per_s"] else float("nan")
