@@ -817,18 +817,21 @@ class PostgresStore:
 
     async def record_bounce(self, received_at: str, relay_message_id: str, archive_id: int | None,
                             relationship_id: int | None, action: str, status: str, notified: bool,
-                            raw: bytes) -> int:
+                            raw: bytes, detector: str = "rfc3464") -> int:
         row = await self._fetchone(
             "INSERT INTO bounces (received_at, relay_message_id, archive_id, relationship_id,"
-            " action, status, notified, raw) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
-            (received_at, relay_message_id, archive_id, relationship_id, action, status, int(notified), raw))
+            " action, status, notified, raw, detector) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id",
+            (received_at, relay_message_id, archive_id, relationship_id, action, status, int(notified), raw,
+             detector))
         return row[0]
 
     async def bounces_for(self, archive_id: int) -> list[dict]:
         rows = await self._fetchall(
-            "SELECT id, received_at, action, status, notified FROM bounces WHERE archive_id = $1 ORDER BY id",
+            "SELECT id, received_at, action, status, notified, detector FROM bounces"
+            " WHERE archive_id = $1 ORDER BY id",
             (archive_id,))
-        return [dict(zip(("id", "received_at", "action", "status", "notified"), row)) for row in rows]
+        return [dict(zip(("id", "received_at", "action", "status", "notified", "detector"), row))
+                for row in rows]
 
     # --- health and metrics --------------------------------------------------
 

@@ -862,21 +862,23 @@ class SqliteStore:
 
     async def record_bounce(self, received_at: str, relay_message_id: str, archive_id: int | None,
                             relationship_id: int | None, action: str, status: str, notified: bool,
-                            raw: bytes) -> int:
+                            raw: bytes, detector: str = "rfc3464") -> int:
         async with self._transaction() as db:
             with _unavailable_on_db_error():
                 cursor = await db.execute(
                     "INSERT INTO bounces (received_at, relay_message_id, archive_id, relationship_id,"
-                    " action, status, notified, raw) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    " action, status, notified, raw, detector) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (received_at, relay_message_id, archive_id, relationship_id, action, status,
-                     int(notified), raw))
+                     int(notified), raw, detector))
         return cursor.lastrowid
 
     async def bounces_for(self, archive_id: int) -> list[dict]:
         rows = await self._fetchall(
-            "SELECT id, received_at, action, status, notified FROM bounces WHERE archive_id = ? ORDER BY id",
+            "SELECT id, received_at, action, status, notified, detector FROM bounces"
+            " WHERE archive_id = ? ORDER BY id",
             (archive_id,))
-        return [dict(zip(("id", "received_at", "action", "status", "notified"), row)) for row in rows]
+        return [dict(zip(("id", "received_at", "action", "status", "notified", "detector"), row))
+                for row in rows]
 
     # --- health and metrics --------------------------------------------------
 

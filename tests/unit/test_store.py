@@ -164,9 +164,13 @@ async def test_bounces_are_recorded_against_their_message(store):
     archive_id = await store.record(entry(relationship.id, 1))
     bounce_id = await store.record_bounce("2026-11-28T00:00:00Z", "<r1@marketplace.example>", archive_id,
                                           relationship.id, "failed", "5.1.1", True, b"report")
+    plain_id = await store.record_bounce("2026-11-28T00:01:00Z", "<r1@marketplace.example>", archive_id,
+                                         relationship.id, "failed", "", True, b"qmail text", detector="qmail")
     assert await store.bounces_for(archive_id) == [
         {"id": bounce_id, "received_at": "2026-11-28T00:00:00Z", "action": "failed", "status": "5.1.1",
-         "notified": 1}]
+         "notified": 1, "detector": "rfc3464"},
+        {"id": plain_id, "received_at": "2026-11-28T00:01:00Z", "action": "failed", "status": "",
+         "notified": 1, "detector": "qmail"}]
 
 
 @contextlib.asynccontextmanager
