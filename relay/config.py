@@ -75,6 +75,10 @@ class InboundConfig:
     # and HELO, for SPF when postfix is in front); no one else.
     xforward_hosts: tuple[str, ...] = ("127.0.0.1", "::1")
     max_relay_hops: int = 3  # more of the relay's own Received: lines than this → 554 5.4.6
+    # A DATA line ending in a bare LF: "normal" reads it as CRLF (postfix's
+    # smtpd_forbid_bare_newline = normal), "reject" refuses it 550 5.6.11.
+    # Both refuse a bare CR and the fake ends of SMTP smuggling. All listeners.
+    bare_newline: str = "normal"
 
 
 @dataclass(frozen=True)
@@ -424,6 +428,8 @@ def _check(section, prefix: str) -> None:
                 ipaddress.ip_address(host)
             except ValueError:
                 raise ConfigError(f"{prefix}xforward_hosts: not an IP address: {host!r}") from None
+        if section.bare_newline not in ("normal", "reject"):
+            raise ConfigError(f"{prefix}bare_newline: expected one of normal, reject, got {section.bare_newline!r}")
         if section.max_received < 1 or section.max_relay_hops < 1:
             raise ConfigError(f"{prefix}max_received, {prefix}max_relay_hops: must be at least 1")
     elif isinstance(section, PolicyConfig):

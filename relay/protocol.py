@@ -9,10 +9,15 @@ server that faces the internet.
   silently), a time limit for one DATA transfer and one for the session,
   against clients that dribble a byte now and then (slowloris);
 - its own DATA reader: one growing buffer instead of a list of lines,
-  nothing kept once the message is over the size limit, a bare CR or LF
-  refused (`550 5.6.11`, never normalized: an end of data that one server
-  reads differently from the next is how SMTP smuggling works), enhanced
-  status codes on every refusal;
+  nothing kept once the message is over the size limit, lines of up to
+  64 KiB (the pipeline re-encodes what is over 998 octets), enhanced
+  status codes on every refusal. Line endings as postfix's
+  `smtpd_forbid_bare_newline = normal`: the end of data is `CRLF.CRLF`
+  only; a content line ending in a bare LF is read as ending in CRLF
+  (scripts send `smtplib.sendmail(..., msg.as_bytes())`); a bare CR, and a
+  dot line that a lenient server would take for the end (`LF.LF`,
+  `LF.CRLF`, `CRLF.LF`: SMTP smuggling), are refused `550 5.6.11`. With
+  `[inbound] bare_newline = "reject"` any bare LF is refused too;
 - the PROXY protocol header, expected from `[limits] proxy_hosts` only;
 - enhanced status codes (RFC 3463) added to aiosmtpd's own stock replies;
 - postfix's XFORWARD on the inbound listener (`InboundSMTP`).
@@ -37,9 +42,16 @@ from relay.replies import Reply
 log = logging.getLogger("relay.protocol")
 
 PROXY_HEADER_SECONDS = 10.0
-# RFC 5321 §4.5.3.1.6: a text line is at most 1000 octets with its CRLF
-# (a dot added for transparency not counted).
-MAX_LINE_OCTETS = 1000  # a proxy sends its header at once; a client that does not is cut off
+# RFC 5321 §4.5.3.1.6 says 1000 octets with the CRLF, but real Outlook
+# replies and newsletters have longer lines; postfix takes them and so does
+# the relay, up to this (the line ending and a dot added for transparency
+# counted). What is delivered is cut to 998 by the pipeline (relay/pipeline/lines.py).
+MAX_LINE_OCTETS = 64 * 1024
+BARE_NEWLINE_MODES = ("normal", "reject")
+# A line that is a single dot but not the end of data (CRLF.CRLF): one
+# ending in a bare LF, or one after a line that ended in a bare LF. A more
+# lenient server behind us could take it for the end (SMTP smuggling).
+_FAKE_END = re.compile(rb"(?:^|\n)\.\n|(?:^|[^\r])\n\.\r\n")
 
 
 def parse_ip(text: str):
@@ -89,12 +101,15 @@ class RelaySMTP(SMTP):
     """aiosmtpd's SMTP with the relay's limits; see the module docstring."""
 
     def __init__(self, handler, *, limits: LimitsConfig = LimitsConfig(), limiter: ConnectionLimiter | None = None,
-                 proxy_hosts=(), **kwargs):
+                 proxy_hosts=(), bare_newline: str = "normal", **kwargs):
         kwargs.setdefault("timeout", limits.idle_timeout)
         kwargs.setdefault("command_call_limit", limits.command_call_limit)
         super().__init__(handler, **kwargs)
         self.limits = limits
         self.limiter = limiter
+        if bare_newline not in BARE_NEWLINE_MODES:
+            raise ValueError(f"bare_newline: expected one of {BARE_NEWLINE_MODES}, got {bare_newline!r}")
+        self.bare_newline = bare_newline
         self.proxy_hosts = {ip for ip in map(parse_ip, proxy_hosts) if ip is not None}
         self._admitted: str | None = None  # the peer IP holding a place in the limiter
         self._refusal: Reply | None = None  # answered instead of the greeting
@@ -210,35 +225,43 @@ class RelaySMTP(SMTP):
         await self.push(status)
 
     async def _read_data(self, loop) -> tuple[bytes, Reply | None]:
-        """Read to the line that is a single dot; return the message (dots
-        unstuffed) or the refusal to give once it is all read (RFC 5321
-        §4.2.5: the reply comes after the data). Past a refusal nothing more
-        is kept. A line longer than the reader's limit (1001 bytes with its
-        CRLF) is read and dropped in pieces.
+        """Read to the end of data (a dot line after a CRLF, ending in CRLF);
+        return the message (dots unstuffed, every line ending in CRLF) or
+        the refusal to give once it is all read (RFC 5321 §4.2.5: the reply
+        comes after the data). Past a refusal nothing more is kept.
+
+        Lines are read up to a bare LF, so that a line ending in LF alone is
+        one line and not the start of the next. A line longer than the
+        stream's buffer limit (1001 bytes: aiosmtpd's command limit) arrives
+        in pieces and is put together, up to MAX_LINE_OCTETS; past that it
+        is dropped piece by piece.
 
         The loop does per line only what must be done per line; the checks
-        that can be done on the whole (bare CR or LF, dot-unstuffing) are
-        done once at the end, by bytes methods in C."""
+        and rewrites that can be done on the whole (bare CR or LF, the fake
+        ends of smuggling, CRLF for bare LF, dot-unstuffing) are done once
+        at the end, by bytes methods in C."""
         reader = self._reader
         limit = self.data_size_limit or 0
         buffer = bytearray()
         size, refusal = 0, None
-        long_line = False
+        piece = bytearray()  # the start of a line longer than the stream's limit
         lines = 0
+        after_crlf = True  # the DATA command ended in CRLF
         while True:
             try:
-                line = await reader.readuntil(b"\r\n")
+                line = await reader.readuntil(b"\n")
             except asyncio.LimitOverrunError as error:
-                await reader.read(error.consumed)
-                long_line = True
-                refusal = refusal or replies.LINE_TOO_LONG
-                buffer = bytearray()
+                chunk = await reader.read(error.consumed)
+                if len(piece) <= MAX_LINE_OCTETS:
+                    piece += chunk  # past the limit the rest is dropped
                 continue
-            if long_line:  # the rest of an over-long line
-                long_line = False
-                continue
-            if line == b".\r\n":
+            if piece:
+                piece += line
+                line, piece = bytes(piece), bytearray()
+            crlf = line.endswith(b"\r\n")
+            if line == b".\r\n" and after_crlf:
                 break
+            after_crlf = crlf
             lines += 1
             if not lines & 127:  # the idle timer measures silence, not the transfer
                 self._reset_timeout()
@@ -249,17 +272,24 @@ class RelaySMTP(SMTP):
                 refusal, buffer = replies.MESSAGE_TOO_BIG.with_text(
                     f"Message size exceeds fixed maximum message size of {limit} bytes"), bytearray()
                 continue
-            # At most 1000 octets with the CRLF, a dot added for transparency not counted.
+            # A dot added for transparency is not counted.
             if len(line) > MAX_LINE_OCTETS and (len(line) > MAX_LINE_OCTETS + 1 or line[0] != 0x2E):
                 refusal, buffer = replies.LINE_TOO_LONG, bytearray()
                 continue
             buffer += line
         if refusal is not None:
             return b"", refusal
-        # Every line ends in CRLF (readuntil): any other CR or LF is bare.
-        crlf = buffer.count(b"\r\n")
-        if buffer.count(b"\r") != crlf or buffer.count(b"\n") != crlf:
+        # Every line ends in LF (readuntil): a CR that is not before one is
+        # bare, and so is an LF that is not after a CR.
+        crlfs = buffer.count(b"\r\n")
+        if buffer.count(b"\r") != crlfs:
             return b"", replies.BARE_LINE_ENDING
+        if buffer.count(b"\n") != crlfs:
+            if self.bare_newline == "reject" or _FAKE_END.search(buffer):
+                return b"", replies.BARE_LINE_ENDING
+            # postfix's "normal": the line is read as if it ended in CRLF.
+            # No bare CR is left, so every LF not after a CR gains one.
+            buffer = buffer.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
         # Dot-unstuffing: the first dot of every line that starts with one.
         if buffer[:1] == b".":
             del buffer[0]

@@ -82,7 +82,7 @@ IDLE_TIMEOUT = Reply(421, "4.4.2", "Timeout waiting for input, closing connectio
 DATA_TIMEOUT = Reply(421, "4.4.2", "Message transfer took too long, closing connection")
 SESSION_TIMEOUT = Reply(421, "4.4.2", "Session time limit reached, closing connection")
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
-LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long: at most 998 characters (RFC 5321 section 4.5.3.1.6)")
+LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long: at most 65536 octets per line")
 BARE_LINE_ENDING = Reply(
     550, "5.6.11", "Bare CR or LF in message: lines must end with CRLF (RFC 5321 section 2.3.8)")
 BAD_SENDER_SYNTAX = Reply(501, "5.1.7", "Bad sender address syntax")

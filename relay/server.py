@@ -160,7 +160,8 @@ class RelayServer:
     def _common(self) -> dict:
         return dict(hostname=self.config.greeting_hostname, ident=IDENT,
                     data_size_limit=self.config.size_limit, enable_SMTPUTF8=True, decode_data=False,
-                    limits=self.config.limits, limiter=self.limiter, proxy_hosts=self.config.limits.proxy_hosts)
+                    limits=self.config.limits, limiter=self.limiter, proxy_hosts=self.config.limits.proxy_hosts,
+                    bare_newline=self.config.inbound.bare_newline)
 
     def _inbound_session(self, handler: RelayHandler) -> SMTP:
         # The inbound side takes mail for aliases only; no AUTH here.

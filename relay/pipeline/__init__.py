@@ -14,7 +14,7 @@ runs the stages over it and returns the bytes to deliver or the refusal.
 Order (DESIGN §2): loop check → structure check → sender check → sending
 rules (opt-out, contact window) → header rewrite → address scrubbing → attachment check → text size check → HTML
 sanitizing (with the link policy inside HTML) → link stripping in other
-text → the X-Relay-Policy summary, Authentication-Results and trace header →
+text → re-encoding of parts with lines over 998 octets → the X-Relay-Policy summary, Authentication-Results and trace header →
 DKIM signing of the final bytes.
 """
 
@@ -27,7 +27,7 @@ from email.message import EmailMessage
 from relay import dkim, replies
 from relay.config import PolicyConfig
 from relay.dkim import DkimKey
-from relay.pipeline import attachments, checks, links, rewrite, sanitize, scrub
+from relay.pipeline import attachments, checks, lines, links, rewrite, sanitize, scrub
 from relay.pipeline.changes import ChangeLog
 from relay.pipeline.message import parse, raised_by_email_package, referenced_ids, serialize
 from relay.pipeline.rewrite import trace_header
@@ -86,6 +86,9 @@ STAGES = (
     sanitize.check_text_sizes,
     sanitize.sanitize_html,
     links.strip_links,
+    # Last of the content stages, so that it sees the sanitizer's and the
+    # link stripper's output too: no delivered line over 998 octets.
+    lines.limit_line_lengths,
 )
 
 

@@ -1,8 +1,12 @@
 """SMTP smuggling: an end of data that one server reads differently from
-the next. The relay refuses any bare CR or LF in DATA (550 5.6.11) rather
-than normalizing it, so a second transaction hidden behind a fake end is
-never executed; a NUL before the dot is no line ending at all, and the
-message is one honest message."""
+the next. The end of data is CRLF.CRLF only. A bare CR, and a dot line
+that a lenient server would take for the end (LF.LF, LF.CRLF, CRLF.LF),
+are refused (550 5.6.11), so a second transaction hidden behind a fake end
+is never executed and nothing of it is delivered; a NUL before the dot is
+no line ending at all, and the message is one honest message. A bare LF
+elsewhere is read as CRLF (postfix's `smtpd_forbid_bare_newline = normal`)
+and what is delivered has CRLF only; `[inbound] bare_newline = "reject"`
+refuses it too."""
 
 from __future__ import annotations
 
@@ -54,19 +58,64 @@ def test_fake_end_of_data_refuses_the_whole_message(start, upstream, fake_end):
     assert upstream.messages == []
 
 
-BARE = [
-    ("LF-in-header", lambda m: m.replace(b"Subject: x\r\n", b"Subject: x\nBcc: victim@evil.example\r\n")),
+BARE_CR = [
     ("CR-in-header", lambda m: m.replace(b"Subject: x\r\n", b"Subject: x\rBcc: victim@evil.example\r\n")),
-    ("LF-in-body", lambda m: m.replace(b"Hi there.\r\n", b"Hi\nthere.\r\n")),
     ("CR-in-body", lambda m: m.replace(b"Hi there.\r\n", b"Hi\rthere.\r\n")),
     ("CR-before-CRLF", lambda m: m.replace(b"Hi there.\r\n", b"Hi there.\r\r\n")),
+]
+BARE_LF = [
+    ("LF-in-header", lambda m: m.replace(b"Subject: x\r\n", b"Subject: x\nX-Extra: one\r\n")),
+    ("LF-in-body", lambda m: m.replace(b"Hi there.\r\n", b"Hi\nthere.\r\n")),
     ("LF-only-line", lambda m: m.replace(b"Hi there.\r\n", b"Hi there.\r\n\n\r\n")),
     ("LF-line-endings-throughout", lambda m: m.replace(b"\r\n", b"\n")[:-1] + b"\r\n"),
 ]
 
 
-@pytest.mark.parametrize("mangle", [c[1] for c in BARE], ids=[c[0] for c in BARE])
-def test_bare_cr_or_lf_anywhere_is_refused_and_the_session_goes_on(start, upstream, mangle):
+def assert_crlf_only(data: bytes) -> None:
+    assert data.count(b"\r") == data.count(b"\r\n") == data.count(b"\n"), "bare CR or LF delivered"
+
+
+@pytest.mark.parametrize("mangle", [c[1] for c in BARE_LF], ids=[c[0] for c in BARE_LF])
+def test_bare_lf_is_read_as_crlf_and_delivered_with_crlf_only(start, upstream, mangle):
+    relay = start()
+    pair = relay.main
+    client = Client(relay.port).hello()
+    raw = mangle(message(pair.buyer, pair.seller_alias, subject="x"))
+    reply = client.transaction(pair.buyer, pair.seller_alias, raw)
+    assert reply.key == (250, "2.0.0"), reply
+    assert [r.code for r in finish(client)] == [221]
+    [got] = upstream.wait_for(1)
+    assert_crlf_only(got.data)
+    assert b"Subject: x\r\n" in header_block(got.data)
+    assert len(upstream.messages) == 1
+
+
+@pytest.mark.parametrize("mangle", [c[1] for c in BARE_LF], ids=[c[0] for c in BARE_LF])
+def test_bare_lf_is_refused_with_the_strict_switch(start, upstream, mangle):
+    relay = start(inbound={"bare_newline": "reject"})
+    pair = relay.main
+    client = Client(relay.port).hello()
+    raw = mangle(message(pair.buyer, pair.seller_alias, subject="x"))
+    reply = client.transaction(pair.buyer, pair.seller_alias, raw)
+    assert reply.key == (550, "5.6.11"), reply
+    assert [r.code for r in finish(client)] == [221]
+    assert upstream.messages == []
+
+
+@pytest.mark.parametrize("fake_end", [b"\n.\n", b"\n.\r\n", b"\r\n.\n"], ids=["LF.LF", "LF.CRLF", "CRLF.LF"])
+def test_fake_end_of_data_is_refused_with_the_strict_switch_too(start, upstream, fake_end):
+    relay = start(inbound={"bare_newline": "reject"})
+    pair = relay.main
+    client = open_transaction(relay)
+    honest = message(pair.buyer, pair.seller_alias, subject="honest")
+    client.send(dot_stuff(honest)[:-2] + fake_end + smuggled_transaction(pair) + b"\r\n.\r\n")
+    assert client.reply().key == (550, "5.6.11")
+    assert [r.code for r in finish(client)] == [221]
+    assert upstream.messages == []
+
+
+@pytest.mark.parametrize("mangle", [c[1] for c in BARE_CR], ids=[c[0] for c in BARE_CR])
+def test_bare_cr_anywhere_is_refused_and_the_session_goes_on(start, upstream, mangle):
     relay = start()
     pair = relay.main
     client = Client(relay.port).hello()

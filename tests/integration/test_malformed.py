@@ -106,8 +106,9 @@ def test_smtp_smuggling_does_not_start_a_second_message(relay, upstream, fake_en
                + message(pair.buyer, pair.seller_alias, subject="honest")
                + fake_end + smuggled + b"\r\n.\r\nQUIT\r\n")
     replies = raw_session(relay, payload)
-    # The relay refuses bare CR/LF rather than normalizing: the whole of it
-    # was one DATA, refused, and the smuggled transaction never ran.
+    # A fake end (a dot line after or before a bare LF, or a bare CR) is
+    # refused, not read as CRLF: the whole of it was one DATA, refused, and
+    # the smuggled transaction never ran.
     assert b"550 5.6.11 " in replies
     assert b"250 2.0.0" not in replies
     assert upstream.messages == []
