@@ -29,14 +29,17 @@ def too_long(text: str) -> bool:
     A character may be up to 4 octets in UTF-8 (8-bit payloads are held as
     one surrogate per byte, which counts as one); lines under 250
     characters need no encoding to be measured."""
-    for line in text.splitlines():
+    # str.splitlines() would also split at \x1c-\x1e, \x85 and others, which
+    # the generator writes as they are: only LF ends a line on the wire.
+    for line in text.split("\n"):
         if len(line) > MAX_OCTETS // 4 and _octets(line) > MAX_OCTETS:
             return True
     return False
 
 
 def _octets(line: str) -> int:
-    return len(line.encode("utf-8", errors="surrogateescape"))
+    """Octets of one line as written, without its line ending."""
+    return len(line.removesuffix("\r").encode("utf-8", errors="surrogateescape"))
 
 
 def reencode(part: EmailMessage) -> str | None:
@@ -67,11 +70,11 @@ def refold_headers(part: EmailMessage) -> list[str]:
     for index, (name, value) in enumerate(part._headers):
         text = str(value)
         if not any(_octets(line) + (len(name) + 2 if i == 0 else 0) > MAX_OCTETS
-                   for i, line in enumerate(text.splitlines() or [""])):
+                   for i, line in enumerate(text.split("\n"))):
             continue
         # Unfold, then let the policy parse and fold it (encoded words for
         # a run without spaces), as for a header the relay sets itself.
-        unfolded = "".join(text.splitlines())
+        unfolded = text.replace("\r", "").replace("\n", "")
         part._headers[index] = (name, POLICY.header_store_parse(name, unfolded)[1])
         refolded.append(name)
     return refolded
