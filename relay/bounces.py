@@ -8,16 +8,27 @@ Message-ID for it, `<expiry>` the last valid day (days since 1970, hex), and
 sender; a forged or stale bounce address is refused; and the id says which
 message failed without any lookup table.
 
-A DSN (RFC 3464: multipart/report with a message/delivery-status part) to
-such an address becomes a short notice to the original sender from
+A delivery report to such an address is read in two ways: a DSN (RFC 3464:
+multipart/report with a message/delivery-status part) by its own fields;
+anything else (old postfix, qmail, Exim, Yahoo, Microsoft and the other
+formats seen in the wild) by Mailman's bounce detectors, `flufl.bounce`.
+A permanent failure becomes a short notice to the original sender from
 ``mailer-daemon@<domain>``: the message to the alias could not be delivered,
 and why in general terms (RFC 3463 status classes). No real address and no
-word of the remote server's text (which may quote one) is repeated.
+word of the remote server's text (which may quote one) is repeated. A delay
+is recorded and answered with nothing.
+
+Every real bounce is automatic (postfix and Exim write `Auto-Submitted:
+auto-replied`, others `Precedence: bulk`), so the report's own headers never
+suppress the notice; only an automatic *original* message does (the handler
+checks that against the archive).
 """
 
 from __future__ import annotations
 
 import base64
+import email
+import email.policy
 import hashlib
 import hmac
 import os
@@ -30,12 +41,16 @@ from email.message import EmailMessage
 from email.utils import format_datetime
 from pathlib import Path
 
+from flufl.bounce import _scan as flufl_scan
+
 from relay.pipeline.message import POLICY, content_type, parse, raw_values
 from relay.replies import SmtpError
 
 PREFIX = "bounce+"
 _LOCAL_RE = re.compile(r"^bounce\+([0-9a-f]{32})\.([0-9a-f]{1,6})\.([a-z2-7]{16})$")
 _STATUS_RE = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})$")
+_COMMENT_RE = re.compile(r"\([^()]*\)")
+RFC3464 = "rfc3464"
 
 
 class InvalidBounceAddress(Exception):
@@ -89,7 +104,15 @@ def parse_address(local: str, domain: str, secret: bytes, now: datetime) -> str:
 @dataclass(frozen=True)
 class DeliveryReport:
     action: str  # failed, delayed, delivered, relayed, expanded
-    status: str  # e.g. "5.1.1"
+    status: str  # e.g. "5.1.1", or "" when the report gives none
+    detector: str = RFC3464
+
+
+def _field(block, name: str) -> str:
+    """A DSN field's value without its RFC 822 comments: `Action: failed
+    (Bad destination mailbox address)` is a failure."""
+    value = (raw_values(block, name) or [""])[0]
+    return _COMMENT_RE.sub(" ", value).strip()
 
 
 def read_dsn(message: EmailMessage) -> list[DeliveryReport]:
@@ -104,8 +127,8 @@ def read_dsn(message: EmailMessage) -> list[DeliveryReport]:
         # the per-message fields first, then one block per recipient.
         blocks = part.get_payload() if isinstance(part.get_payload(), list) else []
         for block in blocks[1:]:
-            action = (raw_values(block, "Action") or [""])[0].strip().lower()
-            status = (raw_values(block, "Status") or [""])[0].strip().split(" ", 1)[0]
+            action = _field(block, "Action").lower().split(" ", 1)[0]
+            status = _field(block, "Status").split(" ", 1)[0]
             if action:
                 reports.append(DeliveryReport(action, status if _STATUS_RE.match(status) else ""))
     return reports
@@ -146,14 +169,37 @@ def notice(domain: str, to_name: str, to_address: str, alias: str, sent_at: str,
     return msg.as_bytes()
 
 
-def read_report(raw: bytes) -> tuple[list[DeliveryReport], bool]:
-    """In a worker process: the reports of a delivery status notification
-    and whether it is automatic (never answered). Unreadable → no reports."""
+def detect_plain(raw: bytes) -> list[DeliveryReport]:
+    """A bounce that is no RFC 3464 DSN, by Mailman's detectors in their own
+    order (most specific first; the first that recognises anything wins, as
+    in `flufl.bounce.scan_message`). The detectors are run one by one, not
+    through `all_failures()`, so the archive can say which one it was. They
+    read the compat32 `Message` they were written for. A permanent failure
+    is `failed`, a warning `delayed`; the addresses they find are not kept
+    (the VERP address already says which message bounced)."""
+    message = email.message_from_bytes(raw, policy=email.policy.compat32)
+    for detector in flufl_scan._DETECTORS:
+        try:
+            temporary, permanent = detector().process(message)
+        except Exception:  # a heuristic tripping over hostile input is no verdict
+            continue
+        name = detector.__name__.lower()
+        if permanent:
+            return [DeliveryReport("failed", "", name)]
+        if temporary:
+            return [DeliveryReport("delayed", "", name)]
+    return []
+
+
+def read_report(raw: bytes) -> list[DeliveryReport]:
+    """In a worker process: the per-recipient reports of a delivery report,
+    from its delivery-status part, else from the plain-text detectors.
+    Unreadable, or not a bounce at all (a vacation reply) → []."""
     try:
-        message = parse(raw)
-        return read_dsn(message), auto_submitted(message)
+        reports = read_dsn(parse(raw))
     except SmtpError:
-        return [], True
+        reports = []
+    return reports or detect_plain(raw)
 
 
 def auto_submitted(message: EmailMessage) -> bool:

@@ -618,9 +618,10 @@ def cmd_archive_show(args, config: Config) -> int:
         relationship = None
         if row is not None and row["relationship_id"] is not None:
             relationship = await store.relationship_by_id(row["relationship_id"])
-        return row, relationship
+        reports = await store.bounces_for(args.id) if row is not None else []
+        return row, relationship, reports
 
-    row, relationship = asyncio.run(_with_store(config, work))
+    row, relationship, reports = asyncio.run(_with_store(config, work))
     if row is None:
         raise NotFound(f"no archive row {args.id}")
     if args.raw or args.delivered:
@@ -640,6 +641,11 @@ def cmd_archive_show(args, config: Config) -> int:
         sys.stdout.buffer.flush()
         return 0
     summary = _show_summary(row, relationship)
+    # The delivery reports that came back for this message: what failed,
+    # which reader understood the report, and whether the sender was told.
+    summary["bounces"] = [{"id": r["id"], "received_at": r["received_at"], "action": r["action"],
+                           "status": r["status"] or None, "detector": r["detector"] or None,
+                           "notified": bool(r["notified"])} for r in reports]
     if args.changes:
         removed, added = ([], [])
         if row["raw"] is not None and row["delivered"] is not None:
@@ -688,6 +694,10 @@ def cmd_archive_show(args, config: Config) -> int:
                 print(f"delivered:    {summary['delivered_bytes']} bytes, sha256 {row['delivered_sha256']}"
                       "   (--delivered)")
         print(f"changes:      {len(row['changes'])}   (--changes)")
+    for report in summary["bounces"]:
+        print(f"bounce:       {report['received_at']} {report['action']}"
+              f" (status {report['status'] or 'not given'}, read by {report['detector'] or 'no detector'}"
+              f"{', sender notified' if report['notified'] else ', sender not notified'})")
     print(f"chain:        prev {row['prev_sha256']}")
     print(f"              row  {row['row_sha256']}")
     return 0

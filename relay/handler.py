@@ -302,17 +302,21 @@ class RelayHandler:
         relay_id, original = envelope.relay_bounce
         raw: bytes = envelope.original_content
         try:
-            reports, automatic = await self.workers.run(bounces.read_report, raw)
+            reports = await self.workers.run(bounces.read_report, raw)
         except LimitExceeded:
             return replies.TOO_COMPLEX
         except (PoolBusy, WorkerLost):
             return replies.WORKERS_BUSY
         failed = [r for r in reports if r.action == "failed"]
-        action = failed[0].action if failed else (reports[0].action if reports else "none")
-        status = failed[0].status if failed else (reports[0].status if reports else "")
+        chosen = failed[0] if failed else (reports[0] if reports else None)
+        action, status = (chosen.action, chosen.status) if chosen else ("none", "")
+        detector = chosen.detector if chosen else ""
         notified = False
         try:
-            if failed and not automatic:
+            # The report's own Auto-Submitted/Precedence say nothing here:
+            # every bounce is automatic. _notify() declines for an automatic
+            # original message, the only case that must go unanswered.
+            if failed:
                 try:
                     notified = await self._notify(original, status)
                 except DeliveryError as exc:
@@ -323,15 +327,17 @@ class RelayHandler:
                     # Refused for good: record the report anyway, unnotified.
                     log.warning("bounce notice for %s refused: %s", relay_id, exc.detail)
             await self.store.record_bounce(iso(self.clock()), relay_id, original["archive_id"],
-                                           original["relationship_id"], action, status, notified, raw)
+                                           original["relationship_id"], action, status, notified, raw,
+                                           detector=detector)
         except StoreUnavailable as exc:
             log.warning("bounce for %s not recorded: %s", relay_id, exc)
             return replies.LOOKUP_FAILED
         except Exception:
             log.exception("unexpected error handling a bounce for %s", relay_id)
             return replies.INTERNAL_ERROR
-        log.info("bounce relationship=%s archive=%s action=%s status=%s notified=%s",
-                 original["relationship_id"], original["archive_id"], action, status or "-", notified)
+        log.info("bounce relationship=%s archive=%s action=%s status=%s detector=%s notified=%s",
+                 original["relationship_id"], original["archive_id"], action, status or "-", detector or "-",
+                 notified)
         return replies.BOUNCE_ACCEPTED
 
     async def _notify(self, original: dict, status: str) -> bool:
