@@ -816,7 +816,8 @@ class SqliteStore:
             params.append(addresses.normalize(seller))
         rows = await self._fetchall(
             "SELECT a.id, a.relationship_id, s.address, s.display_name, a.direction, a.received_at,"
-            " a.auto_reply FROM archive a JOIN relationships r ON r.id = a.relationship_id"
+            " a.auto_reply, EXISTS (SELECT 1 FROM bounces b WHERE b.archive_id = a.id AND b.action = 'failed')"
+            " FROM archive a JOIN relationships r ON r.id = a.relationship_id"
             " JOIN parties s ON s.id = r.seller_id WHERE " + " AND ".join(clauses), params)
         unknown = [row[0] for row in rows if row[6] is None]
         flags = await self._backfill_auto_reply(unknown) if unknown else {}
@@ -824,7 +825,8 @@ class SqliteStore:
             archive_logic.MessageFact(
                 archive_id=row[0], relationship_id=row[1], seller=row[2], direction=row[4],
                 received_at=archive_logic.parse_iso(row[5]),
-                auto_reply=bool(row[6] if row[6] is not None else flags.get(row[0], False)))
+                auto_reply=bool(row[6] if row[6] is not None else flags.get(row[0], False)),
+                bounced=bool(row[7]))
             for row in rows
         ]
         return facts, {row[2]: row[3] for row in rows}
