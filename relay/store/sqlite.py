@@ -19,7 +19,7 @@ from pathlib import Path
 
 import aiosqlite
 
-from relay import addresses
+from relay import addresses, private
 from relay import archive as archive_logic
 from relay.store import (
     BODY_ENCODING,
@@ -78,9 +78,8 @@ class SqliteStore:
     @classmethod
     async def open(cls, path: str) -> "SqliteStore":
         with _unavailable_on_db_error():
-            parent = Path(path).parent
-            if str(parent):
-                os.makedirs(parent, exist_ok=True)
+            # 0600 before SQLite opens it: it gives -wal and -shm this mode.
+            private.create_empty(Path(path))
             db = await aiosqlite.connect(path, isolation_level=None)
             try:
                 await db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
