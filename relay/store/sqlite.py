@@ -32,6 +32,7 @@ from relay.store import (
     PurgeCounts,
     Relationship,
     RelationshipStats,
+    StoreDataError,
     StoreUnavailable,
     chain_hash,
     utc_now,
@@ -58,14 +59,50 @@ def migrations() -> list[tuple[int, str]]:
     return common.migrations("sqlite")
 
 
+# Result codes (the primary code: the low byte of an extended one) that say
+# the value was the problem: the same value fails again.
+_DATA_CODES = frozenset({sqlite3.SQLITE_TOOBIG, sqlite3.SQLITE_MISMATCH})
+
+
+def classify(exc: BaseException) -> type[Exception] | None:
+    """What a failure of a statement is (relay/store/__init__.py):
+    StoreDataError for a value SQLite cannot take (text that is no Unicode:
+    Python's UTF-8 encoder refuses lone surrogates before SQLite sees it; a
+    value over SQLite's length limit); StoreUnavailable for the database's
+    own state (locked, full, I/O, read-only, damaged schema or file, closed
+    connection: it passes or an operator mends it, and the message then goes
+    through); None for what is neither (a constraint the caller handles, or
+    a bug of the relay: bad SQL, an unsupported parameter type), which goes
+    up as it is."""
+    if isinstance(exc, sqlite3.IntegrityError):
+        return None
+    if isinstance(exc, (UnicodeError, sqlite3.DataError)):
+        return StoreDataError
+    if isinstance(exc, sqlite3.ProgrammingError):
+        # The one ProgrammingError that is no bug: a statement on the way
+        # out while the store closes.
+        return StoreUnavailable if "closed database" in str(exc) else None
+    if isinstance(exc, (sqlite3.InterfaceError, sqlite3.NotSupportedError)):
+        return None
+    if isinstance(exc, sqlite3.Error):
+        code = getattr(exc, "sqlite_errorcode", None)
+        return StoreDataError if code is not None and code & 0xFF in _DATA_CODES else StoreUnavailable
+    if isinstance(exc, (OSError, ValueError)):
+        # ValueError: aiosqlite's "no active connection" after close.
+        return StoreUnavailable
+    return None
+
+
 @contextlib.contextmanager
 def _unavailable_on_db_error():
     try:
         yield
-    except sqlite3.IntegrityError:
-        raise
-    except (sqlite3.Error, OSError, ValueError) as exc:
-        # ValueError: aiosqlite's "no active connection" after close.
+    except Exception as exc:
+        kind = classify(exc)
+        if kind is None:
+            raise
+        if kind is StoreDataError:
+            raise StoreDataError(f"database refused a value: {type(exc).__name__}: {exc}") from exc
         raise StoreUnavailable(f"database error: {exc}") from exc
 
 
@@ -419,8 +456,9 @@ class SqliteStore:
     # --- threading ----------------------------------------------------------
 
     async def message_id_rows(self, relationship_id: int, ids: list[str]) -> list[MessageIdRow]:
-        """Map entries of this relationship whose relay or original id is in `ids`."""
-        ids = list(dict.fromkeys(ids))[-MAX_LOOKUP_IDS:]
+        """Map entries of this relationship whose relay or original id is in `ids`
+        (ids as the email package spells them; common.stored_id)."""
+        ids = list(dict.fromkeys(common.stored_id(i) for i in ids))[-MAX_LOOKUP_IDS:]
         if not ids:
             return []
         marks = ",".join("?" * len(ids))
@@ -429,7 +467,7 @@ class SqliteStore:
             f" WHERE relationship_id = ? AND (relay_id IN ({marks}) OR original_id IN ({marks}))",
             (relationship_id, *ids, *ids),
         )
-        return [MessageIdRow(*row) for row in rows]
+        return [common.message_id_row(*row) for row in rows]
 
     # --- archive ------------------------------------------------------------
 
@@ -438,6 +476,9 @@ class SqliteStore:
         daily-cap row of a delivered seller message, settling
         `entry.send_reservation`) in one transaction; return the archive id
         once committed."""
+        # Message-borne text (8-bit bytes as surrogates) in the spelling both
+        # engines store, before the row is hashed: the chain covers what is stored.
+        entry = common.storable_entry(entry)
         metadata = entry.metadata()
         # Hashing and compressing a 10 MB message takes a while: off the loop,
         # and before the write lock is taken.
@@ -859,11 +900,15 @@ class SqliteStore:
             " WHERE relay_id = ?", (relay_id,))
         if row is None:
             return None
-        return dict(zip(("relationship_id", "sender_id", "archive_id", "created_at", "original_id"), row))
+        found = dict(zip(("relationship_id", "sender_id", "archive_id", "created_at", "original_id"), row))
+        found["original_id"] = common.parsed_id(found["original_id"])
+        return found
 
     async def record_bounce(self, received_at: str, relay_message_id: str, archive_id: int | None,
                             relationship_id: int | None, action: str, status: str, notified: bool,
                             raw: bytes, detector: str = "rfc3464") -> int:
+        # A report's fields are message-borne text (8-bit bytes as surrogates).
+        action, status, detector = (common.storable_text(v) for v in (action, status, detector))
         async with self._transaction() as db:
             with _unavailable_on_db_error():
                 cursor = await db.execute(
