@@ -29,7 +29,7 @@ import pytest
 
 import support
 from postgres_support import PostgresCluster, find_bindir
-from relay.config import Endpoint, MetricsConfig
+from relay.config import BounceConfig, Endpoint, MetricsConfig
 from support import Clock, RunningRelay, make_config, message, upstream_url
 
 # The console script an operator runs (sys.path[0] is its own folder, not
@@ -236,8 +236,12 @@ def test_healthz_names_a_stopped_postgresql(tmp_path, upstream):
     cluster = PostgresCluster(bindir).start()  # its own: stopping it must not touch other tests
     relay = None
     try:
-        config = make_config(tmp_path, upstream_url(upstream), metrics=MetricsConfig(Endpoint("127.0.0.1", 0)))
-        relay = RunningRelay(replace(config, database=cluster.create_database()))
+        # Nothing made beside the database, which is a URL here: no
+        # submission listener (its self-signed pair), the bounce key in tmp.
+        config = make_config(tmp_path, upstream_url(upstream), metrics=MetricsConfig(Endpoint("127.0.0.1", 0)),
+                             bounce=BounceConfig(secret_file=str(tmp_path / "bounce.key")))
+        relay = RunningRelay(replace(config, database=cluster.create_database(),
+                                     submission=replace(config.submission, listen=None, listen_tls=None)))
         pair = relay.pair()
         # (Not scraped before: a scrape's "ok" would be kept for a few seconds.)
         cluster.stop()
