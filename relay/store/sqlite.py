@@ -106,11 +106,20 @@ def _unavailable_on_db_error():
         raise StoreUnavailable(f"database error: {exc}") from exc
 
 
+def _file_identity(path: str) -> tuple[int, int] | None:
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino
+
+
 class SqliteStore:
     def __init__(self, db: aiosqlite.Connection, path: str):
         self._db = db
         self.path = path
         self._write_lock = asyncio.Lock()
+        self._file = _file_identity(path)  # for ping(): is the path still this file?
 
     @classmethod
     async def open(cls, path: str) -> "SqliteStore":
@@ -929,8 +938,15 @@ class SqliteStore:
     # --- health and metrics --------------------------------------------------
 
     async def ping(self) -> None:
-        """Raise StoreUnavailable unless the database answers a query."""
+        """Raise StoreUnavailable unless the database answers a query and its
+        path still names the file the relay has open. An open file keeps
+        answering after it was removed, moved or replaced, but SQLite
+        refuses to write to it (and a restart would open another): every
+        message would get 451 while a query alone looks healthy."""
         await self._fetchone("SELECT 1 FROM schema_migrations LIMIT 1")
+        if self._file is not None and _file_identity(self.path) != self._file:
+            raise StoreUnavailable(f"{self.path} is no longer the database file the relay has open "
+                                   "(removed, moved or replaced)")
 
     async def archive_size(self) -> int:
         """The highest archive id: the number of rows ever archived, cheap at any size."""
