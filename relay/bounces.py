@@ -57,9 +57,14 @@ class InvalidBounceAddress(Exception):
     """Not one of ours, altered, or expired."""
 
 
+def secret_path(config) -> Path:
+    """`[bounce] secret_file`, or var/bounce.key when it is empty."""
+    return Path(config.bounce.secret_file) if config.bounce.secret_file else config.state_dir / "bounce.key"
+
+
 def load_secret(config) -> bytes:
     """The HMAC key: `[bounce] secret_file`, or var/bounce.key made now."""
-    path = Path(config.bounce.secret_file) if config.bounce.secret_file else config.state_dir / "bounce.key"
+    path = secret_path(config)
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -26,9 +26,14 @@ def server_context(cert_file: str, key_file: str) -> ssl.SSLContext:
     return context
 
 
+def self_signed_paths(directory: Path) -> tuple[str, str]:
+    """Where the self-signed pair lives under `directory`: (cert, key)."""
+    return str(directory / "submission-cert.pem"), str(directory / "submission-key.pem")
+
+
 def self_signed_pair(directory: Path, hostname: str) -> tuple[str, str]:
     """The paths of a self-signed pair under `directory`, made if missing."""
-    cert_path, key_path = directory / "submission-cert.pem", directory / "submission-key.pem"
+    cert_path, key_path = map(Path, self_signed_paths(directory))
     if cert_path.exists() and key_path.exists():
         return str(cert_path), str(key_path)
     from cryptography import x509
