@@ -307,8 +307,14 @@ def cmd_db_migrate_to(args, config: Config) -> int:
             target = await open_store(args.url)
             try:
                 with Progress("copying", quiet=args.json) as progress:
-                    copied = await copy_store(source, target,
-                                              progress=lambda table, rows: progress.update(rows, table))
+                    done: dict[str, int] = {}
+
+                    def copying(table: str, rows: int) -> None:
+                        done[table] = rows
+                        progress.update(sum(done.values()), table)
+
+                    copied = await copy_store(source, target, progress=copying)
+                    progress.update(sum(copied.counts.values()))  # the last line: all tables
                 return copied, await _verify_archive(target, quiet=args.json, label="verifying the copy")
             finally:
                 await target.close()
@@ -854,7 +860,7 @@ def cmd_archive_holds(args, config: Config) -> int:
 def cmd_purge(args, config: Config) -> int:
     cutoff = archive.retention_cutoff(datetime.now(timezone.utc), config.archive.retention_days)
     with Progress("counting" if args.dry_run else "purging", quiet=args.json,
-                  unit="rows past retention") as progress:
+                  unit="row(s) past retention") as progress:
         counts = asyncio.run(_with_store(config, lambda store: store.purge(cutoff, dry_run=args.dry_run,
                                                                            progress=progress.add)))
     if args.json:

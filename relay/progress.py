@@ -19,7 +19,7 @@ REDRAW_SECONDS = 0.1
 
 class Progress:
     def __init__(self, label: str, *, quiet: bool = False, stream: typing.TextIO | None = None,
-                 unit: str = "rows"):
+                 unit: str = "row(s)"):
         self.stream = stream if stream is not None else sys.stderr
         self.enabled = not quiet and _is_terminal(self.stream)
         self.label = label
