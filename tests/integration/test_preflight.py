@@ -50,10 +50,15 @@ class Files:
         self.dkim.write_bytes(Path(shared_dkim_key_file()).read_bytes())
         self.secret = folder / "bounce.key"
         self.secret.write_bytes(os.urandom(32))
+        # As an operator keeps secrets (else serve warns about each, which
+        # the exact-stderr checks below would see).
+        for path in (self.key, self.other_key, self.dkim, self.secret):
+            path.chmod(0o600)
 
     def write(self, name: str, data: bytes) -> Path:
         path = self.folder / name
         path.write_bytes(data)
+        path.chmod(0o600)
         return path
 
     def directory(self, name: str) -> Path:
