@@ -218,8 +218,14 @@ def test_migrate_to_an_unreachable_server_is_one_line(world, tmp_path, postgres_
 
 
 def test_shipped_postgres_example_is_valid(tmp_path):
-    """The README's two-node config, as a file: check-config accepts it."""
+    """The README's two-node config, as a file: check-config accepts it
+    (with the files it names in place: check-config reads each)."""
+    import trustme
+
     shutil.copy(shared_dkim_key_file(), tmp_path / "dkim.pem")
+    leaf = trustme.CA().issue_cert("relay.marketplace.example")
+    leaf.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    leaf.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
     config = tmp_path / "relay.toml"
     config.write_text('database = "postgresql://relay@db.internal:5432/relay?pool_size=20"\n'
                       f'[bounce]\nsecret_file = "{tmp_path}/bounce.key"\n'
