@@ -103,6 +103,11 @@ class UpstreamConfig:
     url: UpstreamTarget = UpstreamTarget("maildir", path="var/outbox")
     timeout: float = 30.0
     ca_file: str = ""
+    # A smarthost connection carries up to this many messages (0: one
+    # connection per message) and waits this long idle for the next one;
+    # postfix's smtp_connection_cache_time_limit is 2 s as well.
+    reuse_count: int = 100
+    reuse_idle_seconds: float = 2.0
 
 
 # HTML that mail clients render and that carries no script: layout tables,

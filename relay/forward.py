@@ -11,6 +11,9 @@ words, which may name the real recipient.
 Backends: SMTP through aiosmtplib (``smtp://``, ``smtp+starttls://``,
 ``smtps://``) and ``maildir:DIR``, which writes one ``.eml`` per message
 atomically (temporary file, fsync, rename) for single-machine trials.
+The smarthost's connections are reused (`SmtpUpstream`: a few messages
+per TLS handshake and login instead of one); ``mx:`` opens one connection
+per message, as each may go to another host.
 
 `WatchedUpstream` wraps a backend and keeps a `DeliveryRecord` of how its
 recent deliveries ended, so /healthz can say when the upstream has refused
@@ -25,8 +28,9 @@ import os
 import ssl
 import time
 import uuid
-from pathlib import Path
+from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Callable, Protocol
 
 import aiosmtplib
@@ -135,29 +139,77 @@ class Goodbyes:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
+class _Client(aiosmtplib.SMTP):
+    """An aiosmtplib client that knows whether its transaction got as far
+    as DATA: until then the upstream cannot have taken the message, so a
+    reused connection that turns out to be gone may be replaced and the
+    message sent again without any risk of a second copy."""
+
+    data_started = False
+
+    async def data(self, message, /, **kwargs):
+        self.data_started = True
+        return await super().data(message, **kwargs)
+
+
+@dataclass(eq=False)
+class _Connection:
+    client: _Client
+    used: int = 0  # messages it carried
+    expiry: asyncio.TimerHandle | None = None
+
+
+class _Stale(Exception):
+    """A reused connection was gone before DATA: use a fresh one."""
+
+
+def _is_hangup(exc: BaseException) -> bool:
+    if isinstance(exc, (aiosmtplib.SMTPServerDisconnected, ConnectionError)):
+        return True
+    if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
+        return any(refusal.code == 421 for refusal in exc.recipients)
+    return isinstance(exc, aiosmtplib.SMTPResponseException) and exc.code == 421
+
+
 class SmtpUpstream:
+    """A smarthost over SMTP, its connections reused: after a message the
+    connection waits `reuse_idle_seconds` for the next one and carries up
+    to `reuse_count` messages (0: one connection per message), then says
+    QUIT. A reused connection that the upstream closed meanwhile is noticed
+    before DATA and replaced (`_Stale`); `close()` says QUIT on every idle
+    one."""
+
     def __init__(self, config: UpstreamConfig, local_hostname: str):
         self.goodbyes = Goodbyes()
         target = config.url
         self.target = target
         self.timeout = config.timeout
         self.local_hostname = local_hostname
+        self.reuse_count = config.reuse_count
+        self.reuse_idle_seconds = config.reuse_idle_seconds
         self.tls_context: ssl.SSLContext | None = None
         if target.scheme in ("smtps", "smtp+starttls"):
             self.tls_context = ssl.create_default_context(cafile=config.ca_file or None)
+        self._idle: list[_Connection] = []
+        self._closed = False
+        self.connections_made = 0  # for the tests and the bench: how often reuse paid
 
     def __str__(self) -> str:
         return str(self.target)
 
+    @property
+    def idle_connections(self) -> int:
+        return len(self._idle)
+
     async def deliver(self, mail_from: str, rcpt_to: str, data: bytes) -> str:
         try:
-            # The client object rather than aiosmtplib.send(): send() refuses
-            # the empty (null) reverse-path that bounce notices must use.
-            client = self._client()
-            # aiosmtplib's timeout bounds each reply; this bounds the delivery.
-            async with self.goodbyes.after(client), asyncio.timeout(self.timeout):
-                await client.connect()
-                errors, response = await client.sendmail(mail_from, [rcpt_to], data)
+            connection = self._take_idle()
+            if connection is not None:
+                try:
+                    return await self._send(connection, mail_from, rcpt_to, data, reused=True)
+                except _Stale:
+                    pass
+            return await self._send(_Connection(self._client()), mail_from, rcpt_to, data, reused=False)
         except aiosmtplib.SMTPRecipientsRefused as exc:
             refusal = exc.recipients[0]
             raise DeliveryError(reply_for_upstream(refusal.code, refusal.message),
@@ -172,14 +224,68 @@ class SmtpUpstream:
         except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
             raise DeliveryError(replies.UPSTREAM_UNAVAILABLE,
                                 f"upstream unreachable: {type(exc).__name__}: {exc}") from None
+
+    async def _send(self, connection: _Connection, mail_from: str, rcpt_to: str, data: bytes,
+                    reused: bool) -> str:
+        client = connection.client
+        client.data_started = False
+        try:
+            # aiosmtplib's timeout bounds each reply; this bounds the delivery.
+            async with asyncio.timeout(self.timeout):
+                if not reused:
+                    self.connections_made += 1
+                    await client.connect()
+                # The client object rather than aiosmtplib.send(): send() refuses
+                # the empty (null) reverse-path that bounce notices must use.
+                errors, response = await client.sendmail(mail_from, [rcpt_to], data)
+        except aiosmtplib.SMTPResponseException as exc:
+            if reused and not client.data_started and _is_hangup(exc):
+                client.close()
+                raise _Stale from exc
+            # A refusal: sendmail has said RSET, but a connection that just
+            # refused is not worth keeping.
+            self.goodbyes.say(client)
+            raise
+        except BaseException as exc:
+            client.close()  # a timeout, a dropped or broken connection: in no state for more
+            if reused and not client.data_started and _is_hangup(exc):
+                raise _Stale from exc
+            raise
         if errors:  # one recipient only, so this means it was refused
+            self.goodbyes.say(client)
             code, message = next(iter(errors.values()))
             raise DeliveryError(reply_for_upstream(code, message), f"upstream said {code} {message}")
+        self._put_back(connection)
         return response
 
-    def _client(self) -> aiosmtplib.SMTP:
+    def _take_idle(self) -> _Connection | None:
+        while self._idle:
+            connection = self._idle.pop()  # the most recent: the least likely to have timed out
+            if connection.expiry is not None:
+                connection.expiry.cancel()
+            if connection.client.is_connected:
+                return connection
+            connection.client.close()
+        return None
+
+    def _put_back(self, connection: _Connection) -> None:
+        connection.used += 1
+        client = connection.client
+        if self._closed or not client.is_connected or connection.used >= max(self.reuse_count, 1):
+            self.goodbyes.say(client)
+            return
+        loop = asyncio.get_running_loop()
+        connection.expiry = loop.call_later(self.reuse_idle_seconds, self._expire, connection)
+        self._idle.append(connection)
+
+    def _expire(self, connection: _Connection) -> None:
+        if connection in self._idle:
+            self._idle.remove(connection)
+            self.goodbyes.say(connection.client)
+
+    def _client(self) -> _Client:
         target = self.target
-        return aiosmtplib.SMTP(
+        return _Client(
             hostname=target.host,
             port=target.port,
             username=target.username or None,
@@ -197,6 +303,13 @@ class SmtpUpstream:
             pass
 
     async def close(self) -> None:
+        """QUIT on every idle connection, and wait for every goodbye."""
+        self._closed = True
+        while self._idle:
+            connection = self._idle.pop()
+            if connection.expiry is not None:
+                connection.expiry.cancel()
+            self.goodbyes.say(connection.client)
         await self.goodbyes.close()
 
 

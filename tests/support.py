@@ -62,6 +62,21 @@ class _RecorderHandler:
                                         envelope.original_content))
         return "250 2.0.0 OK recorded"
 
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        up = self.upstream
+        with up.lock:
+            reply, up.mail_reply = up.mail_reply, ""
+        if reply:
+            return reply
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
+
+    async def handle_QUIT(self, server, session, envelope):
+        with self.upstream.lock:
+            self.upstream.quits += 1
+        return "221 Bye"
+
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         up = self.upstream
         if up.rcpt_reply:
@@ -86,11 +101,34 @@ class RecordingUpstream:
     reply_code: int = 250
     reply_line: str = ""
     rcpt_reply: str = ""
+    mail_reply: str = ""  # answered once to the next MAIL FROM, then cleared
     delay: float = 0.0
     port: int = 0
     host: str = "127.0.0.1"  # another loopback address (127.0.0.52) for MX tests
     lock: threading.Lock = field(default_factory=threading.Lock)
     data_started: threading.Event = field(default_factory=threading.Event)
+    # The SMTP sessions it served (one per connection) and the QUITs it got:
+    # the relay reuses connections, and says QUIT on each when it stops.
+    sessions: list = field(default_factory=list)
+    quits: int = 0
+
+    @property
+    def connections(self) -> int:
+        return len(self.sessions)
+
+    def open_connections(self) -> int:
+        return sum(1 for session in self.sessions
+                   if session.transport is not None and not session.transport.is_closing())
+
+    def hang_up(self) -> None:
+        """Close every open connection, as a server does whose idle timeout
+        passed (without a 421: many just close)."""
+        def close_all():
+            for session in self.sessions:
+                if session.transport is not None:
+                    session.transport.close()
+
+        self._loop.call_soon_threadsafe(close_all)
 
     def fail_with(self, line: str) -> None:
         self.reply_code = int(line[:3])
@@ -126,7 +164,9 @@ class RecordingUpstream:
         def factory():
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # aiosmtpd warns about auth_require_tls=False
-                return SMTP(handler, hostname="upstream.test", ident="recorder", **kwargs)
+                session = SMTP(handler, hostname="upstream.test", ident="recorder", **kwargs)
+            self.sessions.append(session)
+            return session
 
         ssl_context = self.tls_context if self.tls == "implicit" else None
         return await asyncio.get_running_loop().create_server(factory, self.host, self.port, ssl=ssl_context)
@@ -135,6 +175,16 @@ class RecordingUpstream:
         async def close():
             self._server.close()
             await self._server.wait_closed()
+            # As a server that shuts down does: hang up on the connections
+            # still open (a relay's idle, reusable ones), and let each
+            # session's task end before the loop stops.
+            tasks = []
+            for session in self.sessions:
+                if session.transport is not None and not session.transport.is_closing():
+                    session.transport.close()
+                if session._handler_coroutine is not None:
+                    tasks.append(session._handler_coroutine)
+            await asyncio.gather(*tasks, return_exceptions=True)
 
         asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
@@ -201,6 +251,8 @@ def make_config(tmp_path, upstream_url: str, **overrides) -> config_module.Confi
         url=config_module.parse_upstream_url("upstream.url", upstream_url),
         timeout=overrides.pop("upstream_timeout", 5.0),
         ca_file=overrides.pop("ca_file", ""),
+        reuse_count=overrides.pop("upstream_reuse_count", base.upstream.reuse_count),
+        reuse_idle_seconds=overrides.pop("upstream_reuse_idle_seconds", base.upstream.reuse_idle_seconds),
     )
     inbound = replace(base.inbound, listen=Endpoint("127.0.0.1", 0),
                       processing_timeout=overrides.pop("processing_timeout", 30.0),
