@@ -33,7 +33,7 @@ from aiosmtpd.smtp import MISSING, AuthResult
 from relay import addresses, auth, bounces, dkim, mailauth, pipeline, replies
 from relay.auth import Throttle
 from relay.config import Config
-from relay.forward import DeliveryError, Upstream
+from relay.forward import DeliveryError, Upstream, queue_id
 from relay.metrics import Metrics
 from relay.pipeline.changes import ChangeLog
 from relay.protocol import XFORWARD_ATTRIBUTES, InboundSMTP
@@ -78,6 +78,12 @@ def client_address(session) -> str:
     if proxied is not None and proxied.src_addr is not None:
         return str(proxied.src_addr)
     return str(session.peer[0]) if session.peer else ""
+
+
+def log_value(text: str) -> str:
+    """`text` as one key=value field of a log line: as it is when it is one
+    word, quoted (repr) when it has spaces or quotes of its own."""
+    return text if text and text.isprintable() and not any(c in text for c in " '\"=") else repr(text)
 
 
 def client_helo(session) -> str:
@@ -146,7 +152,7 @@ class RelayHandler:
         # Counted before anything else: every RCPT costs a lookup.
         envelope.relay_rcpt_count = getattr(envelope, "relay_rcpt_count", 0) + 1
         if envelope.relay_rcpt_count > self.config.limits.max_recipients:
-            self.metrics.refused("rcpt", replies.TOO_MANY_RECIPIENTS)
+            self._refused_recipient(session, address, replies.TOO_MANY_RECIPIENTS)
             return replies.TOO_MANY_RECIPIENTS.line()
         try:
             reply = await self._recipient(session, envelope, address)
@@ -156,8 +162,17 @@ class RelayHandler:
         except Exception:
             log.exception("unexpected error in RCPT")
             reply = replies.INTERNAL_ERROR
-        self.metrics.refused("rcpt", reply)
+        self._refused_recipient(session, address, reply)
         return reply.line()
+
+    def _refused_recipient(self, session, address: str, reply: Reply) -> None:
+        """Count a refused RCPT and log it: the address as the client wrote
+        it, our reply code, and who the client was."""
+        self.metrics.refused("rcpt", reply)
+        if reply.code >= 400:
+            log.info("rcpt refused client=%s to=%s code=%d enhanced=%s listener=%s",
+                     client_address(session) or "-", log_value(address), reply.code, reply.enhanced,
+                     "submission" if self.submission else "inbound")
 
     async def handle_DATA(self, server, session, envelope):
         if getattr(envelope, "relay_bounce", None) is not None:
@@ -215,7 +230,9 @@ class RelayHandler:
             return None
 
     async def _login(self, server, login: bytes, password: bytes):
-        peer = str(server.session.peer[0]) if server.session.peer else ""
+        # The client's own address, also behind a PROXY load balancer:
+        # throttling the balancer's would lock every seller out at once.
+        peer = client_address(server.session)
         if self.throttle.blocked(peer):
             await server.push(replies.AUTH_TOO_MANY_FAILURES.line())
             server.transport.close()
@@ -415,9 +432,10 @@ class RelayHandler:
         original_id = None
         relay_id = addresses.new_message_id(self.config.domain)
         reserved: list[int] = []  # the daily-cap place this message took in the store (reservation id)
+        accepted: list[str] = []  # what the upstream said when it took the message
         try:
             reply, verdict, delivered, original_id = await self._process_and_forward(
-                route, raw, relay_id, transaction_id, changes, session, envelope, reserved)
+                route, raw, relay_id, transaction_id, changes, session, envelope, reserved, accepted)
         except Exception:
             log.exception("unexpected error handling message %s", transaction_id)
             reply, verdict = replies.INTERNAL_ERROR, "deferred"
@@ -469,9 +487,13 @@ class RelayHandler:
         self.metrics.refused("data", reply)
         if reply is replies.DELIVERED and archive_id is not None:
             reply = reply.with_text(f"{reply.text} (archive {archive_id})")
+        # The client's IP and the upstream's queue id: the two ends an
+        # operator follows a message by, into postfix's log on either side.
         log.info(
-            "message archive=%s relationship=%s direction=%s verdict=%s bytes=%d ms=%.1f policy=%s reply=%r",
-            archive_id, route.relationship.id, route.direction, verdict, len(raw),
+            "message archive=%s relationship=%s direction=%s verdict=%s client=%s queue_id=%s bytes=%d ms=%.1f "
+            "policy=%s reply=%r",
+            archive_id, route.relationship.id, route.direction, verdict, client_address(session) or "-",
+            log_value(queue_id(accepted[0])) if accepted else "-", len(raw),
             (time.monotonic() - started) * 1000, changes.policy_summary().replace(" ", ""), reply.line(),
         )
         return reply
@@ -499,8 +521,10 @@ class RelayHandler:
                 f"dmarc={verdict.dmarc}")
 
     async def _process_and_forward(self, route: Route, raw: bytes, relay_id: str, transaction_id: str,
-                                   changes: list[str], session, envelope, reserved: list[int]):
-        """Returns (reply, verdict, delivered bytes, original Message-ID)."""
+                                   changes: list[str], session, envelope, reserved: list[int],
+                                   accepted: list[str]):
+        """Returns (reply, verdict, delivered bytes, original Message-ID);
+        appends the upstream's accepting reply to `accepted`."""
         timeout = self.config.inbound.processing_timeout
         try:
             auth_results = await self._authenticate(session, envelope, raw, changes) if session else None
@@ -589,7 +613,7 @@ class RelayHandler:
             verdict = "deferred" if exc.reply.transient else "failed"
             return exc.reply, verdict, result.delivered, result.original_message_id
         self.metrics.upstream_seconds.observe(time.monotonic() - started)
-        log.debug("message %s delivered: %s", transaction_id, detail)
+        accepted.append(detail)
         return replies.DELIVERED, "delivered", result.delivered, result.original_message_id
 
     # --- shutdown -------------------------------------------------------------
