@@ -419,7 +419,7 @@ def _add_party(role: str):
 
         party = asyncio.run(_with_store(config, work))
         if args.json:
-            _print_json({"id": party.id, "role": role, "address": party.address, "name": party.display_name})
+            _print_json({"party_id": party.id, role: party.address, f"{role}_name": party.display_name})
         else:
             print(f"{role} {party.address} registered")
         return 0
@@ -470,7 +470,7 @@ def cmd_seller_show(args, config: Config) -> int:
     cap = daily_cap(policy, orders, seller.daily_orders)
     data = {
         "seller": seller.address,
-        "name": seller.display_name,
+        "seller_name": seller.display_name,
         "submission_password": has_password,
         "daily_cap": cap,
         "daily_orders_override": seller.daily_orders,
@@ -622,7 +622,7 @@ def cmd_archive_list(args, config: Config) -> int:
     rows = asyncio.run(_with_store(config, work))
     more, rows = len(rows) > args.limit, rows[:args.limit]
     if args.json:
-        _print_json(rows)
+        _print_json([{("archive_id" if key == "id" else key): value for key, value in row.items()} for row in rows])
         return 0
     if not rows:
         print("no archived messages match" if args.page == 1 else f"no archived messages on page {args.page}")
@@ -641,7 +641,7 @@ def cmd_archive_list(args, config: Config) -> int:
 def _show_summary(row: dict, relationship) -> dict:
     purged = bool(row["purged_at"])
     return {
-        "id": row["id"],
+        "archive_id": row["id"],
         "received_at": row["received_at"],
         "relationship": row["relationship_id"],
         "seller": relationship.seller.address if relationship else None,
@@ -696,7 +696,7 @@ def cmd_archive_show(args, config: Config) -> int:
     summary = _show_summary(row, relationship)
     # The delivery reports that came back for this message: what failed,
     # which reader understood the report, and whether the sender was told.
-    summary["bounces"] = [{"id": r["id"], "received_at": r["received_at"], "action": r["action"],
+    summary["bounces"] = [{"bounce_id": r["id"], "received_at": r["received_at"], "action": r["action"],
                            "status": r["status"] or None, "detector": r["detector"] or None,
                            "notified": bool(r["notified"])} for r in reports]
     if args.changes:
@@ -704,7 +704,7 @@ def cmd_archive_show(args, config: Config) -> int:
         if row["raw"] is not None and row["delivered"] is not None:
             removed, added = archive.header_changes(row["raw"], row["delivered"])
         if args.json:
-            _print_json({"id": row["id"], "verdict": row["verdict"], "reply": row["reply"],
+            _print_json({"archive_id": row["id"], "verdict": row["verdict"], "reply": row["reply"],
                          "changes": row["changes"], "headers_removed": removed, "headers_added": added})
             return 0
         print(f"archive row {row['id']}: {row['verdict']} — {row['reply']}")
@@ -934,7 +934,7 @@ def cmd_dkim_keygen(args, config: Config) -> int:
     value = dkim.dns_record(pem)
     if args.json:
         _print_json({"key_file": str(path), "bits": args.bits, "selector": config.dkim.selector,
-                     "domain": config.domain, "name": name, "value": value, "strings": dkim.txt_strings(value),
+                     "domain": config.domain, "record_name": name, "value": value, "strings": dkim.txt_strings(value),
                      "zone": dkim.zone_record(name, value)})
         return 0
     # A zone-file comment, then the record: the whole output can be pasted
