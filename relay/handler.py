@@ -158,6 +158,7 @@ class RelayHandler:
             reply = await self._recipient(session, envelope, address)
         except StoreUnavailable as exc:
             log.warning("rcpt lookup failed: %s", exc)
+            self.metrics.store_error(exc)
             reply = replies.LOOKUP_FAILED
         except Exception:
             log.exception("unexpected error in RCPT")
@@ -200,6 +201,7 @@ class RelayHandler:
             # RFC 4616: authzid NUL authcid NUL password; authzid ignored.
             _, login, password = credentials.split(b"\x00")
         except ValueError:
+            self.metrics.failed_logins.labels("malformed").inc()
             await server.push(replies.AUTH_MALFORMED.line())
             return AuthResult(success=False, handled=True)
         return await self._login(server, login, password)
@@ -226,6 +228,7 @@ class RelayHandler:
         try:
             return base64.b64decode(data, validate=True)
         except (binascii.Error, ValueError):
+            self.metrics.failed_logins.labels("malformed").inc()
             await server.push(replies.AUTH_BAD_BASE64.line())
             return None
 
@@ -234,13 +237,15 @@ class RelayHandler:
         # throttling the balancer's would lock every seller out at once.
         peer = client_address(server.session)
         if self.throttle.blocked(peer):
+            self.metrics.failed_logins.labels("blocked").inc()
             await server.push(replies.AUTH_TOO_MANY_FAILURES.line())
             server.transport.close()
             return AuthResult(success=False, handled=True)
         account = login.decode("utf-8", errors="replace").strip().lower()[:320]
         try:
             found = await self.store.password_hash(account) if addresses.is_valid(account) else None
-        except StoreUnavailable:
+        except StoreUnavailable as exc:
+            self.metrics.store_error(exc)
             await server.push(replies.AUTH_TEMPORARY_FAILURE.line())
             return AuthResult(success=False, handled=True)
         stored = found[1] if found else None
@@ -249,6 +254,7 @@ class RelayHandler:
             self.throttle.success(account, peer)
             log.info("seller %s logged in from %s", found[0].id, peer)
             return AuthResult(success=True, auth_data=found[0])
+        self.metrics.failed_logins.labels("credentials").inc()
         delay = self.throttle.failure(account, peer)
         log.warning("failed login from %s (waiting %.1f s)", peer, delay)
         await asyncio.sleep(delay)
@@ -305,9 +311,11 @@ class RelayHandler:
             relay_id = bounces.parse_address(local, self.config.domain, self.bounce_secret, self.clock())
         except bounces.InvalidBounceAddress as why:
             log.info("refused bounce address (%s)", why)
+            self.metrics.bounces.labels("unknown").inc()
             return replies.BOUNCE_ADDRESS_INVALID
         original = await self.store.message_by_relay_id(relay_id)
         if original is None:
+            self.metrics.bounces.labels("unknown").inc()
             return replies.BOUNCE_ADDRESS_INVALID
         if getattr(envelope, "relay_route", None) is not None or getattr(envelope, "relay_bounce", None):
             return replies.OTHER_RELATIONSHIP
@@ -350,14 +358,17 @@ class RelayHandler:
                                            detector=detector)
         except StoreUnavailable as exc:
             log.warning("bounce for %s not recorded: %s", relay_id, exc)
+            self.metrics.store_error(exc)
             return replies.LOOKUP_FAILED
-        except StoreDataError:
+        except StoreDataError as exc:
             # Refused again on every retry, and each retry would send the notice again.
             log.exception("bounce for %s not recorded: the store refused a value of it", relay_id)
+            self.metrics.store_error(exc)
             return replies.UNSTORABLE
         except Exception:
             log.exception("unexpected error handling a bounce for %s", relay_id)
             return replies.INTERNAL_ERROR
+        self.metrics.bounces.labels("notified" if notified else "recorded").inc()
         log.info("bounce relationship=%s archive=%s action=%s status=%s detector=%s notified=%s",
                  original["relationship_id"], original["archive_id"], action, status or "-", detector or "-",
                  notified)
@@ -461,7 +472,8 @@ class RelayHandler:
         archive_id = None
         try:
             archive_id = await self.store.record(entry)
-        except StoreDataError:
+        except StoreDataError as exc:
+            self.metrics.store_error(exc)
             log.exception("archive refused a value of message %s", transaction_id)
             if verdict == "delivered":
                 # A retry would be delivered again and refused again, for
@@ -470,6 +482,7 @@ class RelayHandler:
                           transaction_id)
                 reply = replies.UNSTORABLE
         except Exception as exc:
+            self.metrics.store_error(exc)
             log.error("archive failed for message %s: %s", transaction_id, exc,
                       exc_info=not isinstance(exc, StoreUnavailable))
             if verdict == "delivered":
@@ -482,6 +495,7 @@ class RelayHandler:
             try:
                 await self.store.release_send(reserved[0])
             except Exception as exc:  # counted until it leaves the window: the cap errs on the safe side
+                self.metrics.store_error(exc)
                 log.warning("daily-cap place of message %s not given back: %s", transaction_id, exc)
         self.metrics.messages.labels(route.direction, verdict).inc()
         self.metrics.refused("data", reply)
@@ -566,8 +580,10 @@ class RelayHandler:
             return exc.reply, "rejected" if exc.reply.permanent else "deferred", None, None
         except StoreUnavailable as exc:
             log.warning("lookup failed for message %s: %s", transaction_id, exc)
+            self.metrics.store_error(exc)
             return replies.LOOKUP_FAILED, "deferred", None, None
         except StoreDataError as exc:
+            self.metrics.store_error(exc)
             log.exception("lookup for message %s: the store refused a value of it", transaction_id)
             changes.append(f"refused: the store cannot hold a value of this message ({exc})")
             return replies.UNSTORABLE, "rejected", None, None
@@ -596,6 +612,7 @@ class RelayHandler:
             try:
                 over = await self._over_daily_cap(route.sender, reservations=reserved)
             except StoreUnavailable as exc:
+                self.metrics.store_error(exc)
                 log.warning("daily cap of message %s not checked: %s", transaction_id, exc)
                 return replies.LOOKUP_FAILED, "deferred", None, result.original_message_id
             if over is not None:
