@@ -31,8 +31,27 @@ class UsageError(Exception):
     """Bad arguments: exit status 2."""
 
 
+# Every --json flag says the same: the fields are documented in one place.
+JSON_HELP = "print JSON instead (fields: docs/cli.md)"
+
+
+class MissingCommand(Exception):
+    """A command group given without its command (`relay`, `relay archive`):
+    its usage and the list of its commands, on stderr, exit status 2 (like
+    git alone)."""
+
+    def __init__(self, help_text: str):
+        super().__init__(help_text)
+        self.help_text = help_text
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not argparse's usage dump
+        commands = next((a for a in self._actions if isinstance(a, argparse._SubParsersAction)), None)
+        required = "the following arguments are required: "
+        if commands is not None and message.startswith(required) \
+                and commands.metavar in message[len(required):].split(", "):
+            raise MissingCommand(self.format_help())
         raise UsageError(message)
 
 
@@ -41,70 +60,71 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="PATH",
                         help="config file (default: $RELAY_CONFIG, else config/relay.toml)")
     parser.add_argument("--version", action="version", version=f"relay {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
 
     commands.add_parser("serve", help="run the listeners until SIGTERM/SIGINT")
 
     db = commands.add_parser("db", help="database maintenance")
-    db_commands = db.add_subparsers(dest="db_command", metavar="COMMAND", parser_class=_Parser)
+    db_commands = db.add_subparsers(title="commands", dest="db_command", metavar="COMMAND", parser_class=_Parser)
     db_commands.required = True
     db_commands.add_parser("upgrade", help="create or migrate the database")
     migrate = db_commands.add_parser(
         "migrate-to", help="copy this SQLite store into an empty PostgreSQL database, then verify the copy")
     migrate.add_argument("url", metavar="URL", help="postgresql://user@host:port/dbname (the password: PGPASSWORD)")
-    migrate.add_argument("--json", action="store_true")
+    migrate.add_argument("--json", action="store_true", help=JSON_HELP)
 
     check = commands.add_parser("check-config", help="validate the config and print the effective settings")
-    check.add_argument("--json", action="store_true")
+    check.add_argument("--json", action="store_true", help=JSON_HELP)
 
     for role in ("seller", "buyer"):
         group = commands.add_parser(role, help=f"manage {role}s")
-        sub = group.add_subparsers(dest=f"{role}_command", metavar="COMMAND", parser_class=_Parser)
+        sub = group.add_subparsers(title="commands", dest=f"{role}_command", metavar="COMMAND", parser_class=_Parser)
         sub.required = True
         add = sub.add_parser("add", help=f"register a {role}")
-        add.add_argument("email")
+        add.add_argument("email", help=f"the {role}'s real address")
         add.add_argument("--name", default="", help="display name shown to the counterpart")
-        add.add_argument("--json", action="store_true")
+        add.add_argument("--json", action="store_true", help=JSON_HELP)
         if role == "seller":
             add.add_argument("--password-stdin", action="store_true",
                              help="read the submission password from standard input")
             add.add_argument("--daily-orders", type=int, metavar="N",
                              help="use N as the daily order volume of the sending cap")
             passwd = sub.add_parser("passwd", help="set the submission password (read from stdin)")
-            passwd.add_argument("email")
+            passwd.add_argument("email", help="the seller's registered address")
             limits = sub.add_parser("set-daily-orders", help="override (or with 'auto', stop overriding) "
                                                              "the daily order volume of the cap")
-            limits.add_argument("email")
-            limits.add_argument("value", metavar="N|auto")
+            limits.add_argument("email", help="the seller's registered address")
+            limits.add_argument("value", metavar="N|auto",
+                                help="orders per day to count, or 'auto' for the seller's real orders")
             show = sub.add_parser("show", help="the seller's cap, its use and its buyers' opt-outs")
-            show.add_argument("email")
-            show.add_argument("--json", action="store_true")
+            show.add_argument("email", help="the seller's registered address")
+            show.add_argument("--json", action="store_true", help=JSON_HELP)
         else:
             for verb, text in (("opt-out", "refuse seller-initiated messages"),
                                ("opt-in", "accept seller-initiated messages again")):
                 choice = sub.add_parser(verb, help=text)
-                choice.add_argument("email")
+                choice.add_argument("email", help="the buyer's registered address")
 
     order = commands.add_parser("order", help="record orders")
-    order_commands = order.add_subparsers(dest="order_command", metavar="COMMAND", parser_class=_Parser)
+    order_commands = order.add_subparsers(title="commands", dest="order_command", metavar="COMMAND", parser_class=_Parser)
     order_commands.required = True
     order_add = order_commands.add_parser("add", help="record an order; creates the relationship on the first one")
-    order_add.add_argument("order_id")
-    order_add.add_argument("--seller", required=True, metavar="EMAIL")
-    order_add.add_argument("--buyer", required=True, metavar="EMAIL")
+    order_add.add_argument("order_id", help="the marketplace's own order id (once per order)")
+    order_add.add_argument("--seller", required=True, metavar="EMAIL", help="the seller's registered address")
+    order_add.add_argument("--buyer", required=True, metavar="EMAIL", help="the buyer's registered address")
     order_add.add_argument("--placed-at", metavar="ISO", help="when the order was placed (default: now)")
-    order_add.add_argument("--json", action="store_true")
+    order_add.add_argument("--json", action="store_true", help=JSON_HELP)
 
     relationship = commands.add_parser("relationship", help="inspect relationships")
-    rel_commands = relationship.add_subparsers(dest="relationship_command", metavar="COMMAND",
+    rel_commands = relationship.add_subparsers(title="commands", dest="relationship_command", metavar="COMMAND",
                                                parser_class=_Parser)
     rel_commands.required = True
     show = rel_commands.add_parser("show", help="a pair, its aliases and its counts")
-    show.add_argument("--seller", metavar="EMAIL")
-    show.add_argument("--buyer", metavar="EMAIL")
-    show.add_argument("--alias", metavar="ADDRESS")
-    show.add_argument("--json", action="store_true")
+    show.add_argument("--seller", metavar="EMAIL", help="the seller's address (with --buyer)")
+    show.add_argument("--buyer", metavar="EMAIL", help="the buyer's address (with --seller)")
+    show.add_argument("--alias", metavar="ADDRESS", help="either alias of the relationship")
+    show.add_argument("--json", action="store_true", help=JSON_HELP)
 
     _add_dispute_commands(commands)
     return parser
@@ -116,22 +136,22 @@ VERDICTS = ("delivered", "rejected", "deferred", "failed")
 def _add_dispute_commands(commands) -> None:
     """relay archive …, relay purge, relay report … (issue 6)."""
     archive_parser = commands.add_parser("archive", help="dispute tools: find, show, export and verify messages")
-    sub = archive_parser.add_subparsers(dest="archive_command", metavar="COMMAND", parser_class=_Parser)
+    sub = archive_parser.add_subparsers(title="commands", dest="archive_command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
     listing = sub.add_parser("list", help="archived messages, newest first")
     listing.add_argument("--relationship", metavar="R", help="relationship id or either alias")
-    listing.add_argument("--seller", metavar="EMAIL")
-    listing.add_argument("--buyer", metavar="EMAIL")
+    listing.add_argument("--seller", metavar="EMAIL", help="messages of this seller's relationships")
+    listing.add_argument("--buyer", metavar="EMAIL", help="messages of this buyer's relationships")
     listing.add_argument("--since", metavar="D", help="received at or after D (ISO date or time, UTC)")
     listing.add_argument("--until", metavar="D", help="received before D (a date: up to its end)")
-    listing.add_argument("--verdict", choices=VERDICTS)
+    listing.add_argument("--verdict", choices=VERDICTS, help="only messages with this outcome")
     listing.add_argument("--limit", type=int, default=50, metavar="N", help="rows per page (default 50)")
     listing.add_argument("--page", type=int, default=1, metavar="P", help="page number, from 1")
-    listing.add_argument("--json", action="store_true")
+    listing.add_argument("--json", action="store_true", help=JSON_HELP)
 
     show = sub.add_parser("show", help="one archived message: a summary, or its bytes")
-    show.add_argument("id", type=int, metavar="ID")
+    show.add_argument("id", type=int, metavar="ID", help="the archive id (archive list, the 250 reply)")
     what = show.add_mutually_exclusive_group()
     what.add_argument("--raw", action="store_true", help="the bytes exactly as received")
     what.add_argument("--delivered", action="store_true", help="the bytes as delivered")
@@ -140,9 +160,10 @@ def _add_dispute_commands(commands) -> None:
 
     export = sub.add_parser("export", help="a whole conversation, both directions, with a manifest")
     export.add_argument("--relationship", metavar="R", help="relationship id or either alias")
-    export.add_argument("--seller", metavar="EMAIL")
-    export.add_argument("--buyer", metavar="EMAIL")
-    export.add_argument("--format", required=True, choices=archive.FORMATS)
+    export.add_argument("--seller", metavar="EMAIL", help="the seller's address (with --buyer)")
+    export.add_argument("--buyer", metavar="EMAIL", help="the buyer's address (with --seller)")
+    export.add_argument("--format", required=True, choices=archive.FORMATS,
+                        help="one mbox file, or a folder of .eml files")
     export.add_argument("--as", dest="as_", choices=archive.AS_CHOICES, default="raw",
                         help="the bytes as received (default) or as delivered")
     export.add_argument("out", metavar="OUT", help="mbox: the file to write; eml-dir: the folder to create")
@@ -151,7 +172,7 @@ def _add_dispute_commands(commands) -> None:
     verify = sub.add_parser("verify", help="check the hash chain; exit 1 at any break")
     verify.add_argument("--head", metavar="SHA256",
                         help="a head printed by an earlier verify: fail unless the chain still holds it")
-    verify.add_argument("--json", action="store_true")
+    verify.add_argument("--json", action="store_true", help=JSON_HELP)
 
     hold = sub.add_parser("hold", help="keep a relationship's archive from purge (a dispute)")
     hold.add_argument("relationship", metavar="R", help="relationship id or either alias")
@@ -159,39 +180,44 @@ def _add_dispute_commands(commands) -> None:
     release = sub.add_parser("release", help="end a hold")
     release.add_argument("relationship", metavar="R", help="relationship id or either alias")
     holds = sub.add_parser("holds", help="relationships on hold")
-    holds.add_argument("--json", action="store_true")
+    holds.add_argument("--json", action="store_true", help=JSON_HELP)
 
     purge = commands.add_parser("purge", help="purge archive rows past [archive] retention_days")
     purge.add_argument("--dry-run", action="store_true", help="count, change nothing")
-    purge.add_argument("--json", action="store_true")
+    purge.add_argument("--json", action="store_true", help=JSON_HELP)
 
     postfix.add_arguments(commands.add_parser("postfix-config", help=postfix.HELP))
 
     dkim_group = commands.add_parser("dkim", help="DKIM signing keys")
-    dkim_commands = dkim_group.add_subparsers(dest="dkim_command", metavar="COMMAND", parser_class=_Parser)
+    dkim_commands = dkim_group.add_subparsers(title="commands", dest="dkim_command", metavar="COMMAND", parser_class=_Parser)
     dkim_commands.required = True
     keygen = dkim_commands.add_parser("keygen", help="write a new RSA key and print the DNS record to publish")
     keygen.add_argument("--out", required=True, metavar="FILE", help="where to write the private key (PEM)")
-    keygen.add_argument("--bits", type=int, default=2048, choices=(1024, 2048, 3072, 4096))
+    keygen.add_argument("--bits", type=int, default=2048, choices=(1024, 2048, 3072, 4096),
+                        help="RSA key size (default 2048)")
     keygen.add_argument("--force", action="store_true", help="replace an existing file")
     keygen.add_argument("--json", action="store_true",
                         help="the record as JSON: its value, its TXT strings and the zone-file form")
 
     report = commands.add_parser("report", help="reports")
-    reports = report.add_subparsers(dest="report_command", metavar="REPORT", parser_class=_Parser)
+    reports = report.add_subparsers(title="commands", dest="report_command", metavar="REPORT", parser_class=_Parser)
     reports.required = True
     response = reports.add_parser("response-time", help="share of buyer messages answered within 24 h, per seller")
-    response.add_argument("--seller", metavar="EMAIL")
+    response.add_argument("--seller", metavar="EMAIL", help="this seller only")
     response.add_argument("--since", metavar="D", help="buyer messages received at or after D")
     response.add_argument("--until", metavar="D", help="the report as of D (default: now)")
     response.add_argument("--json", action="store_true", help="same as --format json")
-    response.add_argument("--format", choices=("text", "json", "html"))
+    response.add_argument("--format", choices=("text", "json", "html"),
+                          help="a table (default), JSON, or an HTML page with a chart")
     response.add_argument("--out", metavar="FILE", help="write the report here instead of to stdout")
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+    except MissingCommand as exc:
+        print(exc.help_text, end="", file=sys.stderr)
+        return EXIT_USAGE
     except UsageError as exc:
         print(f"relay: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -374,14 +400,10 @@ def cmd_check_config(args, config: Config) -> int:
     if args.json:
         _print_json(settings)
         return 0
-    for key, value in settings.items():
-        if not isinstance(value, dict):
-            print(f"{key} = {json.dumps(value)}")
-    for section, values in settings.items():
-        if isinstance(values, dict):
-            print(f"\n[{section}]")
-            for key, value in values.items():
-                print(f"{key} = {json.dumps(value)}")
+    import tomli_w
+
+    # TOML that tomllib reads back to these very values (the check-config test).
+    print(tomli_w.dumps(settings), end="")
     return 0
 
 
@@ -419,7 +441,7 @@ def _add_party(role: str):
 
         party = asyncio.run(_with_store(config, work))
         if args.json:
-            _print_json({"id": party.id, "role": role, "address": party.address, "name": party.display_name})
+            _print_json({"party_id": party.id, role: party.address, f"{role}_name": party.display_name})
         else:
             print(f"{role} {party.address} registered")
         return 0
@@ -470,7 +492,7 @@ def cmd_seller_show(args, config: Config) -> int:
     cap = daily_cap(policy, orders, seller.daily_orders)
     data = {
         "seller": seller.address,
-        "name": seller.display_name,
+        "seller_name": seller.display_name,
         "submission_password": has_password,
         "daily_cap": cap,
         "daily_orders_override": seller.daily_orders,
@@ -622,7 +644,7 @@ def cmd_archive_list(args, config: Config) -> int:
     rows = asyncio.run(_with_store(config, work))
     more, rows = len(rows) > args.limit, rows[:args.limit]
     if args.json:
-        _print_json(rows)
+        _print_json([{("archive_id" if key == "id" else key): value for key, value in row.items()} for row in rows])
         return 0
     if not rows:
         print("no archived messages match" if args.page == 1 else f"no archived messages on page {args.page}")
@@ -641,7 +663,7 @@ def cmd_archive_list(args, config: Config) -> int:
 def _show_summary(row: dict, relationship) -> dict:
     purged = bool(row["purged_at"])
     return {
-        "id": row["id"],
+        "archive_id": row["id"],
         "received_at": row["received_at"],
         "relationship": row["relationship_id"],
         "seller": relationship.seller.address if relationship else None,
@@ -696,7 +718,7 @@ def cmd_archive_show(args, config: Config) -> int:
     summary = _show_summary(row, relationship)
     # The delivery reports that came back for this message: what failed,
     # which reader understood the report, and whether the sender was told.
-    summary["bounces"] = [{"id": r["id"], "received_at": r["received_at"], "action": r["action"],
+    summary["bounces"] = [{"bounce_id": r["id"], "received_at": r["received_at"], "action": r["action"],
                            "status": r["status"] or None, "detector": r["detector"] or None,
                            "notified": bool(r["notified"])} for r in reports]
     if args.changes:
@@ -704,7 +726,7 @@ def cmd_archive_show(args, config: Config) -> int:
         if row["raw"] is not None and row["delivered"] is not None:
             removed, added = archive.header_changes(row["raw"], row["delivered"])
         if args.json:
-            _print_json({"id": row["id"], "verdict": row["verdict"], "reply": row["reply"],
+            _print_json({"archive_id": row["id"], "verdict": row["verdict"], "reply": row["reply"],
                          "changes": row["changes"], "headers_removed": removed, "headers_added": added})
             return 0
         print(f"archive row {row['id']}: {row['verdict']} — {row['reply']}")
@@ -934,7 +956,7 @@ def cmd_dkim_keygen(args, config: Config) -> int:
     value = dkim.dns_record(pem)
     if args.json:
         _print_json({"key_file": str(path), "bits": args.bits, "selector": config.dkim.selector,
-                     "domain": config.domain, "name": name, "value": value, "strings": dkim.txt_strings(value),
+                     "domain": config.domain, "record_name": name, "value": value, "strings": dkim.txt_strings(value),
                      "zone": dkim.zone_record(name, value)})
         return 0
     # A zone-file comment, then the record: the whole output can be pasted

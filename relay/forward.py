@@ -15,6 +15,10 @@ The smarthost's connections are reused (`SmtpUpstream`: a few messages
 per TLS handshake and login instead of one); ``mx:`` opens one connection
 per message, as each may go to another host.
 
+`queue_id()` picks the upstream's own id for the message out of its reply
+(postfix "queued as 4Xyz", exim "OK id=1abc-000-XY"), for the log line that
+lets an operator follow a message into the upstream's log.
+
 `WatchedUpstream` wraps a backend and keeps a `DeliveryRecord` of how its
 recent deliveries ended, so /healthz can say when the upstream has refused
 or been unreachable for every delivery for a while.
@@ -25,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import ssl
 import time
 import uuid
@@ -70,6 +75,19 @@ def reply_for_upstream(code: int, message: str = "") -> Reply:
     # A reply outside 4xx/5xx where a refusal was expected: the upstream is
     # confused, so keep the message and let the client retry.
     return replies.UPSTREAM_DEFERRED
+
+
+# The forms of "your message is queued as X" in the 250 after DATA that
+# common servers use: postfix "2.0.0 Ok: queued as 4XyzAB12", exim
+# "OK id=1tAbCd-000123-Xy", and a maildir upstream's "written NAME".
+_QUEUE_ID = re.compile(r"\b(?:queued as|id=|written)\s*([A-Za-z0-9][\w.@:-]*)", re.IGNORECASE)
+
+
+def queue_id(reply_text: str) -> str:
+    """The upstream's id for the message from its accepting reply, or the
+    whole reply (one line) when it names none in a form we know."""
+    found = _QUEUE_ID.search(reply_text)
+    return found.group(1).rstrip(".:") if found else " ".join(reply_text.split())
 
 
 # aiosmtplib turns every lone CR or LF of a message into CRLF before DATA,

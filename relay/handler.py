@@ -33,7 +33,7 @@ from aiosmtpd.smtp import MISSING, AuthResult
 from relay import addresses, auth, bounces, dkim, mailauth, pipeline, replies
 from relay.auth import Throttle
 from relay.config import Config
-from relay.forward import DeliveryError, Upstream
+from relay.forward import DeliveryError, Upstream, queue_id
 from relay.metrics import Metrics
 from relay.pipeline.changes import ChangeLog
 from relay.protocol import XFORWARD_ATTRIBUTES, InboundSMTP
@@ -78,6 +78,12 @@ def client_address(session) -> str:
     if proxied is not None and proxied.src_addr is not None:
         return str(proxied.src_addr)
     return str(session.peer[0]) if session.peer else ""
+
+
+def log_value(text: str) -> str:
+    """`text` as one key=value field of a log line: as it is when it is one
+    word, quoted (repr) when it has spaces or quotes of its own."""
+    return text if text and text.isprintable() and not any(c in text for c in " '\"=") else repr(text)
 
 
 def client_helo(session) -> str:
@@ -146,18 +152,28 @@ class RelayHandler:
         # Counted before anything else: every RCPT costs a lookup.
         envelope.relay_rcpt_count = getattr(envelope, "relay_rcpt_count", 0) + 1
         if envelope.relay_rcpt_count > self.config.limits.max_recipients:
-            self.metrics.refused("rcpt", replies.TOO_MANY_RECIPIENTS)
+            self._refused_recipient(session, address, replies.TOO_MANY_RECIPIENTS)
             return replies.TOO_MANY_RECIPIENTS.line()
         try:
             reply = await self._recipient(session, envelope, address)
         except StoreUnavailable as exc:
             log.warning("rcpt lookup failed: %s", exc)
+            self.metrics.store_error(exc)
             reply = replies.LOOKUP_FAILED
         except Exception:
             log.exception("unexpected error in RCPT")
             reply = replies.INTERNAL_ERROR
-        self.metrics.refused("rcpt", reply)
+        self._refused_recipient(session, address, reply)
         return reply.line()
+
+    def _refused_recipient(self, session, address: str, reply: Reply) -> None:
+        """Count a refused RCPT and log it: the address as the client wrote
+        it, our reply code, and who the client was."""
+        self.metrics.refused("rcpt", reply)
+        if reply.code >= 400:
+            log.info("rcpt refused client=%s to=%s code=%d enhanced=%s listener=%s",
+                     client_address(session) or "-", log_value(address), reply.code, reply.enhanced,
+                     "submission" if self.submission else "inbound")
 
     async def handle_DATA(self, server, session, envelope):
         if getattr(envelope, "relay_bounce", None) is not None:
@@ -185,6 +201,7 @@ class RelayHandler:
             # RFC 4616: authzid NUL authcid NUL password; authzid ignored.
             _, login, password = credentials.split(b"\x00")
         except ValueError:
+            self.metrics.failed_logins.labels("malformed").inc()
             await server.push(replies.AUTH_MALFORMED.line())
             return AuthResult(success=False, handled=True)
         return await self._login(server, login, password)
@@ -211,19 +228,24 @@ class RelayHandler:
         try:
             return base64.b64decode(data, validate=True)
         except (binascii.Error, ValueError):
+            self.metrics.failed_logins.labels("malformed").inc()
             await server.push(replies.AUTH_BAD_BASE64.line())
             return None
 
     async def _login(self, server, login: bytes, password: bytes):
-        peer = str(server.session.peer[0]) if server.session.peer else ""
+        # The client's own address, also behind a PROXY load balancer:
+        # throttling the balancer's would lock every seller out at once.
+        peer = client_address(server.session)
         if self.throttle.blocked(peer):
+            self.metrics.failed_logins.labels("blocked").inc()
             await server.push(replies.AUTH_TOO_MANY_FAILURES.line())
             server.transport.close()
             return AuthResult(success=False, handled=True)
         account = login.decode("utf-8", errors="replace").strip().lower()[:320]
         try:
             found = await self.store.password_hash(account) if addresses.is_valid(account) else None
-        except StoreUnavailable:
+        except StoreUnavailable as exc:
+            self.metrics.store_error(exc)
             await server.push(replies.AUTH_TEMPORARY_FAILURE.line())
             return AuthResult(success=False, handled=True)
         stored = found[1] if found else None
@@ -232,6 +254,7 @@ class RelayHandler:
             self.throttle.success(account, peer)
             log.info("seller %s logged in from %s", found[0].id, peer)
             return AuthResult(success=True, auth_data=found[0])
+        self.metrics.failed_logins.labels("credentials").inc()
         delay = self.throttle.failure(account, peer)
         log.warning("failed login from %s (waiting %.1f s)", peer, delay)
         await asyncio.sleep(delay)
@@ -288,9 +311,11 @@ class RelayHandler:
             relay_id = bounces.parse_address(local, self.config.domain, self.bounce_secret, self.clock())
         except bounces.InvalidBounceAddress as why:
             log.info("refused bounce address (%s)", why)
+            self.metrics.bounces.labels("unknown").inc()
             return replies.BOUNCE_ADDRESS_INVALID
         original = await self.store.message_by_relay_id(relay_id)
         if original is None:
+            self.metrics.bounces.labels("unknown").inc()
             return replies.BOUNCE_ADDRESS_INVALID
         if getattr(envelope, "relay_route", None) is not None or getattr(envelope, "relay_bounce", None):
             return replies.OTHER_RELATIONSHIP
@@ -333,14 +358,17 @@ class RelayHandler:
                                            detector=detector)
         except StoreUnavailable as exc:
             log.warning("bounce for %s not recorded: %s", relay_id, exc)
+            self.metrics.store_error(exc)
             return replies.LOOKUP_FAILED
-        except StoreDataError:
+        except StoreDataError as exc:
             # Refused again on every retry, and each retry would send the notice again.
             log.exception("bounce for %s not recorded: the store refused a value of it", relay_id)
+            self.metrics.store_error(exc)
             return replies.UNSTORABLE
         except Exception:
             log.exception("unexpected error handling a bounce for %s", relay_id)
             return replies.INTERNAL_ERROR
+        self.metrics.bounces.labels("notified" if notified else "recorded").inc()
         log.info("bounce relationship=%s archive=%s action=%s status=%s detector=%s notified=%s",
                  original["relationship_id"], original["archive_id"], action, status or "-", detector or "-",
                  notified)
@@ -415,9 +443,10 @@ class RelayHandler:
         original_id = None
         relay_id = addresses.new_message_id(self.config.domain)
         reserved: list[int] = []  # the daily-cap place this message took in the store (reservation id)
+        accepted: list[str] = []  # what the upstream said when it took the message
         try:
             reply, verdict, delivered, original_id = await self._process_and_forward(
-                route, raw, relay_id, transaction_id, changes, session, envelope, reserved)
+                route, raw, relay_id, transaction_id, changes, session, envelope, reserved, accepted)
         except Exception:
             log.exception("unexpected error handling message %s", transaction_id)
             reply, verdict = replies.INTERNAL_ERROR, "deferred"
@@ -443,7 +472,8 @@ class RelayHandler:
         archive_id = None
         try:
             archive_id = await self.store.record(entry)
-        except StoreDataError:
+        except StoreDataError as exc:
+            self.metrics.store_error(exc)
             log.exception("archive refused a value of message %s", transaction_id)
             if verdict == "delivered":
                 # A retry would be delivered again and refused again, for
@@ -452,6 +482,7 @@ class RelayHandler:
                           transaction_id)
                 reply = replies.UNSTORABLE
         except Exception as exc:
+            self.metrics.store_error(exc)
             log.error("archive failed for message %s: %s", transaction_id, exc,
                       exc_info=not isinstance(exc, StoreUnavailable))
             if verdict == "delivered":
@@ -464,14 +495,19 @@ class RelayHandler:
             try:
                 await self.store.release_send(reserved[0])
             except Exception as exc:  # counted until it leaves the window: the cap errs on the safe side
+                self.metrics.store_error(exc)
                 log.warning("daily-cap place of message %s not given back: %s", transaction_id, exc)
         self.metrics.messages.labels(route.direction, verdict).inc()
         self.metrics.refused("data", reply)
         if reply is replies.DELIVERED and archive_id is not None:
             reply = reply.with_text(f"{reply.text} (archive {archive_id})")
+        # The client's IP and the upstream's queue id: the two ends an
+        # operator follows a message by, into postfix's log on either side.
         log.info(
-            "message archive=%s relationship=%s direction=%s verdict=%s bytes=%d ms=%.1f policy=%s reply=%r",
-            archive_id, route.relationship.id, route.direction, verdict, len(raw),
+            "message archive=%s relationship=%s direction=%s verdict=%s client=%s queue_id=%s bytes=%d ms=%.1f "
+            "policy=%s reply=%r",
+            archive_id, route.relationship.id, route.direction, verdict, client_address(session) or "-",
+            log_value(queue_id(accepted[0])) if accepted else "-", len(raw),
             (time.monotonic() - started) * 1000, changes.policy_summary().replace(" ", ""), reply.line(),
         )
         return reply
@@ -499,8 +535,10 @@ class RelayHandler:
                 f"dmarc={verdict.dmarc}")
 
     async def _process_and_forward(self, route: Route, raw: bytes, relay_id: str, transaction_id: str,
-                                   changes: list[str], session, envelope, reserved: list[int]):
-        """Returns (reply, verdict, delivered bytes, original Message-ID)."""
+                                   changes: list[str], session, envelope, reserved: list[int],
+                                   accepted: list[str]):
+        """Returns (reply, verdict, delivered bytes, original Message-ID);
+        appends the upstream's accepting reply to `accepted`."""
         timeout = self.config.inbound.processing_timeout
         try:
             auth_results = await self._authenticate(session, envelope, raw, changes) if session else None
@@ -542,8 +580,10 @@ class RelayHandler:
             return exc.reply, "rejected" if exc.reply.permanent else "deferred", None, None
         except StoreUnavailable as exc:
             log.warning("lookup failed for message %s: %s", transaction_id, exc)
+            self.metrics.store_error(exc)
             return replies.LOOKUP_FAILED, "deferred", None, None
         except StoreDataError as exc:
+            self.metrics.store_error(exc)
             log.exception("lookup for message %s: the store refused a value of it", transaction_id)
             changes.append(f"refused: the store cannot hold a value of this message ({exc})")
             return replies.UNSTORABLE, "rejected", None, None
@@ -572,6 +612,7 @@ class RelayHandler:
             try:
                 over = await self._over_daily_cap(route.sender, reservations=reserved)
             except StoreUnavailable as exc:
+                self.metrics.store_error(exc)
                 log.warning("daily cap of message %s not checked: %s", transaction_id, exc)
                 return replies.LOOKUP_FAILED, "deferred", None, result.original_message_id
             if over is not None:
@@ -589,7 +630,7 @@ class RelayHandler:
             verdict = "deferred" if exc.reply.transient else "failed"
             return exc.reply, verdict, result.delivered, result.original_message_id
         self.metrics.upstream_seconds.observe(time.monotonic() - started)
-        log.debug("message %s delivered: %s", transaction_id, detail)
+        accepted.append(detail)
         return replies.DELIVERED, "delivered", result.delivered, result.original_message_id
 
     # --- shutdown -------------------------------------------------------------

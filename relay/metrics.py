@@ -1,7 +1,8 @@
 """Operational metrics in Prometheus text format, and a health check.
 
-`Metrics` holds the counters the handler updates (prometheus_client's
-types are thread-safe) in a registry of its own, so two relays in one
+`Metrics` holds the counters the handler updates (messages, refusals,
+delivery reports, failed logins, store errors; prometheus_client's types
+are thread-safe) in a registry of its own, so two relays in one
 process (the tests) do not share numbers. `MetricsServer` serves
 ``/metrics`` and ``/healthz`` from the standard library's HTTP server on a
 thread of its own: scrapes never wait on the event loop.
@@ -32,6 +33,9 @@ log = logging.getLogger("relay.metrics")
 HEALTH_TIMEOUT = 5.0  # the archive gauges' queries
 PROBE_TIMEOUT = 2.0  # a store or upstream probe of /healthz
 PROBE_CACHE_SECONDS = 5.0
+BOUNCE_OUTCOMES = ("notified", "recorded", "unknown")
+LOGIN_FAILURES = ("credentials", "malformed", "blocked")
+STORE_ERROR_KINDS = ("state", "value")
 
 
 class Metrics:
@@ -54,10 +58,39 @@ class Metrics:
             "relay_archive_rows", "Rows in the archive (highest archive id)", registry=self.registry)
         self.archive_bytes = Gauge(
             "relay_archive_bytes", "Size of the database files on disk", registry=self.registry)
+        self.bounces = Counter(
+            "relay_bounces", "Delivery reports received at a VERP address, by outcome: notified (the sender "
+            "was sent a notice), recorded (recorded only), unknown (refused: not an address of ours, "
+            "expired, or for no archived message)", ["outcome"], registry=self.registry)
+        self.failed_logins = Counter(
+            "relay_failed_logins", "Failed AUTH attempts on the submission listeners, by reason: credentials "
+            "(wrong account or password), malformed (bad AUTH data), blocked (the client address is "
+            "throttled: 421)", ["reason"], registry=self.registry)
+        self.store_errors = Counter(
+            "relay_store_errors", "Store failures the handler answered for, by kind: state (the database is "
+            "locked, full or unreachable: 451) or value (it refused a value of a message: 554)",
+            ["kind"], registry=self.registry)
+        # Every label value from the start: a rate over a series that
+        # appears only with its first failure misses that failure.
+        for outcome in BOUNCE_OUTCOMES:
+            self.bounces.labels(outcome)
+        for reason in LOGIN_FAILURES:
+            self.failed_logins.labels(reason)
+        for kind in STORE_ERROR_KINDS:
+            self.store_errors.labels(kind)
 
     def refused(self, stage: str, reply) -> None:
         if reply.code >= 400:
             self.rejections.labels(stage, str(reply.code), reply.enhanced).inc()
+
+    def store_error(self, error: BaseException) -> None:
+        """Count `error` if it is one of the store's two failure classes."""
+        from relay.store import StoreDataError, StoreUnavailable
+
+        if isinstance(error, StoreDataError):
+            self.store_errors.labels("value").inc()
+        elif isinstance(error, StoreUnavailable):
+            self.store_errors.labels("state").inc()
 
 
 class MetricsServer:

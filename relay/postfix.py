@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     from relay import config as config_module
 
     parser = argparse.ArgumentParser(prog="relay postfix-config", description=HELP)
-    parser.add_argument("--config", metavar="PATH")
+    parser.add_argument("--config", metavar="PATH", help="config file (default: $RELAY_CONFIG, else config/relay.toml)")
     add_arguments(parser)
     args = parser.parse_args(argv)
     path = config_module.config_path(args.config)

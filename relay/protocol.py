@@ -33,7 +33,7 @@ import logging
 import re
 from collections import Counter
 
-from aiosmtpd.smtp import SMTP, syntax
+from aiosmtpd.smtp import SMTP, Session, syntax
 
 from relay import replies
 from relay.config import LimitsConfig
@@ -97,6 +97,18 @@ _HAS_ENHANCED = re.compile(r"^\d{3}[ -]\d\.\d{1,3}\.\d{1,3}( |$)")
 _STOCK_SIZE_REFUSAL = "552 Error: message size exceeds fixed maximum message size"
 
 
+class RelaySession(Session):
+    """aiosmtpd's Session without the warning on every login.
+
+    aiosmtpd 1.4 deprecates `Session.login_data` (a property that logs
+    "Session.login_data is deprecated" to `mail.log` when read or set) and
+    then sets it itself on every successful AUTH, whatever API the server
+    uses (aio-libs/aiosmtpd#347). The relay reads `auth_data` only, so here
+    it is a plain attribute again."""
+
+    login_data = None
+
+
 class RelaySMTP(SMTP):
     """aiosmtpd's SMTP with the relay's limits; see the module docstring."""
 
@@ -117,6 +129,9 @@ class RelaySMTP(SMTP):
         self._data_timer: asyncio.TimerHandle | None = None
 
     # --- connection ---------------------------------------------------------
+
+    def _create_session(self) -> Session:
+        return RelaySession(self.loop)
 
     def connection_made(self, transport) -> None:
         if self._original_transport is None and self._session_timer is None:

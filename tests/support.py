@@ -8,6 +8,7 @@ import asyncio
 from datetime import datetime, timezone
 import tempfile
 from pathlib import Path
+import secrets
 import socket
 import ssl
 import threading
@@ -44,6 +45,7 @@ class Received:
     mail_from: str
     rcpt_tos: list[str]
     data: bytes
+    queue_id: str = ""  # what the recorder said it queued the message as
 
 
 class _RecorderHandler:
@@ -57,10 +59,12 @@ class _RecorderHandler:
             await asyncio.sleep(up.delay)
         if up.reply_code != 250:
             return up.reply_line
+        # Answered as postfix does, so the relay's log can name the queue id.
+        queue_id = secrets.token_hex(5).upper()
         with up.lock:
             up.messages.append(Received(envelope.mail_from, list(envelope.rcpt_tos),
-                                        envelope.original_content))
-        return "250 2.0.0 OK recorded"
+                                        envelope.original_content, queue_id))
+        return f"250 2.0.0 Ok: queued as {queue_id}"
 
     async def handle_MAIL(self, server, session, envelope, address, mail_options):
         up = self.upstream

@@ -89,21 +89,21 @@ def listed(world, *args):
 
 def test_list_newest_first_with_filters_and_pages(world):
     rows = listed(world)
-    assert [row["id"] for row in rows] == [5, 4, 3, 2, 1]
-    assert {key for key in rows[0]} >= {"id", "relationship", "direction", "verdict", "received_at", "bytes", "reply"}
+    assert [row["archive_id"] for row in rows] == [5, 4, 3, 2, 1]
+    assert {key for key in rows[0]} >= {"archive_id", "relationship", "direction", "verdict", "received_at", "bytes", "reply"}
     assert rows[4]["direction"] == "buyer_to_seller" and rows[3]["direction"] == "seller_to_buyer"
     assert rows[4]["bytes"] == len(world.raw[1])
     assert rows[2]["verdict"] == "rejected" and rows[2]["reply"].startswith("550 5.7.1")
     assert rows[0]["received_at"] == (world.t0 + timedelta(hours=26)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
-    assert [r["id"] for r in listed(world, "--relationship", "1")] == [5, 3, 2, 1]
-    assert [r["id"] for r in listed(world, "--relationship", world.buyer_alias.upper())] == [5, 3, 2, 1]
-    assert [r["id"] for r in listed(world, "--seller", "seller@shop.example", "--buyer", "bob@mail.example")] == [4]
-    assert [r["id"] for r in listed(world, "--verdict", "rejected")] == [3]
+    assert [r["archive_id"] for r in listed(world, "--relationship", "1")] == [5, 3, 2, 1]
+    assert [r["archive_id"] for r in listed(world, "--relationship", world.buyer_alias.upper())] == [5, 3, 2, 1]
+    assert [r["archive_id"] for r in listed(world, "--seller", "seller@shop.example", "--buyer", "bob@mail.example")] == [4]
+    assert [r["archive_id"] for r in listed(world, "--verdict", "rejected")] == [3]
     since = (world.t0 + timedelta(hours=2)).isoformat()
     until = (world.t0 + timedelta(hours=4)).isoformat()
-    assert [r["id"] for r in listed(world, "--since", since, "--until", until)] == [3, 2]
-    assert [r["id"] for r in listed(world, "--limit", "2", "--page", "2")] == [3, 2]
+    assert [r["archive_id"] for r in listed(world, "--since", since, "--until", until)] == [3, 2]
+    assert [r["archive_id"] for r in listed(world, "--limit", "2", "--page", "2")] == [3, 2]
 
     text = relay_cli(world.config, "archive", "list", "--limit", "2")
     assert text.returncode == 0

@@ -12,6 +12,7 @@ import smtplib
 import sqlite3
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -282,3 +283,42 @@ def test_serve_warns_about_state_others_can_read(workdir):
     assert "var/bounce.key can be opened by group or others (mode 0640)" in warnings[1]
     assert all(line.split()[2] == "WARNING" for line in warnings)
     assert mode(var / "relay.sqlite3") == "0o644"  # not changed behind the operator's back
+
+
+def test_check_config_prints_toml_that_reads_back_to_the_settings(workdir):
+    """Plain `check-config` output is TOML: tomllib reads it back to the
+    effective settings of the loaded config (the same as --json), and as a
+    config file (less the derived size limit) it loads to the same config."""
+    import tomllib
+
+    from relay import config as config_module
+
+    path = workdir / "config" / "relay.toml"
+    path.write_text(textwrap.dedent('''
+        domain = "marketplace.example"
+        database = "var/relay.sqlite3"
+
+        [inbound]
+        listen = "127.0.0.1:0"
+        xforward_hosts = ["127.0.0.1", "::1"]
+
+        [upstream]
+        url = "smtp+starttls://relay:p%40ss@smarthost.example:587"
+
+        [policy]
+        allowed_link_domains = ["marketplace.example", "help.marketplace.example"]
+        html_attributes = { "*" = ["title"], a = ["href"], img = ["src", "alt"] }
+
+        [metrics]
+        listen = "127.0.0.1:9125"
+        '''))
+    result = relay_cmd(workdir, "check-config")
+    assert result.returncode == 0, result.stderr
+    printed = tomllib.loads(result.stdout)
+    loaded = config_module.load(path)
+    assert printed == config_module.effective(loaded)
+    assert printed == json.loads(relay_cmd(workdir, "check-config", "--json").stdout)
+    assert printed["policy"]["html_attributes"] == {"*": ["title"], "a": ["href"], "img": ["src", "alt"]}
+    again = workdir / "again.toml"
+    again.write_text(result.stdout.replace("effective_size_limit = ", "# effective_size_limit = "))
+    assert config_module.effective(config_module.load(again)) == config_module.effective(loaded)

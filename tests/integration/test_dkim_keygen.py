@@ -66,7 +66,7 @@ def test_json_carries_the_same_record(workdir):
     result = relay_cmd(workdir, "--config", "relay.toml", "dkim", "keygen", "--out", "k.pem", "--json")
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
-    assert out["key_file"] == "k.pem" and out["bits"] == 2048 and out["name"] == NAME
+    assert out["key_file"] == "k.pem" and out["bits"] == 2048 and out["record_name"] == NAME
     assert out["value"] == dkim.dns_record((workdir / "k.pem").read_bytes())
     assert "".join(out["strings"]) == out["value"]
     assert [s.encode() for s in out["strings"]] == published(out["zone"])

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from archive_support import clock_at, copy_database, relay_cli, send, write_config
+from json_names import check, documented
 from relay.store.common import migrations
 from support import RecordingUpstream, RunningRelay, make_config, message, shared_dkim_key_file, upstream_url
 
@@ -170,7 +171,7 @@ def test_new_rows_after_the_copy_get_fresh_ids(migrated):
     assert result.returncode == 0, result.stderr
     assert f"up to date at version {LATEST}" in run(postgres_config, "db", "upgrade")
     run(postgres_config, "seller", "add", "new@shop.example", "--name", "New")
-    assert json.loads(run(postgres_config, "buyer", "add", "cleo@mail.example", "--json"))["id"] == 5
+    assert json.loads(run(postgres_config, "buyer", "add", "cleo@mail.example", "--json"))["party_id"] == 5
     order = json.loads(run(postgres_config, "order", "add", "ORDER-3", "--seller", "new@shop.example",
                            "--buyer", "cleo@mail.example", "--json"))
     assert (order["relationship"], order["created"]) == (3, True)
@@ -244,3 +245,12 @@ def test_all_aliases_for_the_postfix_table_from_either_engine(migrated, postgres
     on_sqlite = all_aliases(str(sqlite_config.parent / "r.sqlite3"))
     assert len(on_sqlite) == 4
     assert sorted(all_aliases(postgres_url)) == sorted(on_sqlite)
+
+
+def test_migrate_to_json_has_the_documented_names(world, tmp_path, postgres_url):
+    config = write_config(_folder(tmp_path), copy_database(world, tmp_path / "r.sqlite3"))
+    result = relay_cli(config, "db", "migrate-to", postgres_url, "--json")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["ok"] and out["rows"]["archive"] == 5
+    check("db migrate-to", out, documented())

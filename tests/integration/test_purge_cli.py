@@ -88,7 +88,7 @@ def test_purge_skips_held_relationships_and_keeps_the_chain(old_and_new):
     assert json.loads(run(config, "purge", "--json"))["rows"] == 0
     assert run(config, "archive", "verify").startswith("archive chain verified: 4 row(s) (3 purged), head ")
     listed = json.loads(run(config, "archive", "list", "--json"))
-    assert [(row["id"], bool(row["purged_at"])) for row in listed] == [(4, False), (3, True), (2, True), (1, True)]
+    assert [(row["archive_id"], bool(row["purged_at"])) for row in listed] == [(4, False), (3, True), (2, True), (1, True)]
 
 
 def test_verify_tells_an_emptied_row_from_a_purged_one(old_and_new, tmp_path):

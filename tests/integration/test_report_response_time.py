@@ -74,7 +74,7 @@ def test_report_json_counts_shares_and_percentiles(report_db):
     report = json.loads(result.stdout)
     assert report["as_of"] == iso(UNTIL)
     ann, sam = report["sellers"]
-    assert sam["seller"] == "sam@shop.example" and sam["name"] == "Sam's <Shop>"
+    assert sam["seller"] == "sam@shop.example" and sam["seller_name"] == "Sam's <Shop>"
     assert (sam["buyer_messages"], sam["answered_within_24h"], sam["answered_later"], sam["due"]) == (4, 3, 1, 4)
     assert sam["share_within_24h"] == 0.75
     # Response times 1 h, 2 h, 23 h 59 min, 24 h 01 min.

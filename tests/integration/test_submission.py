@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import email
+import logging
 import shutil
 import re
 import smtplib
@@ -117,6 +118,27 @@ def test_implicit_tls_with_auth_login(submission, client_context, upstream):
         assert code == 235
         assert client.sendmail(pair.seller, [pair.buyer_alias], message(pair.seller, pair.buyer_alias)) == {}
     assert upstream.wait_for(1)[0].rcpt_tos == [pair.buyer]
+
+
+def test_logins_log_the_seller_and_no_deprecation_warning(submission, client_context, upstream, caplog):
+    caplog.set_level(logging.INFO)
+    relay = submission()
+    pair = relay.main
+    # Both mechanisms, both listeners: aiosmtpd 1.4 warns on every login
+    # unless the session is the relay's own (protocol.RelaySession).
+    code, _ = send_as_seller(relay, client_context, pair.buyer_alias)
+    assert code == 250
+    with smtplib.SMTP_SSL("127.0.0.1", relay.submission_tls_port, context=client_context, timeout=30) as client:
+        client.ehlo()
+        client.user, client.password = pair.seller, PASSWORD
+        assert client.auth("LOGIN", client.auth_login)[0] == 235
+    [got] = upstream.wait_for(1)
+    logged = [r.getMessage() for r in caplog.records]
+    assert not [line for line in logged if "deprecated" in line.lower()]
+    seller_id = relay.call(relay.store.get_party("seller", pair.seller)).id
+    assert logged.count(f"seller {seller_id} logged in from 127.0.0.1") == 2
+    [line] = [line for line in logged if line.startswith("message ")]
+    assert f" client=127.0.0.1 queue_id={got.queue_id} " in line
 
 
 def test_nothing_before_starttls(submission):
