@@ -191,8 +191,8 @@ def test_migrate_to_refuses_a_non_empty_target_and_wrong_arguments(migrated, pos
                             "migrate-to copies into an empty database only\n")
     from_postgres = relay_cli(postgres_config, "db", "migrate-to", postgres_url)
     assert from_postgres.returncode == 2 and "is PostgreSQL already" in from_postgres.stderr
-    not_a_url = relay_cli(sqlite_config, "db", "migrate-to", "/tmp/other.sqlite3")
-    assert (not_a_url.returncode, not_a_url.stderr) == (2, "relay: not a postgresql:// URL: '/tmp/other.sqlite3'\n")
+    not_a_url = relay_cli(sqlite_config, "db", "migrate-to", "backup/other.sqlite3")
+    assert (not_a_url.returncode, not_a_url.stderr) == (2, "relay: not a postgresql:// URL: 'backup/other.sqlite3'\n")
     missing = write_config(_folder(tmp_path / "missing"), tmp_path / "missing" / "none.sqlite3")
     gone = relay_cli(missing, "db", "migrate-to", postgres_url)
     assert gone.returncode == 1 and "no such file" in gone.stderr
