@@ -108,7 +108,7 @@ def test_raw_utf8_references_is_delivered_threads_and_is_listed(relay, upstream,
     rows = json.loads(listed.stdout)
     assert sorted(row["verdict"] for row in rows) == ["delivered", "delivered"]
     assert all(row["reply"].startswith("250 2.0.0") for row in rows)
-    first = min(row["id"] for row in rows)
+    first = min(row["archive_id"] for row in rows)
     shown = relay_cli(config, "archive", "show", str(first), "--raw")
     assert shown.returncode == 0, shown.stderr
     assert earlier in shown.stdout  # the archive keeps the bytes as received
