@@ -468,6 +468,7 @@ class MessageFact:
     direction: str
     received_at: datetime
     auto_reply: bool = False
+    bounced: bool = False  # a delivery report said it failed: it never reached the other side
 
 
 @dataclass(frozen=True)
@@ -488,6 +489,7 @@ class SellerResponse:
     answered_late: int = 0
     response_seconds: list[float] = field(default_factory=list)
     waiting: list[Waiting] = field(default_factory=list)
+    bounced: int = 0  # buyer messages that bounced: never in the seller's inbox, so never waiting
 
     @property
     def overdue(self) -> int:
@@ -526,6 +528,7 @@ class SellerResponse:
             "overdue": self.overdue,
             "waiting": len(self.waiting),
             "due": self.due,
+            "bounced": self.bounced,
             "share_within_24h": None if self.share_within is None else round(self.share_within, 4),
             "median_seconds": _round(self.median_seconds),
             "p90_seconds": _round(self.p90_seconds),
@@ -584,7 +587,13 @@ def response_times(facts: Iterable[MessageFact], now: datetime, since: datetime 
             if fact.auto_reply:
                 continue
             if fact.direction == "buyer_to_seller":
-                if since is None or fact.received_at >= since:
+                if since is not None and fact.received_at < since:
+                    continue
+                if fact.bounced:
+                    # The seller's mailbox refused it: nothing to answer, and
+                    # the buyer was told by the bounce notice.
+                    _seller(report, fact.seller, names).bounced += 1
+                else:
                     pending.append(fact)
             elif fact.direction == "seller_to_buyer" and pending:
                 seller = _seller(report, fact.seller, names)
@@ -605,7 +614,31 @@ def response_times(facts: Iterable[MessageFact], now: datetime, since: datetime 
                                           waited > ANSWER_WITHIN.total_seconds()))
     for seller in report.values():
         seller.waiting.sort(key=lambda w: (w.received_at, w.archive_id))
-    return sorted(report.values(), key=lambda s: s.seller)
+    return sorted(report.values(), key=lambda s: natural_key(s.seller))
+
+
+def natural_key(text: str) -> list:
+    """Sorts `seller2` before `seller10`: digit runs compare as numbers."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part.lower())
+            for part in re.split(r"(\d+)", text) if part]
+
+
+def readable(moment: datetime) -> str:
+    """A time for a person: `2026-03-02 09:00 UTC` (the JSON keeps ISO 8601)."""
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def all_sellers(sellers: list[SellerResponse]) -> SellerResponse:
+    """Every seller's answers and waiting messages as one, for the chart."""
+    total = SellerResponse("all sellers")
+    for s in sellers:
+        total.buyer_messages += s.buyer_messages
+        total.answered_within += s.answered_within
+        total.answered_late += s.answered_late
+        total.bounced += s.bounced
+        total.response_seconds += s.response_seconds
+        total.waiting += s.waiting
+    return total
 
 
 def _seller(report: dict[str, SellerResponse], address: str, names: dict[str, str]) -> SellerResponse:
@@ -640,21 +673,22 @@ def report_json(sellers: list[SellerResponse], now: datetime, since: str | None)
 
 
 def render_text(sellers: list[SellerResponse], now: datetime, since: str | None) -> str:
-    lines = [f"Response times as of {iso(now)}" + (f", buyer messages since {since}" if since else "")
+    lines = [f"Response times as of {readable(now)}" + (f", buyer messages since {since}" if since else "")
              + ": share of buyer messages answered within 24 h"]
     if not sellers:
         lines.append("no buyer messages")
         return "\n".join(lines) + "\n"
     width = max(len("seller"), *(len(s.seller) for s in sellers))
-    lines.append(f"{'seller':<{width}}  {'within 24 h':>17}  {'median':>12}  {'90th pct':>12}  {'waiting':>7}  overdue")
+    lines.append(f"{'seller':<{width}}  {'within 24 h':>17}  {'median':>12}  {'90th pct':>12}  {'waiting':>7}"
+                 "  overdue  bounced")
     for s in sellers:
         within = f"{s.answered_within}/{s.due} {format_share(s.share_within):>6}"
         lines.append(f"{s.seller:<{width}}  {within:>17}  {format_duration(s.median_seconds):>12}"
-                     f"  {format_duration(s.p90_seconds):>12}  {len(s.waiting):>7}  {s.overdue}")
+                     f"  {format_duration(s.p90_seconds):>12}  {len(s.waiting):>7}  {s.overdue:>7}  {s.bounced}")
     for s in sellers:
         for w in s.waiting:
             lines.append(f"  waiting: {s.seller} archive {w.archive_id} (relationship {w.relationship_id}),"
-                         f" received {iso(w.received_at)}, {format_duration(w.waiting_seconds)}"
+                         f" received {readable(w.received_at)}, for {format_duration(w.waiting_seconds)}"
                          + (" OVERDUE" if w.overdue else ""))
     return "\n".join(lines) + "\n"
 
@@ -728,6 +762,18 @@ def svg_chart(seller: SellerResponse) -> str:
     return "\n".join(out)
 
 
+def _share_bar(seller: SellerResponse) -> str:
+    """A seller's due messages as one small stacked bar (CSS, no image):
+    green within 24 h, red later, dark grey still waiting past 24 h."""
+    if not seller.due:
+        return '<span class="bar" role="img" aria-label="nothing due"></span>'
+    spans = "".join(f'<span style="width:{100 * count / seller.due:.1f}%;background:{colour}"></span>'
+                    for count, colour in ((seller.answered_within, _GREEN), (seller.answered_late, _RED),
+                                          (seller.overdue, _DARK_GREY)) if count)
+    return (f'<span class="bar" role="img" aria-label="{format_share(seller.share_within)} within 24 h">'
+            f"{spans}</span>")
+
+
 def _nice_step(peak: int) -> int:
     for step in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000):
         if peak / step <= 6:
@@ -736,7 +782,10 @@ def _nice_step(peak: int) -> int:
 
 
 def render_html(sellers: list[SellerResponse], now: datetime, since: str | None) -> str:
-    """One self-contained page: a summary table and a chart per seller. No
+    """One self-contained page: a summary, one chart of every seller's
+    answers together, a table with a row and a small bar per seller, and
+    the waiting messages. Its size grows by one table row per seller, not
+    by a chart each (5,000 sellers stay a page a browser opens). No
     JavaScript (and a Content-Security-Policy that forbids it), no external
     resources, so it opens from a file or an attachment."""
     e = html.escape
@@ -748,41 +797,47 @@ def render_html(sellers: list[SellerResponse], now: datetime, since: str | None)
         "<title>Seller response times</title>",
         "<style>body{font-family:sans-serif;margin:2em;color:#222}table{border-collapse:collapse}"
         "td,th{padding:4px 10px;border-bottom:1px solid #ddd;text-align:right}td:first-child,th:first-child"
-        "{text-align:left}section{margin:2em 0}.late{color:#c62828}.muted{color:#777}</style>",
+        "{text-align:left}section{margin:2em 0}.late{color:#c62828}.muted{color:#777}"
+        ".bar{display:inline-flex;width:120px;height:10px;background:#f5f5f5;vertical-align:middle}"
+        ".bar span{display:block;height:10px}</style>",
         "</head><body>",
         "<h1>Seller response times</h1>",
-        f'<p class="muted">As of {e(iso(now))}' + (f"; buyer messages since {e(since)}" if since else "")
+        f'<p class="muted">As of {e(readable(now))}' + (f"; buyer messages since {e(since)}" if since else "")
         + ". A buyer message is answered by the seller's next message in the same conversation; "
-          "auto-replies neither count nor answer. Within 24 h means at most 24 hours.</p>",
+          "auto-replies neither count nor answer, and a message that bounced (it never reached the "
+          "seller) does not wait. Within 24 h means at most 24 hours.</p>",
     ]
     if not sellers:
         parts.append("<p>No buyer messages.</p>")
     else:
-        parts.append("<table><tr><th>seller</th><th>answered within 24 h</th><th>median</th>"
-                     "<th>90th percentile</th><th>waiting</th><th>overdue</th></tr>")
-        for s in sellers:
-            parts.append(f"<tr><td>{e(s.seller)}</td><td>{s.answered_within} of {s.due} "
-                         f"({e(format_share(s.share_within))})</td><td>{e(format_duration(s.median_seconds))}</td>"
-                         f"<td>{e(format_duration(s.p90_seconds))}</td><td>{len(s.waiting)}</td>"
-                         f"<td>{s.overdue}</td></tr>")
-        parts.append("</table>")
-    for s in sellers:
-        heading = s.seller + (f" ({s.name})" if s.name else "")
-        parts.append(f"<section><h2>{e(heading)}</h2>")
-        parts.append(f"<p>{s.answered_within} of {s.due} buyer messages answered within 24 h "
-                     f"({e(format_share(s.share_within))}); median {e(format_duration(s.median_seconds))}, "
-                     f"90th percentile {e(format_duration(s.p90_seconds))}; {len(s.waiting)} waiting, "
-                     f"{s.overdue} of them over 24 h.</p>")
-        parts.append(svg_chart(s))
-        if s.waiting:
-            parts.append("<table><tr><th>waiting: archive id</th><th>relationship</th><th>received</th>"
-                         "<th>waiting for</th></tr>")
-            for w in s.waiting:
-                row_class = ' class="late"' if w.overdue else ""
-                parts.append(f"<tr{row_class}><td>{w.archive_id}</td>"
-                             f"<td>{w.relationship_id}</td><td>{e(iso(w.received_at))}</td>"
-                             f"<td>{e(format_duration(w.waiting_seconds))}</td></tr>")
-            parts.append("</table>")
+        total = all_sellers(sellers)
+        parts.append(f"<section><h2>All {len(sellers)} seller(s)</h2>")
+        parts.append(f"<p>{total.answered_within} of {total.due} buyer messages answered within 24 h "
+                     f"({e(format_share(total.share_within))}); median {e(format_duration(total.median_seconds))}, "
+                     f"90th percentile {e(format_duration(total.p90_seconds))}; {len(total.waiting)} waiting, "
+                     f"{total.overdue} of them over 24 h; {total.bounced} bounced.</p>")
+        parts.append(svg_chart(total))
         parts.append("</section>")
+        parts.append("<table><tr><th>seller</th><th>answered within 24 h</th><th></th><th>median</th>"
+                     "<th>90th percentile</th><th>waiting</th><th>overdue</th><th>bounced</th></tr>")
+        for s in sellers:
+            label = s.seller + (f" ({s.name})" if s.name else "")
+            parts.append(f"<tr><td>{e(label)}</td><td>{s.answered_within} of {s.due} "
+                         f"({e(format_share(s.share_within))})</td><td>{_share_bar(s)}</td>"
+                         f"<td>{e(format_duration(s.median_seconds))}</td>"
+                         f"<td>{e(format_duration(s.p90_seconds))}</td><td>{len(s.waiting)}</td>"
+                         f"<td>{s.overdue}</td><td>{s.bounced}</td></tr>")
+        parts.append("</table>")
+    waiting = sorted(((s, w) for s in sellers for w in s.waiting), key=lambda sw: (sw[1].received_at, sw[1].archive_id))
+    if waiting:
+        parts.append("<section><h2>Waiting for an answer, oldest first</h2>")
+        parts.append("<table><tr><th>seller</th><th>archive id</th><th>relationship</th><th>received</th>"
+                     "<th>waiting for</th></tr>")
+        for s, w in waiting:
+            row_class = ' class="late"' if w.overdue else ""
+            parts.append(f"<tr{row_class}><td>{e(s.seller)}</td><td>{w.archive_id}</td>"
+                         f"<td>{w.relationship_id}</td><td>{e(readable(w.received_at))}</td>"
+                         f"<td>{e(format_duration(w.waiting_seconds))}</td></tr>")
+        parts.append("</table></section>")
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"

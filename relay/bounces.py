@@ -31,7 +31,6 @@ import email
 import email.policy
 import hashlib
 import hmac
-import os
 import re
 import secrets
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from pathlib import Path
 
 from flufl.bounce import _scan as flufl_scan
 
+from relay import private
 from relay.pipeline.message import POLICY, content_type, parse, raw_values
 from relay.replies import SmtpError
 
@@ -59,13 +59,17 @@ class InvalidBounceAddress(Exception):
 
 def load_secret(config) -> bytes:
     """The HMAC key: `[bounce] secret_file`, or var/bounce.key made now."""
-    path = Path(config.bounce.secret_file) if config.bounce.secret_file else config.state_dir / "bounce.key"
+    path = secret_path(config)
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(secrets.token_bytes(32))
+        try:
+            private.write(path, secrets.token_bytes(32), exclusive=True)
+        except FileExistsError:
+            pass  # another node on this state folder made it first: use that one
     return path.read_bytes()
+
+
+def secret_path(config) -> Path:
+    return Path(config.bounce.secret_file) if config.bounce.secret_file else config.state_dir / "bounce.key"
 
 
 def _day(moment: datetime) -> int:

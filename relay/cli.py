@@ -242,10 +242,25 @@ async def _with_store(config: Config, work):
 # --- commands -------------------------------------------------------------------
 
 def cmd_serve(args, config: Config) -> int:
+    from relay import private
     from relay.server import serve
 
+    private.warn_exposed(secret_files(config))
     asyncio.run(serve(config))
     return 0
+
+
+def secret_files(config: Config) -> list[Path]:
+    """The files of this config that no one but the relay's user should
+    read: the SQLite database (every archived message) with its -wal and
+    -shm, the DKIM key, the bounce secret and the submission TLS key."""
+    from relay import bounces, dkim, tls
+
+    paths = [] if is_postgres(config.database) else [Path(config.database + s) for s in ("", "-wal", "-shm")]
+    paths += [dkim.key_path(config), bounces.secret_path(config)]
+    paths.append(Path(config.submission.tls_key) if config.submission.tls_key
+                 else tls.self_signed_paths(config.state_dir / "tls")[1])
+    return paths
 
 
 def cmd_db_upgrade(args, config: Config) -> int:

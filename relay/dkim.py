@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +24,8 @@ import functools
 import dkim as dkimpy
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
+
+from relay import private
 
 log = logging.getLogger("relay.dkim")
 
@@ -63,20 +64,21 @@ def dns_record(private_pem: bytes) -> str:
 
 
 def write_key(path: Path, private_pem: bytes) -> None:
-    """Write atomically, readable by the owner only."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(private_pem)
-    os.replace(tmp, path)
+    """Write atomically, 0600 (new folders 0700)."""
+    private.write(path, private_pem)
+
+
+def key_path(config) -> Path:
+    """`[dkim] key_file`, by default var/dkim/<selector>.pem."""
+    if config.dkim.key_file:
+        return Path(config.dkim.key_file)
+    return config.state_dir / "dkim" / f"{config.dkim.selector}.pem"
 
 
 def load_key(config) -> DkimKey:
-    """The key at `[dkim] key_file` (default var/dkim/<selector>.pem), made
-    there now if it does not exist yet."""
+    """The key at `key_path`, made there now if it does not exist yet."""
     selector, domain = config.dkim.selector, config.domain
-    path = Path(config.dkim.key_file) if config.dkim.key_file else config.state_dir / "dkim" / f"{selector}.pem"
+    path = key_path(config)
     if not path.exists():
         write_key(path, generate_private_pem())
         log.warning("made a DKIM key in %s; publish this TXT record at %s._domainkey.%s: %s",

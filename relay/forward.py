@@ -11,6 +11,10 @@ words, which may name the real recipient.
 Backends: SMTP through aiosmtplib (``smtp://``, ``smtp+starttls://``,
 ``smtps://``) and ``maildir:DIR``, which writes one ``.eml`` per message
 atomically (temporary file, fsync, rename) for single-machine trials.
+
+`WatchedUpstream` wraps a backend and keeps a `DeliveryRecord` of how its
+recent deliveries ended, so /healthz can say when the upstream has refused
+or been unreachable for every delivery for a while.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ import ssl
 import time
 import uuid
 from pathlib import Path
-from typing import Protocol
+from datetime import datetime
+from typing import Callable, Protocol
 
 import aiosmtplib
 import aiosmtplib.protocol
@@ -333,6 +338,79 @@ class MxUpstream:
 
     async def close(self) -> None:
         await self.goodbyes.close()
+
+
+# The upstream counts as failing once this many deliveries in a row, spread
+# over at least this many seconds, all failed: one refused message, or a
+# burst in the second the smarthost restarts, is not an outage.
+FAILING_AFTER_DELIVERIES = 3
+FAILING_AFTER_SECONDS = 30.0
+
+# Refusals about one recipient or one recipient's domain say nothing about
+# the upstream: the next message may well go through.
+_RECIPIENT_PROBLEMS = {replies.UPSTREAM_NO_MAILBOX, replies.MX_NO_MAIL, replies.MX_DNS_TEMPORARY}
+
+
+class DeliveryRecord:
+    """The deliveries that failed since the last one that succeeded.
+
+    `problem()` is a line for /healthz once `FAILING_AFTER_DELIVERIES`
+    deliveries in a row failed over `FAILING_AFTER_SECONDS` or more (the
+    relay's clock), None otherwise; the next delivery the upstream accepts
+    clears it. It names our reply, never the upstream's words (they may
+    name the recipient)."""
+
+    def __init__(self, clock: Callable[[], datetime]):
+        self.clock = clock
+        self.failures = 0
+        self.first_failure: datetime | None = None
+        self.last_reply: Reply | None = None
+
+    def succeeded(self) -> None:
+        self.failures, self.first_failure, self.last_reply = 0, None, None
+
+    def failed(self, error: DeliveryError) -> None:
+        if error.reply in _RECIPIENT_PROBLEMS:
+            return
+        if not self.failures:
+            self.first_failure = self.clock()
+        self.failures += 1
+        self.last_reply = error.reply
+
+    def problem(self) -> str | None:
+        if self.failures < FAILING_AFTER_DELIVERIES or self.first_failure is None:
+            return None
+        seconds = (self.clock() - self.first_failure).total_seconds()
+        if seconds < FAILING_AFTER_SECONDS:
+            return None
+        return (f"the last {self.failures} deliveries over {seconds:.0f} s all failed, none accepted since "
+                f"(last: {self.last_reply.line()})")
+
+
+class WatchedUpstream:
+    """An upstream whose deliveries are recorded in `record` (see DeliveryRecord)."""
+
+    def __init__(self, upstream: Upstream, clock: Callable[[], datetime]):
+        self.upstream = upstream
+        self.record = DeliveryRecord(clock)
+
+    def __str__(self) -> str:
+        return str(self.upstream)
+
+    async def deliver(self, mail_from: str, rcpt_to: str, data: bytes) -> str:
+        try:
+            response = await self.upstream.deliver(mail_from, rcpt_to, data)
+        except DeliveryError as error:
+            self.record.failed(error)
+            raise
+        self.record.succeeded()
+        return response
+
+    async def ping(self) -> None:
+        await self.upstream.ping()
+
+    async def close(self) -> None:
+        await self.upstream.close()
 
 
 def make_upstream(config: UpstreamConfig, local_hostname: str, resolver=None) -> Upstream:

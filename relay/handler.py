@@ -7,7 +7,9 @@ time and memory limit, forwards
 to the upstream, archives, and only then answers. The client hears `250`
 only after the upstream said `250` and the archive row is committed;
 anything transient (store, upstream, timeout, an unexpected exception) is a
-`451`, so the client keeps the message and retries.
+`451`, so the client keeps the message and retries. A value of the message
+that the database refuses (`StoreDataError`) would be refused on every
+retry: `554 5.6.0`, logged as the relay's bug it is, never as an outage.
 
 A message being delivered is shielded from cancellation: aiosmtpd cancels
 the hook when the client hangs up, and a message the upstream has taken
@@ -37,7 +39,7 @@ from relay.pipeline.changes import ChangeLog
 from relay.protocol import XFORWARD_ATTRIBUTES, InboundSMTP
 from relay.replies import Reply, SmtpError
 from relay.workers import LimitExceeded, PoolBusy, WorkerError, WorkerLost, WorkerPool
-from relay.store import ArchiveEntry, Party, Relationship, StoreUnavailable, iso
+from relay.store import ArchiveEntry, Party, Relationship, StoreDataError, StoreUnavailable, iso
 
 log = logging.getLogger("relay.handler")
 
@@ -332,6 +334,10 @@ class RelayHandler:
         except StoreUnavailable as exc:
             log.warning("bounce for %s not recorded: %s", relay_id, exc)
             return replies.LOOKUP_FAILED
+        except StoreDataError:
+            # Refused again on every retry, and each retry would send the notice again.
+            log.exception("bounce for %s not recorded: the store refused a value of it", relay_id)
+            return replies.UNSTORABLE
         except Exception:
             log.exception("unexpected error handling a bounce for %s", relay_id)
             return replies.INTERNAL_ERROR
@@ -437,6 +443,14 @@ class RelayHandler:
         archive_id = None
         try:
             archive_id = await self.store.record(entry)
+        except StoreDataError:
+            log.exception("archive refused a value of message %s", transaction_id)
+            if verdict == "delivered":
+                # A retry would be delivered again and refused again, for
+                # days: say no for good (the upstream has this one copy).
+                log.error("message %s was delivered but cannot be archived; refused for good",
+                          transaction_id)
+                reply = replies.UNSTORABLE
         except Exception as exc:
             log.error("archive failed for message %s: %s", transaction_id, exc,
                       exc_info=not isinstance(exc, StoreUnavailable))
@@ -529,6 +543,10 @@ class RelayHandler:
         except StoreUnavailable as exc:
             log.warning("lookup failed for message %s: %s", transaction_id, exc)
             return replies.LOOKUP_FAILED, "deferred", None, None
+        except StoreDataError as exc:
+            log.exception("lookup for message %s: the store refused a value of it", transaction_id)
+            changes.append(f"refused: the store cannot hold a value of this message ({exc})")
+            return replies.UNSTORABLE, "rejected", None, None
         except asyncio.TimeoutError:
             changes.append(f"processing exceeded {timeout:g} s")
             return replies.PROCESSING_TIMEOUT, "deferred", None, None

@@ -4,9 +4,16 @@
 types are thread-safe) in a registry of its own, so two relays in one
 process (the tests) do not share numbers. `MetricsServer` serves
 ``/metrics`` and ``/healthz`` from the standard library's HTTP server on a
-thread of its own: scrapes never wait on the event loop, and the health
-check reaches into the loop only for the two things it must test (a store
-query and an upstream connection), with a time limit.
+thread of its own: scrapes never wait on the event loop.
+
+``/healthz`` answers ``200 ok``, or ``503`` with one line per problem
+("name: reason"): the worker pool cannot start workers (`WorkerPool.problem`),
+the store does not answer a query within `PROBE_TIMEOUT` (`store.ping`), the
+upstream does not answer a connection (`upstream.ping`), or the upstream has
+failed every delivery for a while (`DeliveryRecord.problem`). The two probes
+reach into the event loop; each result is kept for `PROBE_CACHE_SECONDS`, so
+a load balancer polling every second costs a query and a connection every
+few seconds, not one each.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -21,7 +29,9 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 log = logging.getLogger("relay.metrics")
 
-HEALTH_TIMEOUT = 5.0
+HEALTH_TIMEOUT = 5.0  # the archive gauges' queries
+PROBE_TIMEOUT = 2.0  # a store or upstream probe of /healthz
+PROBE_CACHE_SECONDS = 5.0
 
 
 class Metrics:
@@ -56,6 +66,8 @@ class MetricsServer:
     def __init__(self, endpoint, server, loop: asyncio.AbstractEventLoop):
         self.relay = server
         self.loop = loop
+        self._probes: dict[str, tuple[float, str | None]] = {}
+        self._probe_lock = threading.Lock()
         handler = self._handler_class()
         self.httpd = ThreadingHTTPServer((endpoint.host, endpoint.port), handler)
         self.httpd.daemon_threads = True
@@ -77,14 +89,39 @@ class MetricsServer:
         future = asyncio.run_coroutine_threadsafe(self.relay.store.archive_size(), self.loop)
         metrics.archive_rows.set(future.result(HEALTH_TIMEOUT))
 
+    def _probe(self, name: str, check) -> str | None:
+        """`check()` on the loop within PROBE_TIMEOUT, its result cached for
+        PROBE_CACHE_SECONDS: None, or what went wrong."""
+        with self._probe_lock:
+            cached = self._probes.get(name)
+        now = time.monotonic()
+        if cached is not None and now - cached[0] < PROBE_CACHE_SECONDS:
+            return cached[1]
+        try:
+            asyncio.run_coroutine_threadsafe(asyncio.wait_for(check(), PROBE_TIMEOUT),
+                                             self.loop).result(PROBE_TIMEOUT + 1)
+            problem = None
+        except (asyncio.TimeoutError, TimeoutError):
+            problem = f"no answer within {PROBE_TIMEOUT:g} s"
+        except Exception as exc:  # any failure is what the check reports
+            problem = f"{type(exc).__name__}: {exc}"
+        with self._probe_lock:
+            self._probes[name] = (time.monotonic(), problem)
+        return problem
+
     def _health(self) -> tuple[bool, list[str]]:
+        relay = self.relay
         problems = []
-        for name, check in (("store", self.relay.store.ping), ("upstream", self.relay.upstream.ping)):
-            try:
-                asyncio.run_coroutine_threadsafe(check(), self.loop).result(HEALTH_TIMEOUT)
-            except Exception as exc:  # any failure is what the check reports
-                problems.append(f"{name}: {type(exc).__name__}: {exc}")
-        return not problems, problems
+        if relay.workers is not None and (problem := relay.workers.problem):
+            problems.append(f"workers: {problem}")
+        if problem := self._probe("store", relay.store.ping):
+            problems.append(f"store: {problem}")
+        if problem := self._probe("upstream", relay.upstream.ping):
+            problems.append(f"upstream: {problem}")
+        elif problem := relay.upstream.record.problem():
+            problems.append(f"upstream: {problem}")
+        # One line per problem: no reason may carry a line break of its own.
+        return not problems, [" ".join(line.split()) for line in problems]
 
     def _handler_class(self):
         outer = self

@@ -116,6 +116,10 @@ ATTACHMENT_NOT_ALLOWED = Reply(550, "5.7.1", "Attachment type not allowed")
 ATTACHMENTS_TOO_BIG = Reply(552, "5.3.4", "Attachments exceed the size limit")
 TOO_MANY_HOPS = Reply(554, "5.4.6", "Too many hops: mail loop detected")
 TOO_COMPLEX = Reply(554, "5.6.0", "Message too complex to process: it exceeded the time or memory limit")
+# The database refused a value of the message (relay/store: StoreDataError).
+# It would refuse it on every retry, so this is no 451; the store spells
+# message-borne text so that it does not happen, and the log has the bug.
+UNSTORABLE = Reply(554, "5.6.0", "Message holds data the relay cannot store")
 
 # --- DATA: transient ----------------------------------------------------------
 PROCESSING_TIMEOUT = Reply(451, "4.3.0", "Message took too long to process, try again later")

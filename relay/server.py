@@ -26,7 +26,7 @@ from relay import __version__, archive, bounces, dkim, tls
 from relay import dns as relay_dns
 from relay.auth import Throttle
 from relay.config import Config, Endpoint
-from relay.forward import MaildirUpstream, make_upstream
+from relay.forward import MaildirUpstream, WatchedUpstream, make_upstream
 from relay.handler import RelayHandler, utc_clock
 from relay.protocol import ConnectionLimiter, InboundSMTP, RelaySMTP
 from relay.metrics import Metrics, MetricsServer
@@ -83,11 +83,13 @@ class RelayServer:
             else:
                 log.warning("INBOUND MAIL AUTHENTICATION IS OFF: forged senders are not refused. "
                             "Set [auth] inbound = \"dmarc\" for real mail.")
-            upstream = self.upstream = make_upstream(config.upstream, config.greeting_hostname, self.resolver)
-            if isinstance(upstream, MaildirUpstream):
+            backend = make_upstream(config.upstream, config.greeting_hostname, self.resolver)
+            if isinstance(backend, MaildirUpstream):
                 log.warning(
                     "UPSTREAM IS %s: delivered mail is written to files there, not sent to anyone. "
-                    "Set [upstream] url to your smarthost for real delivery.", upstream)
+                    "Set [upstream] url to your smarthost for real delivery.", backend)
+            # Every delivery's outcome is recorded there, for /healthz.
+            upstream = self.upstream = WatchedUpstream(backend, self.clock)
             self.workers = WorkerPool(config.workers.processes, config.workers.time_limit,
                                       config.workers.memory_limit_mb, config.inbound.processing_timeout)
             await self.workers.start()

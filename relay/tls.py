@@ -12,9 +12,10 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import logging
-import os
 import ssl
 from pathlib import Path
+
+from relay import private
 
 log = logging.getLogger("relay.tls")
 
@@ -26,9 +27,14 @@ def server_context(cert_file: str, key_file: str) -> ssl.SSLContext:
     return context
 
 
+def self_signed_paths(directory: Path) -> tuple[Path, Path]:
+    """Where `self_signed_pair` keeps the certificate and the key."""
+    return directory / "submission-cert.pem", directory / "submission-key.pem"
+
+
 def self_signed_pair(directory: Path, hostname: str) -> tuple[str, str]:
     """The paths of a self-signed pair under `directory`, made if missing."""
-    cert_path, key_path = directory / "submission-cert.pem", directory / "submission-key.pem"
+    cert_path, key_path = self_signed_paths(directory)
     if cert_path.exists() and key_path.exists():
         return str(cert_path), str(key_path)
     from cryptography import x509
@@ -51,17 +57,13 @@ def self_signed_pair(directory: Path, hostname: str) -> tuple[str, str]:
              x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
         .sign(key, hashes.SHA256())
     )
-    directory.mkdir(parents=True, exist_ok=True)
     key_bytes = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                   serialization.NoEncryption())
-    # Written atomically, the key readable by the owner only.
-    for path, data, mode in ((key_path, key_bytes, 0o600),
-                             (cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)):
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+    # Both 0600 in a 0700 folder (the certificate is public, but whoever
+    # hands it to mail clients copies it as root or the relay's user). The
+    # key first: a certificate without its key is made anew at next start.
+    private.write(key_path, key_bytes)
+    private.write(cert_path, cert.public_bytes(serialization.Encoding.PEM))
     log.warning("made a self-signed certificate for %s in %s; set [submission] tls_cert and tls_key "
                 "for a real one", hostname, directory)
     return str(cert_path), str(key_path)

@@ -20,7 +20,19 @@ by a thread of the pool's own, one per worker.
 
 Workers are forked from multiprocessing's fork server, which has imported
 the pipeline once, so a replacement starts in milliseconds and the parent's
-threads and sockets are never inherited.
+threads and sockets are never inherited. The fork server is started with
+Python's safe-path mode (PYTHONSAFEPATH): it is a `python -c` process, and
+without it the working directory would come first on its sys.path, so a
+folder named `relay` where `relay serve` was started would be imported in
+place of the installed package and every worker would die.
+
+A worker counts as started only once it has said so: it runs a tiny
+message through `pipeline.begin` under its memory limit and answers
+"ready". One that dies or fails before that is a start-up failure: the
+pool keeps trying to start workers (backing off up to `START_RETRY_MAX`
+seconds), `problem` says what went wrong until one starts again (for
+/healthz), and while no worker runs a message gets `PoolBusy` at once
+rather than waiting for a worker that cannot come.
 """
 
 from __future__ import annotations
@@ -29,8 +41,10 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import signal
+import threading
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -39,6 +53,16 @@ log = logging.getLogger("relay.workers")
 
 # What the fork server imports once, so each worker starts with it loaded.
 PRELOAD = ["relay.workers", "relay.pipeline", "relay.dkim"]
+
+# How long a new worker may take to say it is ready, and the longest pause
+# between two attempts to start workers while they cannot start.
+START_TIMEOUT = 30.0
+START_RETRY_MAX = 30.0
+
+# What a new worker runs before it says it is ready: the first step of every
+# message, so a worker that cannot import the pipeline or has no memory to
+# parse a message under its limit fails here, not on a sender's message.
+READY_CHECK = b"From: check@relay.invalid\r\nSubject: ready?\r\n\r\nready\r\n"
 
 
 class WorkerError(Exception):
@@ -59,7 +83,38 @@ class WorkerLost(Exception):
 
 
 class PoolBusy(Exception):
-    """No worker became free in time."""
+    """No worker became free in time (or none can start)."""
+
+
+class WorkerStartFailed(Exception):
+    """A new worker died or failed before it was ready."""
+
+
+_safe_path_lock = threading.Lock()
+
+
+def _ensure_fork_server() -> None:
+    """Start multiprocessing's fork server (if it is not running) in safe-path
+    mode, so that it never imports from the working directory.
+
+    Python 3.11's fork server ignores the parent's sys.path (its `sys_path`
+    argument is unused) and, as a `python -c` process, puts '' first: a
+    `relay/` folder in the working directory would shadow the installed
+    package in the fork server and in every worker it forks. The variable is
+    set only while the server starts: child processes take their
+    environment when they start, and nothing else of the relay's should see
+    it. The fork server is started again by multiprocessing if it dies;
+    `_spawn` calls this first every time, so that restart is safe too."""
+    with _safe_path_lock:
+        before = os.environ.get("PYTHONSAFEPATH")
+        os.environ["PYTHONSAFEPATH"] = "1"
+        try:
+            multiprocessing.forkserver.ensure_running()
+        finally:
+            if before is None:
+                del os.environ["PYTHONSAFEPATH"]
+            else:
+                os.environ["PYTHONSAFEPATH"] = before
 
 
 def _worker_main(conn, memory_limit_bytes: int) -> None:
@@ -71,6 +126,14 @@ def _worker_main(conn, memory_limit_bytes: int) -> None:
     # Ctrl-C at a terminal reaches the whole process group; the parent
     # decides when workers stop, by closing their pipes.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        from relay import pipeline
+
+        pipeline.begin(READY_CHECK)
+    except BaseException as error:  # noqa: BLE001 - the parent reports why this worker cannot start
+        conn.send(("broken", f"{type(error).__name__}: {error}".strip().rstrip(":")))
+        return
+    conn.send(("ready", None))
     while True:
         try:
             job = conn.recv()
@@ -139,30 +202,90 @@ class WorkerPool:
         self._threads = ThreadPoolExecutor(max_workers=self.size, thread_name_prefix="relay-worker-io")
         self.replaced = 0  # workers started to replace one that died or was killed
         self.closed = False
+        # Why the last attempt to start a worker failed; None once one started.
+        self.start_failure: str | None = None
+        self._refill: asyncio.Task | None = None
 
     @property
     def pids(self) -> list[int]:
         return [w.process.pid for w in self._all if w.process.pid is not None]
 
+    @property
+    def problem(self) -> str | None:
+        """What keeps the pool from working, for /healthz; None when it works."""
+        if self.closed or self.start_failure is None:
+            return None
+        return f"{self.start_failure}; {len(self._all)} of {self.size} running"
+
     async def start(self) -> None:
+        """Start the workers. One that cannot start does not stop the relay
+        (the cause may pass, e.g. memory pressure); it is logged, reported
+        by `problem` and tried again in the background."""
         self._idle = asyncio.Queue()
-        # Starting the fork server (and its imports) takes a moment: not on the loop.
-        workers = await asyncio.get_running_loop().run_in_executor(
-            self._threads, lambda: [self._spawn() for _ in range(self.size)])
-        for worker in workers:
-            self._idle.put_nowait(worker)
-        log.info("%d worker process(es) started (time limit %g s, memory limit %s)", self.size,
-                 self.time_limit, f"{self.memory_limit_bytes >> 20} MB" if self.memory_limit_bytes else "none")
+        for _ in range(self.size):
+            if not await self._start_one():
+                break
+        log.info("%d of %d worker process(es) started (time limit %g s, memory limit %s)", len(self._all),
+                 self.size, self.time_limit,
+                 f"{self.memory_limit_bytes >> 20} MB" if self.memory_limit_bytes else "none")
 
     def _spawn(self) -> _Worker:
+        """In a thread: start one worker and wait for its "ready"."""
+        _ensure_fork_server()
         parent_end, child_end = self._context.Pipe(duplex=True)
         process = self._context.Process(target=_worker_main, args=(child_end, self.memory_limit_bytes),
                                         name="relay-worker", daemon=True)
         process.start()
         child_end.close()
+        try:
+            if parent_end.poll(START_TIMEOUT):
+                status, detail = parent_end.recv()
+            else:
+                status, detail = "silent", f"no answer within {START_TIMEOUT:g} s"
+        except (EOFError, OSError):
+            # Died before our code ran (e.g. the worker could not import the
+            # relay): its traceback went to the relay's standard error.
+            process.join(timeout=5)
+            status, detail = "died", f"exit code {process.exitcode}, see the log"
+        if status != "ready":
+            if process.is_alive():
+                process.kill()
+            process.join(timeout=5)
+            parent_end.close()
+            raise WorkerStartFailed(f"a worker died at start-up ({detail})")
         worker = _Worker(process, parent_end)
         self._all.add(worker)
         return worker
+
+    async def _start_one(self) -> bool:
+        """Start a worker and make it idle; False (and the refill task
+        started) when it could not start."""
+        try:
+            worker = await asyncio.get_running_loop().run_in_executor(None, self._spawn)
+        except WorkerStartFailed as failure:
+            if str(failure) != self.start_failure:  # once per cause, not once per retry
+                log.error("%s; the pool keeps trying to start workers", failure)
+            self.start_failure = str(failure)
+            if self._refill is None or self._refill.done():
+                self._refill = asyncio.ensure_future(self._refill_pool())
+            return False
+        if self.start_failure is not None:
+            log.info("a worker started again after: %s", self.start_failure)
+            self.start_failure = None
+        if self.closed:
+            await asyncio.get_running_loop().run_in_executor(None, self._retire, worker)
+        else:
+            self._idle.put_nowait(worker)
+        return True
+
+    async def _refill_pool(self) -> None:
+        """While workers cannot start: try again, backing off, until the pool is full."""
+        delay = 0.5
+        while not self.closed and len(self._all) < self.size:
+            await asyncio.sleep(delay)
+            if self.closed:
+                return
+            delay = 0.5 if await self._start_one() else min(delay * 2, START_RETRY_MAX)
 
     def _retire(self, worker: _Worker) -> None:
         """Kill `worker` (if still alive) and forget it."""
@@ -178,8 +301,9 @@ class WorkerPool:
         if self.closed:
             return
         self.replaced += 1
-        fresh = await loop.run_in_executor(None, self._spawn)
-        self._idle.put_nowait(fresh)
+        if self._refill is not None and not self._refill.done():
+            return  # workers cannot start just now: the refill task starts this one too
+        await self._start_one()
 
     @staticmethod
     def _round_trip(worker: _Worker, function, args):
@@ -202,6 +326,10 @@ class WorkerPool:
             raise PoolBusy("the worker pool is not running")
         deadline = asyncio.get_running_loop().time() + self.wait_timeout
         while True:
+            if not self._all and self.start_failure is not None:
+                # No worker runs and none could start: waiting would only
+                # hold the client's connection open for nothing.
+                raise PoolBusy(f"no worker running: {self.start_failure}")
             try:
                 worker = await asyncio.wait_for(self._idle.get(),
                                                 max(deadline - asyncio.get_running_loop().time(), 0))
@@ -236,6 +364,10 @@ class WorkerPool:
     async def close(self) -> None:
         """Stop every worker: closing its pipe ends its loop; the stragglers are killed."""
         self.closed = True
+        if self._refill is not None:
+            self._refill.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refill
 
         def stop_all():
             for worker in list(self._all):

@@ -17,6 +17,12 @@ identified by the `filetype` package, agree with that extension (text must
 be text, and markup a browser would render is not). A part without a name
 passes on content alone.
 
+The refusal says which rule refused: a name of a type not allowed gets the
+allowed types; a name of an allowed type whose content is something else
+gets what the content is ('"report.pdf" is a ZIP archive, not a PDF'), in
+words from `KINDS`. The file name is quoted the way a reply line can carry
+it (`_printable`: ASCII, no quotes, at most 60 characters).
+
 Detached signatures (PGP, S/MIME) are removed instead of refused: the relay
 rewrites the signed content, so the signature could only fail.
 """
@@ -157,6 +163,39 @@ def content_matches(ext: str, data: bytes) -> bool:
     return found == ext
 
 
+# What a format is called in a refusal, by the extension `content_type_of`
+# gives (filetype's, or doc/html/xml/txt); anything else is "a XYZ file".
+KINDS = {
+    "pdf": "a PDF", "txt": "text", "csv": "text", "log": "text", "md": "text",
+    "jpg": "a JPEG image", "png": "a PNG image", "gif": "a GIF image", "bmp": "a BMP image",
+    "tif": "a TIFF image", "webp": "a WebP image", "heic": "a HEIC image", "ico": "an icon",
+    "doc": "a Word 97-2003 document (.doc)", "xls": "an Excel 97-2003 workbook", "ppt": "a PowerPoint 97-2003 file",
+    "docx": "a Word document (.docx)", "xlsx": "an Excel workbook", "pptx": "a PowerPoint presentation",
+    "odt": "an OpenDocument text", "rtf": "an RTF document",
+    "zip": "a ZIP archive", "rar": "a RAR archive", "7z": "a 7-Zip archive", "gz": "a gzip file",
+    "bz2": "a bzip2 file", "xz": "an xz file", "tar": "a tar archive", "cab": "a cabinet archive",
+    "exe": "a Windows program", "elf": "a Linux program", "dmg": "a disk image", "iso": "a disk image",
+    "html": "an HTML page", "xml": "an XML document", "eml": "a mail message",
+    "mp3": "an MP3 recording", "mp4": "an MP4 video", "wav": "a WAV recording",
+}
+
+
+def _kind(ext: str) -> str:
+    return KINDS.get(ext) or f"a {ext.upper()} file"
+
+
+def _content_reason(ext: str, data: bytes) -> str:
+    """What the content is, against what the name says (`ext`)."""
+    if not data:
+        return f"is empty, not {_kind(ext)}"
+    found = content_type_of(data)
+    if found is None:
+        return f"is not {_kind(ext)} (its content is of no known type)"
+    # The OLE2 signature is the same for every Office 97-2003 format.
+    what = "an Office 97-2003 file" if found == "doc" and ext not in OLE2_EXTENSIONS else _kind(found)
+    return f"is {what}, not {_kind(ext)}"
+
+
 def _is_attachment(part: EmailMessage) -> bool:
     if part.get_content_disposition() == "attachment" or _names(part):
         return True
@@ -191,15 +230,19 @@ def check_attachments(message: EmailMessage, context, changes) -> None:
         label = names[0] if names else f"unnamed {part.get_content_type()} part"
         for name in names or [None]:
             ext = extension(name) if name is not None else content_type_of(data)
+            quoted = _printable(name or label)
             if ext not in allowed:
                 reason = f"type {ext or 'unknown'} is not allowed"
+                text = f'Attachment "{quoted}" is not allowed; allowed types: {allowed_text}'
             elif data is not None and not content_matches(ext, data):
-                reason = f"its content is not {ext} ({content_type_of(data) or 'unknown'})"
+                # The name's type is allowed: listing the types would not
+                # tell the sender what is wrong; what the file really is does.
+                reason = f"its content is {content_type_of(data) or 'unknown'}, not {ext}"
+                text = f'Attachment "{quoted}" {_content_reason(ext, data)}'
             else:
                 continue
             changes.append(f"refused: attachment {label!r} (part {index}): {reason}")
-            raise SmtpError(replies.ATTACHMENT_NOT_ALLOWED.with_text(
-                f'Attachment "{_printable(name or label)}" is not allowed; allowed types: {allowed_text}'))
+            raise SmtpError(replies.ATTACHMENT_NOT_ALLOWED.with_text(text))
     if total > policy.max_attachment_bytes:
         changes.append(f"refused: attachments total {total} bytes (limit {policy.max_attachment_bytes})")
         raise SmtpError(replies.ATTACHMENTS_TOO_BIG.with_text(

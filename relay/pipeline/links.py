@@ -6,9 +6,12 @@ it leads to one of `[policy] allowed_link_domains` (or a subdomain), is a
 an in-page `#anchor`. The URL is read the way a browser reads it: entities
 and percent-escapes undone, tabs and newlines dropped, backslashes as
 slashes, userinfo ignored (``https://marketplace.example@evil.test/`` goes to
-evil.test), and the host compared in its IDNA (punycode) form, so a
-look-alike such as ``mаrketplace.example`` with a Cyrillic "а" is another
-domain.
+evil.test), and the host compared in the ASCII form a browser looks up
+(`browser_host`: UTS #46 non-transitional, IDNA 2008), so a look-alike such
+as ``mаrketplace.example`` with a Cyrillic "а", or ``claßifieds.example``
+(which Python's IDNA 2003 codec made classifieds.example, but Chromium
+opens as xn--claifieds-i1a.example) is another domain, and a host no
+browser would open is never an allowed one.
 
 `LinkPolicy.clean_text()` finds bare URLs and email addresses in text with
 linkify-it-py (told every TLD in the Public Suffix List, so ``evil.xyz/x``
@@ -16,6 +19,8 @@ is a link too), gives the text between its matches a second look for the
 addresses and host names it passes over (``'bob@evil.test'``,
 ``see:evil.com``), and replaces the ones not allowed with fixed
 placeholders; optionally phone numbers too, found by Google's phonenumbers.
+A bare IPv4 address ("server 10.0.0.1 is down", "version 1.2.3.4") is no
+link: no client makes one of it. With a scheme, port or path it is.
 
 The `strip_links` stage applies that to every text part that is not HTML
 (HTML parts are handled token by token in `sanitize.py`, with the same
@@ -24,8 +29,9 @@ policy).
 
 from __future__ import annotations
 
-import html
 import bisect
+import html
+import ipaddress
 import re
 import threading
 from dataclasses import dataclass
@@ -36,6 +42,7 @@ from email.message import EmailMessage
 from email.utils import getaddresses
 from importlib import resources
 
+import idna
 import phonenumbers
 from linkify_it import LinkifyIt
 
@@ -185,28 +192,99 @@ def _link_matches(text: str) -> list[_Found]:
     return found
 
 
-# What a host name may be made of once in ASCII (letters, digits, hyphens,
-# dots; underscores, which browsers accept).
-_ASCII_HOST = re.compile(r"[a-z0-9_.\-]+")
+# What an ASCII label may be made of (letters, digits, hyphens; underscores,
+# which browsers accept).
+_ASCII_LABEL = re.compile(r"[a-z0-9_\-]+")
 
 
-def _idna_host(host: str) -> str | None:
-    """The host as a browser would look it up, in ASCII; None if not a name."""
-    host = urllib.parse.unquote(host).strip().rstrip(".").lower()
-    if not host:
-        return None
+def browser_host(host: str) -> str | None:
+    """The host as a browser looks it up, in ASCII (A-labels, lower case, no
+    trailing dot); None if a browser would refuse it or it is no name.
+
+    Browsers (the WHATWG URL standard) percent-decode the host, then map it
+    with UTS #46 non-transitional processing (IDNA 2008): "ß", "ς" and the
+    joiners U+200C/U+200D stay what they are, so "claßifieds.example" is
+    xn--claifieds-i1a.example, not classifieds.example as Python's IDNA 2003
+    codec has it (it maps "ß" to "ss"); upper-case and full-width letters
+    are folded and the full stops U+3002, U+FF0E, U+FF61 become ".". The
+    `idna` package does that mapping and checks each Unicode label against
+    IDNA 2008 (a joiner outside the scripts that need one, a disallowed
+    character: an error, and browsers refuse such a host too). ASCII labels
+    are taken as browsers take them: lower-cased, underscores and any
+    hyphens allowed (UTS #46 with CheckHyphens off); an "xn--" label must
+    decode. A host that cannot be mapped is None, which `host_allowed`
+    reads as off the marketplace: removed, never kept."""
+    host = urllib.parse.unquote(host)
     try:
-        ascii_host = host.encode("idna").decode("ascii").lower()
-    except UnicodeError:
+        host = idna.uts46_remap(host, std3_rules=False, transitional=False)
+    except (idna.IDNAError, UnicodeError, ValueError):
         return None
-    # A %-escape or a full-width form can put a delimiter into the host:
-    # "evil.test%2f.marketplace.example" decodes to "evil.test/.marketplace
-    # .example", which ends in an allowed domain but is read as evil.test by
-    # any client that decodes before splitting (browsers refuse such a host
-    # outright). A host with anything but name characters is no name.
-    if not _ASCII_HOST.fullmatch(ascii_host):
-        return None
-    return ascii_host
+    if host.endswith("."):
+        host = host[:-1]  # the root: "classifieds.example." is classifieds.example
+    labels = []
+    for label in host.split("."):
+        if label.isascii() and not label.startswith("xn--"):
+            ascii_label = label
+        else:
+            try:
+                if label.startswith("xn--"):
+                    idna.ulabel(label)  # checks that it decodes to a valid label
+                    ascii_label = label
+                else:
+                    ascii_label = idna.alabel(label).decode("ascii")
+            except (idna.IDNAError, UnicodeError, ValueError):
+                return None
+        # A %-escape or a full-width form can put a delimiter into the host:
+        # "evil.test%2f.marketplace.example" decodes to "evil.test/.marketplace
+        # .example", which ends in an allowed domain but is read as evil.test by
+        # any client that decodes before splitting (browsers refuse such a host
+        # outright). A label with anything but name characters is no name; so
+        # is an empty one ("a..b", ".a").
+        if not _ASCII_LABEL.fullmatch(ascii_label):
+            return None
+        labels.append(ascii_label)
+    return ".".join(labels)
+
+
+_WIDE_DOTS = _DOTS[1:]
+_AFTER_HOST = re.compile(r"[/?#]")
+_TAIL_LABEL = re.compile(rf"[{_DOTS}]([^\W_](?:[\w\-]*[^\W_])?)")
+
+
+def _host_tail(text: str, end: int) -> int:
+    """Where a URL that linkify-it found ending in its host at `end`
+    really ends.
+
+    linkify-it ends a host at a full stop it does not know: to it
+    "https://shop。classifieds.example/x" is "https://shop", and the rest
+    would be judged apart (the genuine link torn in two, "[link removed]。
+    classifieds.example/x"). Browsers read U+3002, U+FF0E and U+FF61 as
+    "."; so the labels after such a dot join the host, then its port and
+    path. As in `_hosts`, a full-width dot joins only a label that is ASCII
+    after NFKC: "https://classifieds.example。ありがとう" ends a Japanese
+    sentence with the link."""
+    if end >= len(text) or text[end] not in _WIDE_DOTS:
+        return end
+    pos = end
+    while (label := _TAIL_LABEL.match(text, pos)) is not None:
+        if label.group()[0] in _WIDE_DOTS and not unicodedata.normalize("NFKC", label.group(1)).isascii():
+            break
+        pos = label.end()
+    if pos == end:
+        return end
+    tail = _PORT_PATH.match(text, pos).end()
+    while tail > pos and text[tail - 1] in _TRAILING_PUNCT:
+        tail -= 1
+    return tail
+
+
+def _bare_ipv4(text: str) -> bool:
+    """`text` is a dotted-quad IPv4 address and nothing else."""
+    try:
+        ipaddress.IPv4Address(text)
+    except ValueError:
+        return False
+    return True
 
 
 class LinkPolicy:
@@ -220,7 +298,7 @@ class LinkPolicy:
     # --- URLs ---------------------------------------------------------------
 
     def host_allowed(self, host: str | None) -> bool:
-        ascii_host = _idna_host(host or "")
+        ascii_host = browser_host(host or "")
         if ascii_host is None:
             return False
         return any(ascii_host == d or ascii_host.endswith("." + d) for d in self.allowed_domains)
@@ -268,13 +346,22 @@ class LinkPolicy:
             parts.port  # noqa: B018 — raises ValueError on a malformed port
         except ValueError:
             return False
+        hostinfo = parts.netloc.rpartition("@")[2]
+        if not hostinfo.startswith("["):
+            # The host as written, not `hostname`, which str.lower()s it:
+            # that turns "ẞ" into "ß" and a final "Σ" into "ς", where UTS #46
+            # (and so a browser) makes "ss" and "σ" of them.
+            host = hostinfo.partition(":")[0]
         return self.host_allowed(host)
 
     # --- text -----------------------------------------------------------------
 
-    def clean_text(self, text: str) -> tuple[str, Counter]:
+    def clean_text(self, text: str, keep_bare_ipv4: bool = True) -> tuple[str, Counter]:
         """`text` with disallowed links, other addresses and (if configured)
-        phone numbers replaced by placeholders; and what was removed."""
+        phone numbers replaced by placeholders; and what was removed.
+
+        A bare IPv4 address is kept unless `keep_bare_ipv4` is false (the
+        headers of an attached message, where it names a party's machine)."""
         removed: Counter = Counter()
         if not self._may_hold_something(text):
             return text, removed
@@ -284,12 +371,22 @@ class LinkPolicy:
             if start < pos:
                 continue
             pieces.append(self._between(text[pos:start], removed))
+            url = match.url
+            if match.schema in ("http:", "https:", "//") and not _AFTER_HOST.search(url.partition("//")[2]):
+                end = _host_tail(text, end)
+                url += text[match.last_index:end]
             found = text[start:end]
             if (match.schema == "mailto:" and not found.lower().startswith("mailto:")
                     and _EMAIL.search(found)):
                 # A bare address as linkify-it took it ("Email:bob@…",
                 # "cc=alias@…"): decide on the address itself.
                 pieces.append(self._emails(found, removed, rest=str))
+            elif keep_bare_ipv4 and not match.schema and _bare_ipv4(found):
+                # "server 10.0.0.1 is down", "version 1.2.3.4": no client
+                # makes a link of a bare address, and it names no domain.
+                # With a scheme, a port or a path it is a web address
+                # ("http://10.0.0.1/x", "10.0.0.1:8080") and is judged.
+                pieces.append(found)
             elif match.schema == "mailto:":
                 address = match.url[len("mailto:"):]
                 if addresses.normalize(address) in self.aliases:
@@ -297,7 +394,7 @@ class LinkPolicy:
                 else:
                     pieces.append(EMAIL_REMOVED)
                     removed["emails"] += 1
-            elif self.url_allowed(match.url):
+            elif self.url_allowed(url):
                 # An allowed link is still text the reader sees:
                 # "https://marketplace.example/?u=bob@evil.test" must not
                 # carry an address through. (Its path is not searched for
@@ -416,7 +513,9 @@ def _clean_headers(message: EmailMessage, policy: LinkPolicy, changes) -> None:
             if not readable:
                 continue
             text = str(part.policy.header_fetch_parse(name, value))
-            cleaned, removed = policy.clean_text(text)
+            # An attached message's headers are trace data: "Received: from
+            # [203.0.113.9]" is the sender's machine, not a version number.
+            cleaned, removed = policy.clean_text(text, keep_bare_ipv4=id(part) not in embedded)
             if removed:
                 part._headers[i] = part.policy.header_store_parse(name, cleaned.replace("\r", " ").replace("\n", " "))
                 changes.record(removed, f"the {name} header" + (f" of part {index}" if part is not message else ""))

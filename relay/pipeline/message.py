@@ -106,6 +106,13 @@ def message_ids_in(value: str | None) -> list[str]:
     return _MSGID_RE.findall(str(value))
 
 
+def is_seven_bit_id(msgid: str) -> bool:
+    """True for an id of printable ASCII only (RFC 5322 msg-id). The parser
+    leaves 8-bit bytes as surrogates, so they fail here, and so do control
+    characters."""
+    return all("!" <= char <= "~" for char in msgid)
+
+
 def raw_values(message: EmailMessage, name: str) -> list[str]:
     """A header's values as received, undecoded and unparsed: id lists need
     no structured parsing, and a hostile one must not reach the parser."""

@@ -6,6 +6,13 @@ the sender's registered display name, `To:` the recipient's real address, a
 fresh Message-ID in the relay's domain, and In-Reply-To/References
 translated into ids the recipient's own client knows. Ids the relay cannot
 translate are dropped: they are the sender's client's and can name its host.
+
+Every id the relay writes is printable ASCII (RFC 5322), whatever bytes the
+clients used: where the recipient's own id for a message holds 8-bit bytes
+(raw UTF-8, latin-1, garbage) or control characters, the relay id of that
+message stands in for it. The recipient's client then threads the reply
+under an id it has not seen (a placeholder parent, as for any unknown
+reference) rather than receiving a header only SMTPUTF8 may carry.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import format_datetime
 
-from relay.pipeline.message import MAX_REFERENCES, message_ids_in, raw_values, set_id_list
+from relay.pipeline.message import MAX_REFERENCES, is_seven_bit_id, message_ids_in, raw_values, set_id_list
 from relay.store import MessageIdRow
 
 # Lower-case names; plus every Content-* header. Everything else goes.
@@ -47,6 +54,8 @@ def translate_ids(
       recipient received it under;
     - an id the recipient itself minted or received stays;
     - anything else is dropped.
+    An id that is not printable ASCII is never written: the relay id of
+    its message stands in for it.
     """
     by_relay = {row.relay_id: row for row in rows}
     by_original = {row.original_id: row for row in rows if row.original_id}
@@ -63,6 +72,8 @@ def translate_ids(
             if row is None:
                 continue
             translated = row.relay_id if row.sender_id == sender_id else msgid
+        if not is_seven_bit_id(translated):
+            translated = row.relay_id
         if translated not in out:
             out.append(translated)
     return out[-MAX_REFERENCES:]

@@ -6,8 +6,19 @@ aiosqlite (sqlite.py, the embedded default, one node), a ``postgresql://``
 URL is PostgreSQL through asyncpg (postgresql.py, for several relay nodes
 on one database). Both implement the same methods with the same meaning and
 run the same numbered migrations (migrations/<engine>/NNNN_*.sql). Every
-method is a coroutine; any failure of the database itself surfaces as
-`StoreUnavailable`, which the handler answers with a 4xx, never a 5xx.
+method is a coroutine.
+
+What a failure is, is decided here once for both engines, by whether the
+same call would fail again:
+* the database is unreachable, locked, full, timed out, shut down (it will
+  pass) → `StoreUnavailable`, which the handler answers with a 4xx;
+* a value the database cannot hold (text that is no Unicode, a NUL in
+  PostgreSQL text, a string too long) fails the same way on every retry →
+  `StoreDataError`. The store spells message-borne text so that this does
+  not happen (common.py); when it still does, it is a bug of the relay with
+  this message, never reported as an outage;
+* anything else the driver raises (bad SQL, a wrong parameter) is a bug of
+  the relay and goes up as it is.
 """
 
 from __future__ import annotations
@@ -37,6 +48,11 @@ class NotFound(StoreError):
 
 class StoreUnavailable(Exception):
     """The database failed (locked, full, gone): a transient condition."""
+
+
+class StoreDataError(StoreError):
+    """The database refused a value it cannot hold: the same value fails
+    the same way every time, so this is no outage (and no 4xx)."""
 
 
 @dataclass(frozen=True)

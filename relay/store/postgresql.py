@@ -8,7 +8,8 @@ or a wait for a lock, that takes longer fails) and an idle-in-transaction
 timeout. Every error of the driver, the server or the network — refused
 connection, lost connection, timeout, a full pool — becomes
 `StoreUnavailable`, which the handler answers with ``451 4.3.0``, exactly as
-SQLite's locked or full database does.
+SQLite's locked or full database does; a value the server cannot take
+(SQLSTATE classes 22 and 54) is a `StoreDataError` instead (`classify`).
 
 What several nodes writing at once must not break, and how:
 
@@ -83,6 +84,7 @@ from relay.store import (
     PurgeCounts,
     Relationship,
     RelationshipStats,
+    StoreDataError,
     StoreError,
     StoreUnavailable,
     chain_hash,
@@ -123,13 +125,44 @@ _DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.exceptions.
               OSError, asyncio.TimeoutError)
 
 
+# Server errors about the value, not the database: SQLSTATE class 22
+# (data_exception: an invalid byte sequence or a NUL in text, a string too
+# long, a bad number) and 54 (program_limit_exceeded: e.g. an index row too
+# big for its value). The same value fails again on every retry.
+_DATA_CLASSES = ("22", "54")
+
+
+def classify(exc: BaseException) -> type[Exception] | None:
+    """What a failure of a statement is (relay/store/__init__.py), as
+    sqlite.classify() says it for SQLite: StoreDataError for a value the
+    database cannot take (asyncpg's own DataError when it cannot encode an
+    argument, a lone surrogate in text among them; the server's classes in
+    `_DATA_CLASSES`); StoreUnavailable for the database's or the network's
+    state (lost or refused connection, timeout, full pool, shutdown, locks,
+    a damaged schema); None for a constraint the caller handles, which goes
+    up as it is, as sqlite3.IntegrityError does."""
+    if isinstance(exc, asyncpg.IntegrityConstraintViolationError):
+        return None
+    if isinstance(exc, (UnicodeError, asyncpg.exceptions._base.DataError)):
+        return StoreDataError
+    if isinstance(exc, asyncpg.PostgresError):
+        sqlstate = getattr(exc, "sqlstate", None) or ""
+        return StoreDataError if sqlstate[:2] in _DATA_CLASSES else StoreUnavailable
+    if isinstance(exc, _DB_ERRORS):
+        return StoreUnavailable
+    return None
+
+
 @contextlib.contextmanager
 def _unavailable_on_db_error():
     try:
         yield
-    except asyncpg.IntegrityConstraintViolationError:
-        raise  # a constraint the caller handles (or a bug), as sqlite3.IntegrityError
-    except _DB_ERRORS as exc:
+    except Exception as exc:
+        kind = classify(exc)
+        if kind is None:
+            raise
+        if kind is StoreDataError:
+            raise StoreDataError(f"database refused a value: {type(exc).__name__}: {exc}") from exc
         raise StoreUnavailable(f"database error: {type(exc).__name__}: {exc}") from exc
 
 
@@ -442,15 +475,16 @@ class PostgresStore:
     # --- threading ----------------------------------------------------------
 
     async def message_id_rows(self, relationship_id: int, ids: list[str]) -> list[MessageIdRow]:
-        """Map entries of this relationship whose relay or original id is in `ids`."""
-        ids = list(dict.fromkeys(ids))[-MAX_LOOKUP_IDS:]
+        """Map entries of this relationship whose relay or original id is in `ids`
+        (ids as the email package spells them; common.stored_id)."""
+        ids = list(dict.fromkeys(common.stored_id(i) for i in ids))[-MAX_LOOKUP_IDS:]
         if not ids:
             return []
         rows = await self._fetchall(
             "SELECT sender_id, original_id, relay_id FROM message_ids"
             " WHERE relationship_id = $1 AND (relay_id = ANY($2::text[]) OR original_id = ANY($2::text[]))",
             (relationship_id, ids))
-        return [MessageIdRow(*row) for row in rows]
+        return [common.message_id_row(*row) for row in rows]
 
     # --- archive ------------------------------------------------------------
 
@@ -460,6 +494,9 @@ class PostgresStore:
         `entry.send_reservation`) in one transaction; return the archive id
         once committed. Appends from every node are serialized by the chain
         lock (module docstring)."""
+        # Message-borne text (8-bit bytes as surrogates) in the spelling both
+        # engines store, before the row is hashed: the chain covers what is stored.
+        entry = common.storable_entry(entry)
         metadata = entry.metadata()
         # Hashing and compressing a 10 MB message takes a while: off the loop,
         # and before the chain lock is taken.
@@ -772,7 +809,8 @@ class PostgresStore:
             clauses.append(f"s.address = {arg(addresses.normalize(seller))}")
         rows = await self._fetchall(
             "SELECT a.id, a.relationship_id, s.address, s.display_name, a.direction, a.received_at,"
-            " a.auto_reply FROM archive a JOIN relationships r ON r.id = a.relationship_id"
+            " a.auto_reply, EXISTS (SELECT 1 FROM bounces b WHERE b.archive_id = a.id AND b.action = 'failed')"
+            " FROM archive a JOIN relationships r ON r.id = a.relationship_id"
             " JOIN parties s ON s.id = r.seller_id WHERE " + " AND ".join(clauses), arg.values)
         unknown = [row[0] for row in rows if row[6] is None]
         flags = await self._backfill_auto_reply(unknown) if unknown else {}
@@ -780,7 +818,8 @@ class PostgresStore:
             archive_logic.MessageFact(
                 archive_id=row[0], relationship_id=row[1], seller=row[2], direction=row[4],
                 received_at=archive_logic.parse_iso(row[5]),
-                auto_reply=bool(row[6] if row[6] is not None else flags.get(row[0], False)))
+                auto_reply=bool(row[6] if row[6] is not None else flags.get(row[0], False)),
+                bounced=bool(row[7]))
             for row in rows
         ]
         return facts, {row[2]: row[3] for row in rows}
@@ -813,11 +852,15 @@ class PostgresStore:
             " WHERE relay_id = $1", (relay_id,))
         if row is None:
             return None
-        return dict(zip(("relationship_id", "sender_id", "archive_id", "created_at", "original_id"), row))
+        found = dict(zip(("relationship_id", "sender_id", "archive_id", "created_at", "original_id"), row))
+        found["original_id"] = common.parsed_id(found["original_id"])
+        return found
 
     async def record_bounce(self, received_at: str, relay_message_id: str, archive_id: int | None,
                             relationship_id: int | None, action: str, status: str, notified: bool,
                             raw: bytes, detector: str = "rfc3464") -> int:
+        # A report's fields are message-borne text (8-bit bytes as surrogates).
+        action, status, detector = (common.storable_text(v) for v in (action, status, detector))
         row = await self._fetchone(
             "INSERT INTO bounces (received_at, relay_message_id, archive_id, relationship_id,"
             " action, status, notified, raw, detector) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id",

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import aiosqlite
 
-from relay import addresses
+from relay import addresses, private
 from relay import archive as archive_logic
 from relay.store import (
     BODY_ENCODING,
@@ -32,6 +32,7 @@ from relay.store import (
     PurgeCounts,
     Relationship,
     RelationshipStats,
+    StoreDataError,
     StoreUnavailable,
     chain_hash,
     utc_now,
@@ -58,15 +59,59 @@ def migrations() -> list[tuple[int, str]]:
     return common.migrations("sqlite")
 
 
+# Result codes (the primary code: the low byte of an extended one) that say
+# the value was the problem: the same value fails again.
+_DATA_CODES = frozenset({sqlite3.SQLITE_TOOBIG, sqlite3.SQLITE_MISMATCH})
+
+
+def classify(exc: BaseException) -> type[Exception] | None:
+    """What a failure of a statement is (relay/store/__init__.py):
+    StoreDataError for a value SQLite cannot take (text that is no Unicode:
+    Python's UTF-8 encoder refuses lone surrogates before SQLite sees it; a
+    value over SQLite's length limit); StoreUnavailable for the database's
+    own state (locked, full, I/O, read-only, damaged schema or file, closed
+    connection: it passes or an operator mends it, and the message then goes
+    through); None for what is neither (a constraint the caller handles, or
+    a bug of the relay: bad SQL, an unsupported parameter type), which goes
+    up as it is."""
+    if isinstance(exc, sqlite3.IntegrityError):
+        return None
+    if isinstance(exc, (UnicodeError, sqlite3.DataError)):
+        return StoreDataError
+    if isinstance(exc, sqlite3.ProgrammingError):
+        # The one ProgrammingError that is no bug: a statement on the way
+        # out while the store closes.
+        return StoreUnavailable if "closed database" in str(exc) else None
+    if isinstance(exc, (sqlite3.InterfaceError, sqlite3.NotSupportedError)):
+        return None
+    if isinstance(exc, sqlite3.Error):
+        code = getattr(exc, "sqlite_errorcode", None)
+        return StoreDataError if code is not None and code & 0xFF in _DATA_CODES else StoreUnavailable
+    if isinstance(exc, (OSError, ValueError)):
+        # ValueError: aiosqlite's "no active connection" after close.
+        return StoreUnavailable
+    return None
+
+
 @contextlib.contextmanager
 def _unavailable_on_db_error():
     try:
         yield
-    except sqlite3.IntegrityError:
-        raise
-    except (sqlite3.Error, OSError, ValueError) as exc:
-        # ValueError: aiosqlite's "no active connection" after close.
+    except Exception as exc:
+        kind = classify(exc)
+        if kind is None:
+            raise
+        if kind is StoreDataError:
+            raise StoreDataError(f"database refused a value: {type(exc).__name__}: {exc}") from exc
         raise StoreUnavailable(f"database error: {exc}") from exc
+
+
+def _file_identity(path: str) -> tuple[int, int] | None:
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino
 
 
 class SqliteStore:
@@ -74,13 +119,13 @@ class SqliteStore:
         self._db = db
         self.path = path
         self._write_lock = asyncio.Lock()
+        self._file = _file_identity(path)  # for ping(): is the path still this file?
 
     @classmethod
     async def open(cls, path: str) -> "SqliteStore":
         with _unavailable_on_db_error():
-            parent = Path(path).parent
-            if str(parent):
-                os.makedirs(parent, exist_ok=True)
+            # 0600 before SQLite opens it: it gives -wal and -shm this mode.
+            private.create_empty(Path(path))
             db = await aiosqlite.connect(path, isolation_level=None)
             try:
                 await db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
@@ -420,8 +465,9 @@ class SqliteStore:
     # --- threading ----------------------------------------------------------
 
     async def message_id_rows(self, relationship_id: int, ids: list[str]) -> list[MessageIdRow]:
-        """Map entries of this relationship whose relay or original id is in `ids`."""
-        ids = list(dict.fromkeys(ids))[-MAX_LOOKUP_IDS:]
+        """Map entries of this relationship whose relay or original id is in `ids`
+        (ids as the email package spells them; common.stored_id)."""
+        ids = list(dict.fromkeys(common.stored_id(i) for i in ids))[-MAX_LOOKUP_IDS:]
         if not ids:
             return []
         marks = ",".join("?" * len(ids))
@@ -430,7 +476,7 @@ class SqliteStore:
             f" WHERE relationship_id = ? AND (relay_id IN ({marks}) OR original_id IN ({marks}))",
             (relationship_id, *ids, *ids),
         )
-        return [MessageIdRow(*row) for row in rows]
+        return [common.message_id_row(*row) for row in rows]
 
     # --- archive ------------------------------------------------------------
 
@@ -439,6 +485,9 @@ class SqliteStore:
         daily-cap row of a delivered seller message, settling
         `entry.send_reservation`) in one transaction; return the archive id
         once committed."""
+        # Message-borne text (8-bit bytes as surrogates) in the spelling both
+        # engines store, before the row is hashed: the chain covers what is stored.
+        entry = common.storable_entry(entry)
         metadata = entry.metadata()
         # Hashing and compressing a 10 MB message takes a while: off the loop,
         # and before the write lock is taken.
@@ -816,7 +865,8 @@ class SqliteStore:
             params.append(addresses.normalize(seller))
         rows = await self._fetchall(
             "SELECT a.id, a.relationship_id, s.address, s.display_name, a.direction, a.received_at,"
-            " a.auto_reply FROM archive a JOIN relationships r ON r.id = a.relationship_id"
+            " a.auto_reply, EXISTS (SELECT 1 FROM bounces b WHERE b.archive_id = a.id AND b.action = 'failed')"
+            " FROM archive a JOIN relationships r ON r.id = a.relationship_id"
             " JOIN parties s ON s.id = r.seller_id WHERE " + " AND ".join(clauses), params)
         unknown = [row[0] for row in rows if row[6] is None]
         flags = await self._backfill_auto_reply(unknown) if unknown else {}
@@ -824,7 +874,8 @@ class SqliteStore:
             archive_logic.MessageFact(
                 archive_id=row[0], relationship_id=row[1], seller=row[2], direction=row[4],
                 received_at=archive_logic.parse_iso(row[5]),
-                auto_reply=bool(row[6] if row[6] is not None else flags.get(row[0], False)))
+                auto_reply=bool(row[6] if row[6] is not None else flags.get(row[0], False)),
+                bounced=bool(row[7]))
             for row in rows
         ]
         return facts, {row[2]: row[3] for row in rows}
@@ -858,11 +909,15 @@ class SqliteStore:
             " WHERE relay_id = ?", (relay_id,))
         if row is None:
             return None
-        return dict(zip(("relationship_id", "sender_id", "archive_id", "created_at", "original_id"), row))
+        found = dict(zip(("relationship_id", "sender_id", "archive_id", "created_at", "original_id"), row))
+        found["original_id"] = common.parsed_id(found["original_id"])
+        return found
 
     async def record_bounce(self, received_at: str, relay_message_id: str, archive_id: int | None,
                             relationship_id: int | None, action: str, status: str, notified: bool,
                             raw: bytes, detector: str = "rfc3464") -> int:
+        # A report's fields are message-borne text (8-bit bytes as surrogates).
+        action, status, detector = (common.storable_text(v) for v in (action, status, detector))
         async with self._transaction() as db:
             with _unavailable_on_db_error():
                 cursor = await db.execute(
@@ -883,8 +938,15 @@ class SqliteStore:
     # --- health and metrics --------------------------------------------------
 
     async def ping(self) -> None:
-        """Raise StoreUnavailable unless the database answers a query."""
+        """Raise StoreUnavailable unless the database answers a query and its
+        path still names the file the relay has open. An open file keeps
+        answering after it was removed, moved or replaced, but SQLite
+        refuses to write to it (and a restart would open another): every
+        message would get 451 while a query alone looks healthy."""
         await self._fetchone("SELECT 1 FROM schema_migrations LIMIT 1")
+        if self._file is not None and _file_identity(self.path) != self._file:
+            raise StoreUnavailable(f"{self.path} is no longer the database file the relay has open "
+                                   "(removed, moved or replaced)")
 
     async def archive_size(self) -> int:
         """The highest archive id: the number of rows ever archived, cheap at any size."""

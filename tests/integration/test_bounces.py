@@ -5,13 +5,17 @@ with no real address and none of the remote server's words."""
 from __future__ import annotations
 
 import email
+import json
+import re
 import smtplib
 from datetime import timedelta
 from email import policy
+from pathlib import Path
 
 import pytest
 
-from support import Clock, RunningRelay, make_config, message, upstream_url
+from archive_support import relay_cli
+from support import Clock, RunningRelay, make_config, message, shared_dkim_key_file, upstream_url
 
 
 @pytest.fixture
@@ -148,3 +152,94 @@ def test_a_notice_refused_for_good_still_records_the_report(relay, upstream):
     assert (code, text) == (250, b"2.0.0 Delivery report accepted")
     [row] = relay.call(relay.store.bounces_for(relay.archive_rows()[0]["id"]))
     assert (row["action"], row["notified"]) == ("failed", 0)
+
+
+CORPUS = Path(__file__).parent.parent / "cases" / "bounces"
+_ADDRESS = re.compile(rb"[\w.+-]+@([\w-]+\.)+[\w-]+")
+
+
+def real_bounce(name: str, extra_headers: str = "") -> bytes:
+    """A bounce of the corpus as its MTA wrote it, without the mbox `From `
+    line it was stored with (no SMTP client sends that), and with any
+    header its MTA writes today that the stored copy predates."""
+    raw = (CORPUS / name).read_bytes()
+    if raw.startswith(b"From "):
+        raw = raw.split(b"\n", 1)[1]
+    return extra_headers.encode() + raw
+
+
+def remote_words(raw: bytes) -> set[bytes]:
+    """Every address and domain a bounce names: none may reach the notice."""
+    found = set()
+    for match in _ADDRESS.finditer(raw):
+        address = match.group(0).lower().strip(b".")
+        found |= {address, address.split(b"@")[1]}
+    return found - {b"marketplace.example"}
+
+
+REAL_FAILURES = {
+    # Postfix 3 writes Auto-Submitted: auto-replied on every DSN it makes.
+    "postfix": lambda verp, real: dsn(verp, real, auto=True),
+    # Exim 4's DSN (the corpus copy predates the headers Exim 4.92 adds).
+    "exim": lambda verp, real: real_bounce(
+        "simple_42.txt", "Auto-Submitted: auto-replied\r\nX-Failed-Recipients: david...@gmail.com\r\n"),
+    "exim-plain-text": lambda verp, real: real_bounce("exim_01.txt"),
+    "precedence-bulk": lambda verp, real: real_bounce("dsn_01.txt"),
+    "commented-action": lambda verp, real: real_bounce("dsn_12.txt"),
+    "qmail": lambda verp, real: real_bounce("qmail_01.txt"),
+    "sendmail-auto-generated": lambda verp, real: real_bounce("sendmail_01.txt"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(REAL_FAILURES))
+def test_every_real_failure_makes_one_leak_free_notice(relay, upstream, kind):
+    pair = relay.pair()
+    deliver(relay, pair.buyer, pair.seller_alias)
+    verp = upstream.wait_for(1)[0].mail_from
+    report = REAL_FAILURES[kind](verp, pair.seller)
+    code, text = send_dsn(relay, verp, report)
+    assert (code, text) == (250, b"2.0.0 Delivery report accepted")
+    [original, notice] = upstream.wait_for(2)
+    assert notice.mail_from == "<>" and notice.rcpt_tos == [pair.buyer]
+    out = email.message_from_bytes(notice.data, policy=policy.default)
+    assert out["Subject"] == f"Undelivered: your message to {pair.seller_alias}"
+    assert out["Auto-Submitted"] == "auto-replied"
+    lowered = notice.data.lower()
+    assert pair.seller.encode() not in lowered
+    leaked = {word for word in remote_words(report) if word in lowered}
+    assert leaked == set(), leaked
+    [row] = relay.call(relay.store.bounces_for(relay.archive_rows()[0]["id"]))
+    assert (row["action"], row["notified"]) == ("failed", 1)
+    assert len(upstream.messages) == 2  # exactly one notice
+
+
+@pytest.mark.parametrize(("name", "detector"), [("dsn_05.txt", "rfc3464"), ("simple_03.txt", "simplewarning")])
+def test_a_real_delay_report_is_recorded_without_a_notice(relay, upstream, name, detector):
+    pair = relay.pair()
+    deliver(relay, pair.buyer, pair.seller_alias)
+    verp = upstream.wait_for(1)[0].mail_from
+    assert send_dsn(relay, verp, real_bounce(name))[0] == 250
+    [row] = relay.call(relay.store.bounces_for(relay.archive_rows()[0]["id"]))
+    assert (row["action"], row["detector"], row["notified"]) == ("delayed", detector, 0)
+    assert len(upstream.messages) == 1
+
+
+def test_archive_show_lists_each_bounce_with_its_detector(relay, upstream, tmp_path):
+    pair = relay.pair()
+    deliver(relay, pair.buyer, pair.seller_alias)
+    verp = upstream.wait_for(1)[0].mail_from
+    assert send_dsn(relay, verp, real_bounce("simple_03.txt"))[0] == 250
+    assert send_dsn(relay, verp, real_bounce("qmail_01.txt"))[0] == 250
+    archive_id = str(relay.archive_rows()[0]["id"])
+    config = tmp_path / "cli.toml"  # the CLI on the relay's own database and files (PostgreSQL asks for them)
+    (tmp_path / "bounce.key").write_bytes(b"k" * 32)
+    config.write_text(f'database = "{relay.config.database}"\n\n[bounce]\nsecret_file = "{tmp_path / "bounce.key"}"\n\n'
+                      f'[dkim]\nkey_file = "{shared_dkim_key_file()}"\n\n[submission]\nlisten = ""\nlisten_tls = ""\n')
+    shown = relay_cli(config, "archive", "show", archive_id, "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert [(b["action"], b["detector"], b["notified"]) for b in json.loads(shown.stdout)["bounces"]] == [
+        ("delayed", "simplewarning", False), ("failed", "qmail", True)]
+    text = relay_cli(config, "archive", "show", archive_id).stdout.decode()
+    assert re.search(r"^bounce: .* failed \(status not given, read by qmail, sender notified\)$", text, re.M), text
+    assert re.search(r"^bounce: .* delayed \(status not given, read by simplewarning, sender not notified\)$",
+                     text, re.M), text

@@ -146,9 +146,13 @@ class Serve:
         self.port = None
         ready = threading.Event()
 
+        self._new_line = threading.Condition()
+
         def read():
             for line in self.proc.stderr:
-                self.lines.append(line)
+                with self._new_line:
+                    self.lines.append(line)
+                    self._new_line.notify_all()
                 found = re.search(r"inbound listener on 127\.0\.0\.1:(\d+)", line)
                 if found:
                     self.port = int(found.group(1))
@@ -159,6 +163,16 @@ class Serve:
         if not ready.wait(30):
             self.stop(signal.SIGKILL)
             raise AssertionError("relay serve did not start:\n" + "".join(self.lines))
+
+    def wait_until_serving(self) -> None:
+        """Until start-up is over: the last listener is logged, and an SMTP
+        round trip shows the event loop has moved past start-up (and set its
+        SIGTERM handler, which start-up's last step does)."""
+        with self._new_line:
+            assert self._new_line.wait_for(
+                lambda: any("submission listener (implicit TLS)" in line for line in self.lines), 30), self.lines
+        with smtplib.SMTP("127.0.0.1", self.port, timeout=30) as client:
+            assert client.noop()[0] == 250
 
     def stop(self, signum=signal.SIGTERM) -> int:
         self.proc.send_signal(signum)
@@ -230,8 +244,59 @@ def test_dkim_keygen_writes_a_key_and_prints_the_record(workdir):
     assert record.startswith("v=DKIM1; k=rsa; p=")
     key = workdir / "keys" / "relay.pem"
     assert oct(key.stat().st_mode & 0o777) == "0o600"
+    assert oct(key.parent.stat().st_mode & 0o777) == "0o700"  # a folder keygen made
     data = b"From: a@marketplace.example\r\nSubject: x\r\n\r\nbody\r\n"
     signed = dkimpy.sign(data, b"relay", b"marketplace.example", key.read_bytes()) + data
     assert dkimpy.verify(signed, dnsfunc=lambda name, timeout=5: record.encode())
     again = relay_cmd(workdir, "dkim", "keygen", "--out", "keys/relay.pem")
     assert (again.returncode, again.stderr) == (2, "relay: keys/relay.pem exists; give --force to replace it\n")
+
+
+def mode(path: Path) -> str:
+    return oct(path.stat().st_mode & 0o777)
+
+
+def test_serve_makes_its_state_readable_by_its_user_only(workdir):
+    """The database (every archived message) with its -wal and -shm, the DKIM
+    key, the bounce secret and the self-signed TLS pair: 0600, in 0700
+    folders, whatever the umask of the shell that started the relay (tests
+    run as root: the mode bits are still what other users meet)."""
+    provision(workdir)  # the CLI makes the database
+    var = workdir / "var"
+    assert mode(var) == "0o700" and mode(var / "relay.sqlite3") == "0o600"
+    server = Serve(workdir)
+    try:
+        server.wait_until_serving()
+        # While the relay is running its WAL and shared-memory files exist.
+        state = [var / "relay.sqlite3", var / "relay.sqlite3-wal", var / "relay.sqlite3-shm",
+                 var / "dkim" / "relay.pem", var / "bounce.key",
+                 var / "tls" / "submission-key.pem", var / "tls" / "submission-cert.pem"]
+        assert {str(path.relative_to(workdir)): mode(path) for path in state} == {
+            str(path.relative_to(workdir)): "0o600" for path in state}
+        assert {mode(var / "dkim"), mode(var / "tls")} == {"0o700"}
+        assert not any("can be opened by group or others" in line for line in server.lines)
+    finally:
+        assert server.stop() == 0
+
+
+def test_serve_warns_about_state_others_can_read(workdir):
+    """An existing file is left as the operator made it, with one warning
+    line naming it; files no one else can read get none."""
+    provision(workdir)
+    server = Serve(workdir)  # makes the keys
+    server.wait_until_serving()
+    assert server.stop() == 0
+    var = workdir / "var"
+    (var / "relay.sqlite3").chmod(0o644)
+    (var / "bounce.key").chmod(0o640)
+    server = Serve(workdir)
+    try:
+        server.wait_until_serving()
+        warnings = [line for line in server.lines if "can be opened by group or others" in line]
+    finally:
+        assert server.stop() == 0
+    assert len(warnings) == 2, server.lines
+    assert "var/relay.sqlite3 can be opened by group or others (mode 0644)" in warnings[0]
+    assert "var/bounce.key can be opened by group or others (mode 0640)" in warnings[1]
+    assert all(line.split()[2] == "WARNING" for line in warnings)
+    assert mode(var / "relay.sqlite3") == "0o644"  # not changed behind the operator's back

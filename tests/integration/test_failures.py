@@ -1,9 +1,11 @@
-"""Transient failures inside the relay: a locked database, a bug in a
-stage. The client always gets a 451 with an enhanced code, never a 500 or
-internals, and the server keeps serving."""
+"""Failures inside the relay: a locked database, a bug in a stage (the
+client gets a 451 with an enhanced code, never a 500 or internals), and a
+value the database refuses (a 554, since it would be refused again); the
+server keeps serving."""
 
 from __future__ import annotations
 
+import hashlib
 import smtplib
 import sqlite3
 
@@ -72,3 +74,39 @@ def test_a_bug_in_a_stage_is_451_without_internals(relay, upstream, monkeypatch)
     assert upstream.messages == []
     [row] = relay.archive_rows()
     assert row["verdict"] == "deferred"
+
+
+def test_a_value_the_database_refuses_is_a_5xx_once_not_451_for_days(relay, upstream):
+    """A StoreDataError (the same bytes fail the same way on every retry)
+    is answered 554 5.6.0 with a reason; a 451 would make the sender retry
+    for days against a healthy database (and, after delivery, deliver a
+    copy on every retry). The store spells every 8-bit id storably, so real
+    ones are made here by lowering SQLite's length limit: under an 8-bit
+    References id (at the lookup), and under a body that does not compress
+    (at the archive, after the upstream took the message)."""
+    if support.database_factory is not None:
+        pytest.skip("sets a limit of the SQLite connection")
+    pair = relay.pair()
+    long_id = b"<" + b"\xe9" * 200 + b"@client.example>"  # its stored spelling: about 820 characters
+    with_long_id = message(pair.buyer, pair.seller_alias, headers={"References": "<REF>"}).replace(b"<REF>", long_id)
+    noise = "".join(hashlib.sha256(b"%d" % n).hexdigest() for n in range(40))  # 2,560 characters, little redundancy
+    big = message(pair.buyer, pair.seller_alias, subject="Big", body=noise + "\n", message_id="<big@client.example>")
+    connection = relay.store._db
+    default = relay.call(connection._execute(connection._conn.getlimit, sqlite3.SQLITE_LIMIT_LENGTH))
+    relay.call(connection._execute(connection._conn.setlimit, sqlite3.SQLITE_LIMIT_LENGTH, 600))
+    refused_for_good = (554, b"5.6.0 Message holds data the relay cannot store")
+    with smtplib.SMTP(relay.host, relay.port, timeout=30) as client:
+        for raw in (with_long_id, big):
+            with pytest.raises(smtplib.SMTPDataError) as refused:
+                client.sendmail(pair.buyer, [pair.seller_alias], raw)
+            assert (refused.value.smtp_code, refused.value.smtp_error) == refused_for_good
+        # The session and the store go on; without the limit both pass.
+        relay.call(connection._execute(connection._conn.setlimit, sqlite3.SQLITE_LIMIT_LENGTH, default))
+        for raw in (with_long_id, big):
+            assert client.sendmail(pair.buyer, [pair.seller_alias], raw) == {}
+    # The big message reached the upstream twice: when its archive failed
+    # (once, not on every retry of a 451) and when it was sent again.
+    assert [b"Subject: Big" in got.data for got in upstream.wait_for(3)] == [True, False, True]
+    rows = relay.archive_rows()
+    assert [row["verdict"] for row in rows] == ["rejected", "delivered", "delivered"]
+    assert any("the store cannot hold a value of this message" in change for change in rows[0]["changes"])

@@ -94,9 +94,12 @@ def test_report_text_html_and_errors(report_db, tmp_path):
                      "--until", UNTIL.isoformat(), "--format", "text")
     assert text.returncode == 0, text.stderr
     lines = text.stdout.decode().splitlines()
-    assert lines[1].split() == ["seller", "within", "24", "h", "median", "90th", "pct", "waiting", "overdue"]
+    assert lines[0] == "Response times as of 2026-03-05 09:00 UTC: share of buyer messages answered within 24 h"
+    assert lines[1].split() == ["seller", "within", "24", "h", "median", "90th", "pct", "waiting", "overdue",
+                                "bounced"]
     # 90th percentile: 23 h 59 min + 0.7 × 2 min = 24 h 0 min 24 s.
-    assert lines[2].split() == ["sam@shop.example", "3/4", "75.0%", "12", "h", "59", "min", "24", "h", "0", "0"]
+    assert lines[2].split() == ["sam@shop.example", "3/4", "75.0%", "12", "h", "59", "min", "24", "h", "0", "0",
+                                "0"]
     assert len(lines) == 3
 
     out = tmp_path / "report.html"
@@ -106,11 +109,13 @@ def test_report_text_html_and_errors(report_db, tmp_path):
     assert made.stdout.decode() == f"response-time report (html) written to {out}\n"
     page = out.read_text(encoding="utf-8")
     assert page.startswith("<!DOCTYPE html>")
-    assert page.count("<svg ") == 2 and page.count("</svg>") == 2
+    assert page.count("<svg ") == 1 and page.count("</svg>") == 1  # one chart, whatever the number of sellers
     assert "<script" not in page.lower() and "javascript:" not in page.lower()
     assert "ann@&lt;b&gt;shop&lt;/b&gt;.example" in page and "<b>shop</b>" not in page
     assert "default-src 'none'" in page
-    assert re.search(r"3 of 4 buyer messages answered within 24 h \(75\.0%\)", page)
+    assert re.search(r"3 of 5 buyer messages answered within 24 h \(60\.0%\)", page)  # every seller
+    assert "<td>sam@shop.example (Sam&#x27;s &lt;Shop&gt;)</td><td>3 of 4 (75.0%)</td>" in page
+    assert "<td>2026-03-04 03:00 UTC</td><td>30 h</td>" in page  # ann's overdue message, readable
     assert [p.name for p in tmp_path.iterdir()] == ["report.html"]
 
     unknown = relay_cli(report_db, "report", "response-time", "--seller", "nobody@shop.example")
@@ -146,3 +151,30 @@ def test_answers_at_23h59m_and_24h01m_through_a_running_relay(tmp_path):
     assert seller["share_within_24h"] == 0.5
     assert seller["median_seconds"] == 24 * 3600.0
     assert [h["count"] for h in seller["histogram"]][3:5] == [1, 1]  # 12–24 h and 24–48 h
+
+
+def test_a_buyer_message_that_bounced_is_not_waiting_on_the_seller(tmp_path):
+    """The seller's mailbox refused the buyer's message (a real DSN came back
+    to its return path): the seller never had it, so it does not wait."""
+    upstream = RecordingUpstream().start()
+    relay = RunningRelay(make_config(tmp_path, upstream_url(upstream)))
+    try:
+        pair = relay.pair()
+        for body in ("Has it shipped?\n", "Hello?\n"):
+            assert send(relay, pair.buyer, pair.seller_alias, message(pair.buyer, pair.seller_alias, body=body))[0] == 250
+        first, _ = upstream.wait_for(2)
+        dsn = (f"From: MAILER-DAEMON@mx.shop.example\r\nTo: {first.mail_from}\r\nAuto-Submitted: auto-replied\r\n"
+               "Subject: Undelivered Mail Returned to Sender\r\nMIME-Version: 1.0\r\n"
+               'Content-Type: multipart/report; report-type=delivery-status; boundary="B"\r\n\r\n'
+               "--B\r\nContent-Type: text/plain\r\n\r\nmailbox full\r\n"
+               "--B\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; mx.shop.example\r\n\r\n"
+               f"Final-Recipient: rfc822; {pair.seller}\r\nAction: failed\r\nStatus: 5.2.2\r\n--B--\r\n").encode()
+        assert send(relay, "", first.mail_from, dsn)[0] == 250
+    finally:
+        relay.stop()
+        upstream.stop()
+    config = write_config(tmp_path, tmp_path / "relay.sqlite3")
+    result = relay_cli(config, "report", "response-time", "--json")
+    assert result.returncode == 0, result.stderr
+    [seller] = json.loads(result.stdout)["sellers"]
+    assert (seller["waiting"], seller["bounced"], seller["buyer_messages"]) == (1, 1, 1)

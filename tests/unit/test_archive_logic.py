@@ -135,6 +135,39 @@ def test_svg_is_well_formed_and_escapes_names():
     assert "<script" not in page
 
 
+
+def test_a_bounced_buyer_message_never_waits_and_answers_still_count():
+    items = facts(("b", 0, False), ("b", 60, False), ("s", 120, False), ("b", 200, False))
+    items[1] = MessageFact(**{**items[1].__dict__, "bounced": True})  # the seller's mailbox refused it
+    items[3] = MessageFact(**{**items[3].__dict__, "bounced": True})
+    [seller] = response_times(items, NOW)
+    assert (seller.buyer_messages, seller.response_seconds, seller.waiting, seller.bounced) == (1, [7200.0], [], 2)
+    assert seller.to_json()["bounced"] == 2 and seller.due == 1
+
+
+def test_sellers_come_in_natural_order():
+    names = ["shop10@x.example", "shop2@x.example", "Shop1@x.example", "alpha@x.example", "shop2b@x.example"]
+    items = [f for n, name in enumerate(names) for f in facts(("b", 0, False), relationship=n + 1, seller=name)]
+    assert [s.seller for s in response_times(items, NOW)] == [
+        "alpha@x.example", "Shop1@x.example", "shop2@x.example", "shop2b@x.example", "shop10@x.example"]
+
+
+def test_the_page_for_5000_sellers_has_one_chart_and_stays_small():
+    items = []
+    for n in range(5000):
+        items += facts(("b", 0, False), ("s", n % 3000, False), ("b", 14000 - n, False),
+                       relationship=n + 1, seller=f"seller{n}@shop.example")
+    sellers = response_times(items, NOW)
+    page = archive.render_html(sellers, NOW, None)
+    assert page.count("<svg ") == 1
+    assert page.index("seller9@shop.example") < page.index("seller10@shop.example")
+    # One table row per seller and one per waiting message: about 600 bytes a seller.
+    assert len(page.encode()) < 5000 * 1000, len(page)
+    assert "<script" not in page
+    total = archive.all_sellers(sellers)
+    assert (total.buyer_messages, len(total.waiting), total.answered_within + total.answered_late) == (10000, 5000, 5000)
+
+
 # --- dates --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("value, end_of_day, expected", [

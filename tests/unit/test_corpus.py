@@ -5,7 +5,6 @@ never a transient (4xx) answer for a cause that would recur on every retry."""
 from __future__ import annotations
 
 import email.utils
-import sysconfig
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -16,12 +15,7 @@ from relay.config import PolicyConfig
 from relay.replies import SmtpError
 from relay.store import Party
 
-CANDIDATES = [
-    Path(sysconfig.get_paths()["stdlib"]) / "test" / "test_email" / "data",
-    Path("/usr/lib/python3.11/test/test_email/data"),  # Debian's libpython3.11-testsuite
-]
-CORPUS_DIR = next((path for path in CANDIDATES if path.is_dir()), None)
-CORPUS = sorted(p for p in CORPUS_DIR.glob("msg_*.txt")) if CORPUS_DIR else []
+from corpus import CANDIDATES, CORPUS, CORPUS_DIR
 
 
 def test_the_corpus_is_there():

@@ -1,6 +1,7 @@
 """The store on both backends (SQLite on a real file, PostgreSQL on a real
 server: tests/store_backends.py): migrations, provisioning rules, the
-archive chain, the daily-cap reservations, errors as StoreUnavailable, and
+archive chain, the daily-cap reservations, 8-bit message ids, errors as
+StoreUnavailable (the database's state) or StoreDataError (the value), and
 two stores on one database — two relay nodes — writing at once."""
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import asyncpg
 import pytest
 
 from relay import archive
-from relay.store import ArchiveEntry, Conflict, NotFound, StoreUnavailable, chain_hash, open_store
+from relay.store import ArchiveEntry, Conflict, NotFound, StoreDataError, StoreUnavailable, chain_hash, open_store
 from relay.store import common
 from relay.store.sqlite import migrations
 from relay.store.url import is_postgres, postgres_options, redact
@@ -405,3 +406,145 @@ async def test_two_nodes_appending_at_once_keep_one_valid_chain(database):
     finally:
         await first.close()
         await second.close()
+
+
+# --- 8-bit message ids and other message-borne text (issue 14 §2) ---------------------
+#
+# The email package hands the store a header's bytes decoded as ASCII with
+# surrogateescape: each 8-bit byte a lone surrogate, which neither engine
+# stores. `parser_form` makes such strings from the bytes a client sent.
+
+def parser_form(data: bytes) -> str:
+    return data.decode("ascii", errors="surrogateescape")
+
+
+EIGHT_BIT_IDS = [
+    ("ascii", b"<o1@mail.example>", "<o1@mail.example>"),
+    ("utf8", "<bücher-€@mail.example>".encode("utf-8"), "<bücher-€@mail.example>"),
+    ("latin1", "<bücher@mail.example>".encode("latin-1"), "bytes <b\\xfccher@mail.example>"),
+    ("invalid-utf8", b"<\xff\xfe\x80@mail.example>", "bytes <\\xff\\xfe\\x80@mail.example>"),
+    ("nul-and-backslash", b"<a\\b\x00@mail.example>", "bytes <a\\\\b\\x00@mail.example>"),
+    ("utf8-control", "<a\u0085b@mail.example>".encode("utf-8"), "bytes <a\\xc2\\x85b@mail.example>"),
+]
+
+
+@pytest.mark.parametrize("sent, spelled", [(s, p) for _, s, p in EIGHT_BIT_IDS], ids=[n for n, _, _ in EIGHT_BIT_IDS])
+def test_an_id_has_one_storable_spelling_that_gives_its_bytes_back(sent, spelled):
+    msgid = parser_form(sent)
+    assert common.stored_id(msgid) == spelled
+    spelled.encode("utf-8")  # no surrogates left
+    assert "\x00" not in spelled
+    assert common.parsed_id(spelled) == msgid
+    assert common.parsed_id(spelled).encode("ascii", errors="surrogateescape") == sent
+
+
+def test_spellings_of_different_bytes_never_meet():
+    # Strings that look like another form's output are spelled apart from it.
+    look_alikes = [b"<b\\xfccher@mail.example>", b"bytes <b\\xfccher@mail.example>", "bytes <é>".encode("utf-8"),
+                   b"bytes <\xe9>", b"<\xe9>", "<é>".encode("utf-8"), b"<a b>", b"bytes <a\\x20b>"]
+    every = [sent for _, sent, _ in EIGHT_BIT_IDS] + look_alikes
+    spellings = {common.stored_id(parser_form(sent)): sent for sent in every}
+    assert len(spellings) == len(every)
+    for spelled, sent in spellings.items():
+        assert common.parsed_id(spelled) == parser_form(sent)
+
+
+async def test_8bit_ids_are_recorded_and_found_under_the_same_bytes(store):
+    relationship, _ = await seed(store)
+    for n, (_, sent, _) in enumerate(EIGHT_BIT_IDS):
+        await store.record(replace(entry(relationship.id, n), original_message_id=parser_form(sent)))
+    for n, (name, sent, _) in enumerate(EIGHT_BIT_IDS):
+        [row] = await store.message_id_rows(relationship.id, [parser_form(sent), "<unknown@mail.example>"])
+        assert (row.original_id, row.relay_id) == (parser_form(sent), f"<r{n}@marketplace.example>"), name
+        found = await store.message_by_relay_id(f"<r{n}@marketplace.example>")
+        assert found["original_id"] == parser_form(sent)
+    # The escaped spelling, sent as an ASCII id, names no 8-bit id.
+    assert await store.message_id_rows(relationship.id, ["<b\\xfccher@mail.example>"]) == []
+
+
+async def test_archive_text_with_8bit_bytes_is_stored_escaped_and_still_verifies(store):
+    relationship, _ = await seed(store)
+    bits = parser_form(b"\xff\xfe\x80")
+    archive_id = await store.record(replace(
+        entry(relationship.id, 1, verdict="rejected"), mail_from=f"bea{bits}@mail.example",
+        rcpt_to=(f"x{bits}@marketplace.example",), reply=f"550 5.7.1 no {bits}",
+        changes=(f"dropped header X-{bits}", "nul\x00")))
+    row = await store.archive_row(archive_id)
+    assert row["mail_from"] == "bea\\xff\\xfe\\x80@mail.example"
+    assert row["reply"] == "550 5.7.1 no \\xff\\xfe\\x80"
+    assert row["changes"] == ["dropped header X-\\xff\\xfe\\x80", "nul\\x00"]
+    assert archive.content_problem(row) is None  # the chain covers what was stored
+    bounce = await store.record_bounce("2026-11-28T00:00:00Z", "<r1@marketplace.example>", archive_id,
+                                       relationship.id, f"failed{bits}", "", False, b"report")
+    [recorded] = await store.bounces_for(archive_id)
+    assert (recorded["id"], recorded["action"]) == (bounce, "failed\\xff\\xfe\\x80")
+
+
+# --- what a failure is: the same value again, or the database's state -------------------
+
+
+async def test_a_value_the_database_refuses_is_a_data_error_not_an_outage(store):
+    select = "SELECT ?" if engine(store) == "sqlite" else "SELECT $1::text"
+    # A lone surrogate: Python's UTF-8 encoder (SQLite) and asyncpg refuse it.
+    with pytest.raises(StoreDataError) as refused:
+        await store._fetchall(select, ("\udcff",))
+    assert not isinstance(refused.value, StoreUnavailable)
+    if engine(store) == "postgresql":
+        # The server refuses a NUL in text (SQLSTATE 22021) and a division
+        # by zero (22012): class 22, the value, not the database.
+        for value in ("a\x00b",):
+            with pytest.raises(StoreDataError):
+                await store._fetchall(select, (value,))
+        with pytest.raises(StoreDataError):
+            await store._fetchall("SELECT 1 / $1::int", (0,))
+    else:
+        # Over SQLite's length limit: SQLITE_TOOBIG.
+        await store._db._execute(store._db._conn.setlimit, sqlite3.SQLITE_LIMIT_LENGTH, 100)
+        with pytest.raises(StoreDataError):
+            await store._fetchall("SELECT ?", (b"x" * 200,))
+    # The store goes on serving.
+    assert await store.get_party("seller", "nobody@shop.example") is None
+
+
+async def test_a_bug_in_a_statement_goes_up_as_it_is(store):
+    if engine(store) == "sqlite":
+        with pytest.raises(sqlite3.ProgrammingError):  # two placeholders, one value
+            await store._fetchall("SELECT ?, ?", (1,))
+    # A constraint the caller handles is not reworded either.
+    relationship, _ = await seed(store)
+    await store.record(entry(relationship.id, 1))
+    integrity = sqlite3.IntegrityError if engine(store) == "sqlite" else asyncpg.UniqueViolationError
+    with pytest.raises(integrity):
+        await store.record(entry(relationship.id, 1))  # the same relay id again
+
+
+def test_the_classification_of_driver_errors():
+    from relay.store import postgresql as pg_store
+    from relay.store import sqlite as sqlite_store
+
+    def sqlite_error(kind, code):
+        error = kind("x")
+        error.sqlite_errorcode = code
+        return error
+
+    assert sqlite_store.classify(UnicodeEncodeError("utf-8", "\udcff", 0, 1, "surrogates not allowed")) is StoreDataError
+    assert sqlite_store.classify(sqlite_error(sqlite3.OperationalError, sqlite3.SQLITE_BUSY)) is StoreUnavailable
+    assert sqlite_store.classify(sqlite_error(sqlite3.OperationalError, 778)) is StoreUnavailable  # IOERR_WRITE
+    assert sqlite_store.classify(sqlite_error(sqlite3.OperationalError, sqlite3.SQLITE_FULL)) is StoreUnavailable
+    assert sqlite_store.classify(sqlite_error(sqlite3.DataError, sqlite3.SQLITE_TOOBIG)) is StoreDataError
+    assert sqlite_store.classify(sqlite3.ProgrammingError("Cannot operate on a closed database.")) is StoreUnavailable
+    assert sqlite_store.classify(sqlite3.ProgrammingError("Incorrect number of bindings supplied")) is None
+    assert sqlite_store.classify(ValueError("no active connection")) is StoreUnavailable
+    assert sqlite_store.classify(OSError(28, "No space left on device")) is StoreUnavailable
+    assert sqlite_store.classify(KeyError("bug")) is None
+
+    assert pg_store.classify(asyncpg.CharacterNotInRepertoireError("nul")) is StoreDataError
+    assert pg_store.classify(asyncpg.StringDataRightTruncationError("long")) is StoreDataError
+    assert pg_store.classify(asyncpg.ProgramLimitExceededError("index row too big")) is StoreDataError
+    assert pg_store.classify(asyncpg.QueryCanceledError("statement timeout")) is StoreUnavailable
+    assert pg_store.classify(asyncpg.AdminShutdownError("shutdown")) is StoreUnavailable
+    assert pg_store.classify(asyncpg.DeadlockDetectedError("deadlock")) is StoreUnavailable
+    assert pg_store.classify(asyncpg.InterfaceError("connection is closed")) is StoreUnavailable
+    assert pg_store.classify(asyncpg.UniqueViolationError("dup")) is None
+    assert pg_store.classify(ConnectionRefusedError()) is StoreUnavailable
+    assert pg_store.classify(KeyError("bug")) is None

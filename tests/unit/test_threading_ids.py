@@ -26,6 +26,12 @@ S2 = MessageIdRow(sender_id=SELLER, original_id=None, relay_id="<rs2@marketplace
 B_CLASH = MessageIdRow(sender_id=BUYER, original_id="<rs1@marketplace.example>", relay_id="<rb9@marketplace.example>")
 ROWS = (B1, B2, S1, S2)
 
+# Clients that minted 8-bit ids (raw UTF-8, latin-1): the email package
+# spells each 8-bit byte as a surrogate, and so do the store's rows.
+B8 = MessageIdRow(sender_id=BUYER, original_id="<b\udcc3\udcbc8@mail.example>",
+                  relay_id="<rb8@marketplace.example>")
+S8 = MessageIdRow(sender_id=SELLER, original_id="<s\udcfc8@shop.example>", relay_id="<rs8@marketplace.example>")
+
 MANY_ROWS = tuple(
     MessageIdRow(sender_id=SELLER, original_id=f"<s{i}@shop.example>", relay_id=f"<rs{i}@marketplace.example>")
     for i in range(100, 180)
@@ -68,6 +74,16 @@ TRANSLATIONS = [
     # Relay ids win over a clashing original id: the seller's client gets
     # its own id back, not the hostile buyer's message.
     ("clashing-original-id", ["<rs1@marketplace.example>"], ROWS + (B_CLASH,), BUYER, SELLER,
+     ["<s1@shop.example>"]),
+    # 8-bit ids are looked up like any other, but never written: the relay
+    # id of their message stands in for the recipient's own 8-bit id.
+    ("recipient-8bit-original-by-relay-id", ["<rs8@marketplace.example>"], ROWS + (S8,), BUYER, SELLER,
+     ["<rs8@marketplace.example>"]),
+    ("recipient-8bit-original-id-as-is", ["<s\udcfc8@shop.example>"], ROWS + (S8,), BUYER, SELLER,
+     ["<rs8@marketplace.example>"]),
+    ("sender-8bit-own-original-id", ["<b\udcc3\udcbc8@mail.example>"], ROWS + (B8,), BUYER, SELLER,
+     ["<rb8@marketplace.example>"]),
+    ("unknown-8bit-id-dropped", ["<x\udcff@mail.example>", "<rs1@marketplace.example>"], ROWS, BUYER, SELLER,
      ["<s1@shop.example>"]),
     # At most MAX_REFERENCES out, the newest ones.
     ("eighty-known-keeps-last-fifty", [row.relay_id for row in MANY_ROWS], MANY_ROWS, BUYER, SELLER,
