@@ -57,6 +57,11 @@ class InvalidBounceAddress(Exception):
     """Not one of ours, altered, or expired."""
 
 
+def secret_path(config) -> Path:
+    """`[bounce] secret_file`, or var/bounce.key when it is empty."""
+    return Path(config.bounce.secret_file) if config.bounce.secret_file else config.state_dir / "bounce.key"
+
+
 def load_secret(config) -> bytes:
     """The HMAC key: `[bounce] secret_file`, or var/bounce.key made now."""
     path = secret_path(config)

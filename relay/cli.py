@@ -16,8 +16,10 @@ import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from relay import __version__, addresses, archive, auth, config as config_module, postfix
+from relay import __version__, addresses, archive, auth, config as config_module, postfix, preflight
 from relay.config import Config, ConfigError
+from relay.lock import DatabaseLock, Locked
+from relay.progress import Progress
 from relay.store import NotFound, StoreError, StoreUnavailable, iso, open_store, sha256_hex
 from relay.store.url import is_postgres, redact
 
@@ -172,6 +174,8 @@ def _add_dispute_commands(commands) -> None:
     keygen.add_argument("--out", required=True, metavar="FILE", help="where to write the private key (PEM)")
     keygen.add_argument("--bits", type=int, default=2048, choices=(1024, 2048, 3072, 4096))
     keygen.add_argument("--force", action="store_true", help="replace an existing file")
+    keygen.add_argument("--json", action="store_true",
+                        help="the record as JSON: its value, its TXT strings and the zone-file form")
 
     report = commands.add_parser("report", help="reports")
     reports = report.add_subparsers(dest="report_command", metavar="REPORT", parser_class=_Parser)
@@ -211,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"relay: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except preflight.FileProblems as exc:  # a bad key, certificate or secret file: a bad config
+        for problem in exc.problems:
+            print(f"relay: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     except (StoreError, StoreUnavailable) as exc:
         print(f"relay: {exc}", file=sys.stderr)
         return EXIT_FAILURE
@@ -246,7 +254,12 @@ def cmd_serve(args, config: Config) -> int:
     from relay.server import serve
 
     private.warn_exposed(secret_files(config))
-    asyncio.run(serve(config))
+    try:
+        asyncio.run(serve(config))
+    except Locked as exc:
+        print(f"relay: database {config.database} is being copied by `relay db migrate-to` "
+              f"(it holds {exc}); start the relay once the copy is done", file=sys.stderr)
+        return EXIT_FAILURE
     return 0
 
 
@@ -291,6 +304,15 @@ def cmd_db_migrate_to(args, config: Config) -> int:
         raise UsageError(f"not a postgresql:// URL: {redact(args.url)!r}")
     if not Path(config.database).is_file():
         raise NotFound(f"database {config.database}: no such file")
+    # Refuse while a relay serves the source: what it accepts after the
+    # snapshot would be left behind. Held until the copy is verified, so a
+    # relay started meanwhile refuses too (relay/lock.py).
+    try:
+        lock = DatabaseLock(config.database).acquire(exclusive=True)
+    except Locked as exc:
+        print(f"relay: a relay is running on {config.database} (it holds {exc}); stop every "
+              "`relay serve` on it first, so that nothing it accepts is left out of the copy", file=sys.stderr)
+        return EXIT_FAILURE
 
     async def work():
         from relay.store.migrate import copy_store
@@ -299,14 +321,23 @@ def cmd_db_migrate_to(args, config: Config) -> int:
         try:
             target = await open_store(args.url)
             try:
-                copied = await copy_store(source, target)
-                return copied, await _verify_archive(target)
+                with Progress("copying", quiet=args.json) as progress:
+                    done: dict[str, int] = {}
+
+                    def copying(table: str, rows: int) -> None:
+                        done[table] = rows
+                        progress.update(sum(done.values()), table)
+
+                    copied = await copy_store(source, target, progress=copying)
+                    progress.update(sum(copied.counts.values()))  # the last line: all tables
+                return copied, await _verify_archive(target, quiet=args.json, label="verifying the copy")
             finally:
                 await target.close()
         finally:
             await source.close()
 
-    copied, (verifier, breaks, _) = asyncio.run(work())
+    with lock:
+        copied, (verifier, breaks, _) = asyncio.run(work())
     if copied.source_head is not None and verifier.head != copied.source_head:
         breaks.append(archive.ChainBreak(0, "head", f"the copy's head {verifier.head} is not the source's "
                                                      f"{copied.source_head}"))
@@ -332,6 +363,13 @@ def cmd_db_migrate_to(args, config: Config) -> int:
 
 
 def cmd_check_config(args, config: Config) -> int:
+    problems, warnings = preflight.check(config)
+    for problem in problems:
+        print(f"relay: {problem}", file=sys.stderr)
+    for warning in warnings:
+        print(f"relay: warning: {warning}", file=sys.stderr)
+    if problems:
+        return EXIT_USAGE
     settings = config_module.effective(config)
     if args.json:
         _print_json(settings)
@@ -755,12 +793,14 @@ def cmd_archive_export(args, config: Config) -> int:
     return 0
 
 
-async def _verify_archive(store, head: str | None = None):
+async def _verify_archive(store, head: str | None = None, *, quiet: bool = True, label: str = "verifying"):
     """`relay archive verify`'s checks: (verifier, breaks in id order, the
-    row holding `head` or None)."""
+    row holding `head` or None). Progress on a terminal unless `quiet`."""
     verifier = archive.ChainVerifier(purge_runs=await store.purge_runs())
-    async for row in store.archive_chain():
-        verifier.feed(row)
+    with Progress(label, quiet=quiet) as progress:
+        async for row in store.archive_chain():
+            verifier.feed(row)
+            progress.add()
     for table, archive_id in await store.archive_dangling_references():
         verifier.missing_referenced(table, archive_id)
     breaks = sorted(verifier.breaks, key=lambda b: b.archive_id)
@@ -774,7 +814,8 @@ async def _verify_archive(store, head: str | None = None):
 
 
 def cmd_archive_verify(args, config: Config) -> int:
-    verifier, breaks, head_found = asyncio.run(_with_store(config, lambda store: _verify_archive(store, args.head)))
+    verifier, breaks, head_found = asyncio.run(_with_store(
+        config, lambda store: _verify_archive(store, args.head, quiet=args.json)))
     if args.head and head_found is None:
         breaks.append(archive.ChainBreak(0, "head", f"the head {args.head} is no longer in the chain: "
                                                      "rows after it were rewritten or deleted"))
@@ -833,7 +874,10 @@ def cmd_archive_holds(args, config: Config) -> int:
 
 def cmd_purge(args, config: Config) -> int:
     cutoff = archive.retention_cutoff(datetime.now(timezone.utc), config.archive.retention_days)
-    counts = asyncio.run(_with_store(config, lambda store: store.purge(cutoff, dry_run=args.dry_run)))
+    with Progress("counting" if args.dry_run else "purging", quiet=args.json,
+                  unit="row(s) past retention") as progress:
+        counts = asyncio.run(_with_store(config, lambda store: store.purge(cutoff, dry_run=args.dry_run,
+                                                                           progress=progress.add)))
     if args.json:
         _print_json(counts.to_json())
     else:
@@ -886,9 +930,17 @@ def cmd_dkim_keygen(args, config: Config) -> int:
         raise UsageError(f"{path} exists; give --force to replace it")
     pem = dkim.generate_private_pem(args.bits)
     dkim.write_key(path, pem)
-    name = f"{config.dkim.selector}._domainkey.{config.domain}"
-    print(f"wrote {path}; set [dkim] key_file = \"{path}\" and publish this TXT record at {name}:")
-    print(dkim.dns_record(pem))
+    name = dkim.record_name(config.dkim.selector, config.domain)
+    value = dkim.dns_record(pem)
+    if args.json:
+        _print_json({"key_file": str(path), "bits": args.bits, "selector": config.dkim.selector,
+                     "domain": config.domain, "name": name, "value": value, "strings": dkim.txt_strings(value),
+                     "zone": dkim.zone_record(name, value)})
+        return 0
+    # A zone-file comment, then the record: the whole output can be pasted
+    # into (or appended to) the domain's zone as it is.
+    print(f"; wrote {path}; set [dkim] key_file = {json.dumps(str(path))} and publish this TXT record:")
+    print(dkim.zone_record(name, value))
     return 0
 
 

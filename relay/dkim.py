@@ -63,6 +63,37 @@ def dns_record(private_pem: bytes) -> str:
     return f"v=DKIM1; k=rsa; p={base64.b64encode(der).decode('ascii')}"
 
 
+# RFC 1035 §3.3.14: a TXT record is a sequence of <character-string>s of
+# at most 255 bytes each; RFC 6376 §3.6.2.2 has verifiers join them with
+# nothing in between. A 2048-bit key's record is about 410 characters.
+TXT_STRING_BYTES = 255
+
+
+def txt_strings(value: str) -> list[str]:
+    """`value` as TXT strings of at most 255 bytes: the tags before `p=` in
+    one, then the key in as few as fit (joined, they are `value` again)."""
+    data = value.encode("ascii")  # base64 and tag names: ASCII, nothing to escape
+    if b'"' in data or b"\\" in data:
+        raise ValueError("a DKIM record with a quote or a backslash")
+    split = data.find(b"p=")
+    parts = [data[:split], data[split:]] if split > 0 else [data]
+    return [part[i:i + TXT_STRING_BYTES].decode("ascii")
+            for part in parts for i in range(0, len(part), TXT_STRING_BYTES)]
+
+
+def zone_record(name: str, value: str, *, one_line: bool = False) -> str:
+    """The record in zone-file syntax (RFC 1035 §5.1), to publish as is:
+    `name` absolute with its final dot, the strings in parentheses."""
+    quoted = [f'"{text}"' for text in txt_strings(value)]
+    if one_line:
+        return f"{name}. IN TXT ( {' '.join(quoted)} )"
+    return f"{name}. IN TXT (\n" + "\n".join(f"    {text}" for text in quoted) + " )"
+
+
+def record_name(selector: str, domain: str) -> str:
+    return f"{selector}._domainkey.{domain}"
+
+
 def write_key(path: Path, private_pem: bytes) -> None:
     """Write atomically, 0600 (new folders 0700)."""
     private.write(path, private_pem)
@@ -75,14 +106,21 @@ def key_path(config) -> Path:
     return config.state_dir / "dkim" / f"{config.dkim.selector}.pem"
 
 
+def key_path(config) -> Path:
+    """`[dkim] key_file`, or var/dkim/<selector>.pem when it is empty."""
+    if config.dkim.key_file:
+        return Path(config.dkim.key_file)
+    return config.state_dir / "dkim" / f"{config.dkim.selector}.pem"
+
+
 def load_key(config) -> DkimKey:
     """The key at `key_path`, made there now if it does not exist yet."""
     selector, domain = config.dkim.selector, config.domain
     path = key_path(config)
     if not path.exists():
         write_key(path, generate_private_pem())
-        log.warning("made a DKIM key in %s; publish this TXT record at %s._domainkey.%s: %s",
-                    path, selector, domain, dns_record(path.read_bytes()))
+        log.warning("made a DKIM key in %s; publish this TXT record: %s", path,
+                    zone_record(record_name(selector, domain), dns_record(path.read_bytes()), one_line=True))
     return DkimKey(selector, domain, path.read_bytes())
 
 

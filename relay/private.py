@@ -75,10 +75,13 @@ def exposed(paths) -> list[tuple[Path, int]]:
     found = []
     for path in paths:
         try:
-            mode = stat.S_IMODE(os.stat(path).st_mode)
-        except FileNotFoundError:
+            status = os.stat(path)
+        except OSError:  # missing or unreadable: the file checks say so
             continue
-        if mode & 0o077:
+        mode = stat.S_IMODE(status.st_mode)
+        # Only files: a folder where a file belongs is a configuration
+        # error (relay/preflight.py names it), not a secret to chmod.
+        if stat.S_ISREG(status.st_mode) and mode & 0o077:
             found.append((Path(path), mode))
     return found
 

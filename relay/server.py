@@ -22,16 +22,17 @@ from pathlib import Path
 
 from aiosmtpd.smtp import SMTP
 
-from relay import __version__, archive, bounces, dkim, tls
+from relay import __version__, archive, bounces, dkim, preflight, tls
 from relay import dns as relay_dns
 from relay.auth import Throttle
 from relay.config import Config, Endpoint
 from relay.forward import MaildirUpstream, WatchedUpstream, make_upstream
 from relay.handler import RelayHandler, utc_clock
+from relay.lock import DatabaseLock
 from relay.protocol import ConnectionLimiter, InboundSMTP, RelaySMTP
 from relay.metrics import Metrics, MetricsServer
 from relay.store import iso, open_store
-from relay.store.url import redact
+from relay.store.url import is_postgres, redact
 from relay.workers import WorkerPool
 
 log = logging.getLogger("relay.server")
@@ -58,6 +59,8 @@ class RelayServer:
         self.upstream = None
         self._purger: asyncio.Task | None = None
         self.workers: WorkerPool | None = None
+        self._lock: DatabaseLock | None = None
+        self._tls_context = None
         # One count of open connections for all listeners; postfix in front
         # and PROXY load balancers carry everyone's mail, so no per-IP limit.
         self.limiter = ConnectionLimiter(config.limits,
@@ -69,9 +72,16 @@ class RelayServer:
         return self.handlers[0] if self.handlers else None
 
     async def start(self) -> None:
+        """Check every configured file (preflight.FileProblems), take the
+        database's serve lock (lock.Locked), then open the store and the
+        workers, load the keys and the TLS context, and only then listen."""
         config = self.config
-        self.store = await open_store(config.database)
+        for warning in await asyncio.to_thread(preflight.require, config):
+            log.warning("%s", warning)
+        if not is_postgres(config.database):
+            self._lock = DatabaseLock(config.database).acquire(exclusive=False)
         try:
+            self.store = await open_store(config.database)
             applied = await self.store.upgrade()
             if applied:
                 log.info("database %s migrated to version %s", redact(config.database), applied[-1])
@@ -95,6 +105,8 @@ class RelayServer:
             await self.workers.start()
             self.dkim_key = await asyncio.to_thread(dkim.load_key, config)
             self.bounce_secret = await asyncio.to_thread(bounces.load_secret, config)
+            # Made (a self-signed pair) and loaded before any listener opens.
+            self._tls_context = await asyncio.to_thread(self._submission_context)
             inbound = RelayHandler(config, self.store, upstream, clock=self.clock, metrics=self.metrics,
                                    dkim_key=self.dkim_key, bounce_secret=self.bounce_secret,
                                    resolver=self.resolver, workers=self.workers)
@@ -133,15 +145,21 @@ class RelayServer:
                 log.exception("retention purge failed; trying again in a day")
             await asyncio.sleep(PURGE_INTERVAL)
 
-    async def _start_submission(self, upstream) -> None:
+    def _submission_context(self):
         sub = self.config.submission
         if sub.listen is None and sub.listen_tls is None:
-            return
+            return None
         cert, key = sub.tls_cert, sub.tls_key
         if not cert:
             cert, key = tls.self_signed_pair(Path(self.config.database).parent / "tls",
                                              self.config.greeting_hostname)
-        context = tls.server_context(cert, key)
+        return tls.server_context(cert, key)
+
+    async def _start_submission(self, upstream) -> None:
+        sub = self.config.submission
+        context = self._tls_context
+        if context is None:
+            return
         throttle = Throttle(sub.failure_delay, sub.max_failure_delay, sub.max_failures, sub.failure_window)
         handler = RelayHandler(self.config, self.store, upstream, protocol="ESMTPSA", submission=True,
                                throttle=throttle, clock=self.clock, metrics=self.metrics,
@@ -246,6 +264,9 @@ class RelayServer:
         if self.store is not None:
             await self.store.close()
             self.store = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
 
 async def serve(config: Config) -> None:

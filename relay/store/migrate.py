@@ -27,9 +27,10 @@ class CopyResult:
     source_head: str | None = None  # the source's last archive row_sha256
 
 
-async def copy_store(source: SqliteStore, target: PostgresStore) -> CopyResult:
+async def copy_store(source: SqliteStore, target: PostgresStore, progress=None) -> CopyResult:
     """Copy every row of `source` into `target` (both migrated to the latest
-    schema first); StoreError if the target holds anything."""
+    schema first); StoreError if the target holds anything. `progress`, if
+    given, is called with (table, rows of it copied so far) after each batch."""
     await source.upgrade()
     await target.upgrade()
     version, target_version = await source.schema_version(), await target.schema_version()
@@ -50,5 +51,7 @@ async def copy_store(source: SqliteStore, target: PostgresStore) -> CopyResult:
             async for rows in source.table_rows(table, columns):
                 await loader.copy(table, columns, rows)
                 result.counts[table] += len(rows)
+                if progress is not None:
+                    progress(table, result.counts[table])
         result.source_head = await source.archive_head()
     return result

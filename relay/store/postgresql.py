@@ -727,7 +727,7 @@ class PostgresStore:
                  "buyer": row[4]} for row in rows]
 
     async def purge(self, before_iso: str, dry_run: bool = False, *, batch: int = 500,
-                    now: str | None = None) -> PurgeCounts:
+                    now: str | None = None, progress=None) -> PurgeCounts:
         """Turn archive rows received before `before_iso` into tombstones, as
         SqliteStore.purge() does (its docstring has the rules). Each batch's
         transaction holds the purge lock, so the daily purges of several
@@ -746,6 +746,8 @@ class PostgresStore:
                 (before_iso, *cursor_key), "a.received_at, a.id", batch)
             if not rows:
                 break
+            if progress is not None:  # `relay purge` on a terminal: rows looked at in this batch
+                progress(len(rows))
             cursor_key = (rows[-1]["received_at"], rows[-1]["id"])
             found = await asyncio.to_thread(purge_check, rows)
             good = [(row_id, auto, size) for row_id, auto, size, problem in found if problem is None]

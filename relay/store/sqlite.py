@@ -760,7 +760,7 @@ class SqliteStore:
                  "buyer": row[4]} for row in rows]
 
     async def purge(self, before_iso: str, dry_run: bool = False, *, batch: int = 500,
-                    now: str | None = None) -> PurgeCounts:
+                    now: str | None = None, progress=None) -> PurgeCounts:
         """Turn archive rows received before `before_iso` into tombstones.
 
         A tombstone keeps id, received_at, relationship, direction, verdict,
@@ -789,6 +789,8 @@ class SqliteStore:
                 (before_iso, *cursor_key), "a.received_at, a.id", batch)
             if not rows:
                 break
+            if progress is not None:  # `relay purge` on a terminal: rows looked at in this batch
+                progress(len(rows))
             cursor_key = (rows[-1]["received_at"], rows[-1]["id"])
             checked = await asyncio.to_thread(_purge_check, rows)
             good = [(row_id, auto, size) for row_id, auto, size, problem in checked if problem is None]

@@ -234,24 +234,6 @@ def test_sigterm_finishes_the_message_in_flight(workdir):
         slow.stop()
 
 
-def test_dkim_keygen_writes_a_key_and_prints_the_record(workdir):
-    import dkim as dkimpy
-
-    result = relay_cmd(workdir, "dkim", "keygen", "--out", "keys/relay.pem")
-    assert result.returncode == 0, result.stderr
-    first, record = result.stdout.splitlines()
-    assert "relay._domainkey.marketplace.example" in first
-    assert record.startswith("v=DKIM1; k=rsa; p=")
-    key = workdir / "keys" / "relay.pem"
-    assert oct(key.stat().st_mode & 0o777) == "0o600"
-    assert oct(key.parent.stat().st_mode & 0o777) == "0o700"  # a folder keygen made
-    data = b"From: a@marketplace.example\r\nSubject: x\r\n\r\nbody\r\n"
-    signed = dkimpy.sign(data, b"relay", b"marketplace.example", key.read_bytes()) + data
-    assert dkimpy.verify(signed, dnsfunc=lambda name, timeout=5: record.encode())
-    again = relay_cmd(workdir, "dkim", "keygen", "--out", "keys/relay.pem")
-    assert (again.returncode, again.stderr) == (2, "relay: keys/relay.pem exists; give --force to replace it\n")
-
-
 def mode(path: Path) -> str:
     return oct(path.stat().st_mode & 0o777)
 
