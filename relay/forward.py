@@ -71,6 +71,10 @@ def reply_for_upstream(code: int, message: str = "") -> Reply:
         enhanced = message.split(" ", 1)[0] if message else ""
         if code in (550, 551, 553) or enhanced.startswith("5.1."):
             return replies.UPSTREAM_NO_MAILBOX
+        # 552 is "exceeded storage allocation" (RFC 5321): the message is too
+        # big (5.3.4, 5.2.3, or no enhanced code), unless the mailbox is full (5.2.2).
+        if enhanced in ("5.3.4", "5.2.3") or (code == 552 and enhanced != "5.2.2"):
+            return replies.UPSTREAM_TOO_BIG
         return replies.UPSTREAM_REJECTED
     # A reply outside 4xx/5xx where a refusal was expected: the upstream is
     # confused, so keep the message and let the client retry.

@@ -15,11 +15,17 @@ Two modes (docs/postfix.md):
   smtpd service (FILTER_README style) for hosts that send everything they
   receive through a filter.
 
+The generated settings also keep postfix within the relay's own limits:
+``message_size_limit`` above the relay's SIZE (postfix's default is below
+the base64 of a 10 MB attachment), and a cached connection to the relay
+closed before it reaches ``[limits] command_call_limit`` or
+``session_timeout``.
+
 Everything here is pure (config in, text out) except `aliases_from_db`
 (read-only SQLite), `write_atomically` and `run`/`main`.
 
-`relay postfix-config` is `add_arguments` and `run` wired into cli.py;
-`python -m relay.postfix` runs the same.
+`relay postfix-config` is `add_arguments` and `run` wired into cli.py
+(`python -m relay.postfix` runs the same).
 """
 
 from __future__ import annotations
@@ -125,7 +131,64 @@ def warnings_for(config: Config) -> list[str]:
                      f"XFORWARD, and SPF and the archive will see {source} instead of the real client")
     if config.auth.inbound == "off":
         found.append("auth.inbound = \"off\": the relay checks no SPF/DKIM/DMARC; set \"dmarc\" for real mail")
+    limit = message_size_limit(config)
+    if limit > POSTFIX_MAILBOX_SIZE_LIMIT:
+        found.append(f"message_size_limit = {limit} is over postfix's default mailbox_size_limit "
+                     f"({POSTFIX_MAILBOX_SIZE_LIMIT}): raise mailbox_size_limit too if this host delivers locally")
     return found
+
+
+# Postfix's smtp client sends XFORWARD twice per delivery (NAME/ADDR/PORT,
+# then PROTO/HELO/IDENT/SOURCE: two states in smtp_proto.c), and each other
+# command at most once (MAIL, RCPT with a recipient limit of 1, DATA, RSET
+# before the session goes back to the cache). The relay counts each command
+# per session (`[limits] command_call_limit`), so this is what one delivery
+# takes of it.
+COMMANDS_PER_DELIVERY = 2
+# Postfix's default; local(8) refuses to run when it is below message_size_limit.
+POSTFIX_MAILBOX_SIZE_LIMIT = 51200000
+# Postfix's own default for smtp_connection_reuse_time_limit.
+REUSE_SECONDS = 300
+# What the relay's output may add to what it took in: trace headers, the
+# DKIM signature, and the re-encoding of the text parts that SIZE leaves room
+# for (two of `[policy] max_text_part_bytes`; quoted-printable of a part with
+# over-long lines can double it), plus a megabyte for postfix's own Received:
+# line and queue-file envelope, which message_size_limit counts too.
+HEADER_HEADROOM = 1048576
+
+
+def message_size_limit(config: Config) -> int:
+    """postfix's message_size_limit for the relay: SIZE plus room for what the
+    relay adds. One main.cf value serves both directions, the public smtpd
+    (which must take whatever the relay would take, plus its own Received:
+    line) and the reinjection listener (which must take the relay's output),
+    so both are above the relay's own SIZE: a message over it is refused by
+    the relay (552 5.3.4, a bounce from postfix) rather than by postfix's
+    smaller default (10240000), which is below the base64 of a 10 MB
+    attachment."""
+    return config.size_limit + 2 * config.policy.max_text_part_bytes + HEADER_HEADROOM
+
+
+@dataclass(frozen=True)
+class Reuse:
+    """How postfix may reuse one connection to the relay."""
+
+    count_limit: int  # smtp_connection_reuse_count_limit; 0: no caching at all
+    time_limit: int  # smtp_connection_reuse_time_limit, seconds
+
+
+def connection_reuse(config: Config) -> Reuse:
+    """Keep a cached connection under the relay's per-session limits: at most
+    count_limit + 1 deliveries of COMMANDS_PER_DELIVERY each, one delivery
+    spare, within `[limits] command_call_limit`; and reused only in the first
+    half of `[limits] session_timeout`, so the last delivery has the other
+    half. (Over either, the relay says 421 mid-queue and postfix defers.)"""
+    limits = config.limits
+    count = limits.command_call_limit // COMMANDS_PER_DELIVERY - 2
+    seconds = min(REUSE_SECONDS, int(limits.session_timeout // 2))
+    if count < 1 or seconds < 1:
+        return Reuse(0, 0)
+    return Reuse(count, seconds)
 
 
 def _header(config: Config, mode: str, what: str) -> str:
@@ -150,6 +213,10 @@ def render_main_cf(config: Config, mode: str = "transport", map_dir: str = DEFAU
         f"transport_maps = hash:{d}/{TRANSPORT_MAP}",
         "# The relay takes one relationship per transaction (452 4.5.3 for the others).",
         f"{TRANSPORT_NAME}_destination_recipient_limit = 1",
+        f"# The relay's SIZE is {config.size_limit} (a {config.policy.max_attachment_bytes}-byte attachment "
+        "base64-encoded,",
+        "# two text parts, headers); postfix must take that and what the relay adds to it.",
+        f"message_size_limit = {message_size_limit(config)}",
         "",
     ])
 
@@ -167,15 +234,34 @@ def render_master_cf(config: Config, mode: str = "transport", smtpd_service: str
             f"{smtpd_service} inet n - n - - smtpd",
             f"  -o content_filter={TRANSPORT_NAME}:{ep.relay_nexthop}",
         ]
+    reuse = connection_reuse(config)
+    if reuse.count_limit:
+        # Postfix caches connections when there is a backlog; each delivery
+        # counts against the relay's per-session limits.
+        cache_note = [
+            f"# A cached connection closes before the relay's [limits] command_call_limit "
+            f"({config.limits.command_call_limit}) or",
+            "# session_timeout would end it with 421.",
+        ]
+        cache_options = [f"  -o smtp_connection_reuse_count_limit={reuse.count_limit}",
+                         f"  -o smtp_connection_reuse_time_limit={reuse.time_limit}s"]
+    else:
+        cache_note = ["# [limits] command_call_limit or session_timeout leave no room for a second",
+                      "# delivery on one connection: no connection caching."]
+        cache_options = ["  -o smtp_connection_cache_on_demand=no", "  -o smtp_connection_cache_destinations="]
     lines += [
         "# Delivery to the relay: XFORWARD tells it the real client (SPF, archive);",
         "# its 4xx keep the message queued, its 5xx bounce it.",
+        *cache_note,
         f"{TRANSPORT_NAME} unix - - n - - smtp",
         f"  -o syslog_name=postfix/{TRANSPORT_NAME}",
         "  -o smtp_send_xforward_command=yes",
         "  -o disable_mime_output_conversion=yes",
         "  -o smtp_tls_security_level=none",
         "  -o smtp_generic_maps=",
+        *cache_options,
+    ]
+    lines += [
         "# Reinjection: the relay's upstream. Loopback only, no content filter (no loop).",
         f"{ep.reinject_service} inet n - n - - smtpd",
         "  -o syslog_name=postfix/relay-reinject",
@@ -276,13 +362,21 @@ def write_atomically(path: str | os.PathLike, text: str, mode: int = 0o644) -> N
         os.close(dir_fd)
 
 
-def postmap(path: str | os.PathLike, postmap_command: str = "postmap", config_dir: str | None = None) -> None:
+def postmap(path: str | os.PathLike, postmap_command: str = "postmap",
+            config_dir: str | os.PathLike | None = None) -> None:
     """Build the hash table of `path` (`path.db`), with postfix's config in
-    `config_dir` (default: postfix's own, /etc/postfix)."""
+    `config_dir`; without it postmap itself looks at $MAIL_CONFIG (inherited),
+    else postfix's default (/etc/postfix)."""
     command = [postmap_command] + (["-c", str(config_dir)] if config_dir else []) + [f"hash:{path}"]
-    result = subprocess.run(command, capture_output=True, text=True)
+    try:
+        result = subprocess.run(command, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise PostfixRuntimeError(f"--postmap: {postmap_command} not found (is postfix installed?)") from None
     if result.returncode != 0:
-        raise PostfixRuntimeError(f"postmap hash:{path} failed: {result.stderr.strip() or result.returncode}")
+        # postmap's own text says which main.cf it could not read; say how to pick another.
+        hint = "" if config_dir else " (another postfix config folder: --postfix-config-dir DIR or MAIL_CONFIG)"
+        raise PostfixRuntimeError(
+            f"postmap hash:{path} failed: {result.stderr.strip() or result.returncode}{hint}")
 
 
 # --- the command ----------------------------------------------------------
@@ -301,6 +395,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="only the alias table from the database (for a timer or a provisioning hook)")
     parser.add_argument("--postmap", action="store_true",
                         help="with --out: run postmap on the hash tables written")
+    parser.add_argument("--postfix-config-dir", metavar="DIR",
+                        help="with --postmap: postfix's config folder for postmap (`postmap -c DIR`); "
+                             "default: $MAIL_CONFIG, as for postfix's own commands, else /etc/postfix")
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
@@ -320,6 +417,8 @@ def _run(args, config: Config) -> int:
     out = Path(args.out) if args.out else None
     if args.postmap and out is None:
         raise PostfixConfigError("--postmap needs --out DIR")
+    if args.postfix_config_dir and not args.postmap:
+        raise PostfixConfigError("--postfix-config-dir is for --postmap")
     map_dir = args.map_dir or (str(out.resolve()) if out else DEFAULT_MAP_DIR)
     if args.recipients_only:
         files = {}
@@ -343,7 +442,7 @@ def _run(args, config: Config) -> int:
     if args.postmap:
         for name in (TRANSPORT_MAP, RECIPIENT_MAP):
             if name in files:
-                postmap(out / name)
+                postmap(out / name, config_dir=args.postfix_config_dir)
     print(f"wrote {', '.join(sorted(files))} to {out}", file=sys.stderr)
     return 0
 
@@ -354,7 +453,7 @@ def _check_mode(mode: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Standalone until cli.py wires it: `python -m relay.postfix [--config PATH] …`."""
+    """`python -m relay.postfix [--config PATH] …`, the same as `relay postfix-config`."""
     from relay import config as config_module
 
     parser = argparse.ArgumentParser(prog="relay postfix-config", description=HELP)

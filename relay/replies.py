@@ -136,3 +136,6 @@ UPSTREAM_NO_MAILBOX = Reply(550, "5.1.1", "Recipient mailbox unavailable")
 MX_DNS_TEMPORARY = Reply(451, "4.4.3", "Cannot find the recipient's mail server now, try again later")
 MX_NO_MAIL = Reply(550, "5.1.2", "The recipient's domain does not accept mail")
 UPSTREAM_REJECTED = Reply(554, "5.0.0", "Upstream mail server rejected the message")
+# The upstream's size limit is below ours (behind postfix: message_size_limit
+# smaller than what `relay postfix-config` writes): the sender learns why.
+UPSTREAM_TOO_BIG = Reply(552, "5.3.4", "Message too large for the upstream")

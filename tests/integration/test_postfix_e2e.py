@@ -14,10 +14,13 @@ be found these tests are skipped, saying so.
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import json
 import os
 import pwd
+import random
+import re
 import shutil
 import smtplib
 import socket
@@ -25,12 +28,14 @@ import subprocess
 import tempfile
 import time
 from dataclasses import replace
+from email import message_from_bytes, policy
+from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
 
 from relay import postfix
-from relay.config import Endpoint
+from relay.config import Endpoint, LimitsConfig
 from support import RecordingUpstream, RunningRelay, make_config, message
 
 SBIN = ("/usr/sbin", "/usr/bin", "/sbin")
@@ -43,9 +48,11 @@ def _find(name: str) -> str | None:
 POSTFIX = _find("postfix")
 POSTQUEUE = _find("postqueue")
 POSTMAP = _find("postmap")
+POSTCONF = _find("postconf")
+POSTSUPER = _find("postsuper")
 
 def _why_not() -> str | None:
-    if not (POSTFIX and POSTQUEUE and POSTMAP):
+    if not (POSTFIX and POSTQUEUE and POSTMAP and POSTCONF and POSTSUPER):
         return ("postfix is not installed (postfix, postqueue, postmap not found in PATH or /usr/sbin); "
                 "`apt-get install postfix` (.ci/run does) to run the postfix end-to-end tests")
     try:
@@ -94,21 +101,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_until(predicate, timeout: float, what: str):
+def wait_until(predicate, timeout: float, what: str, instance=None):
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+            context = f"\n--- queue ---\n{instance.queue()}\n--- maillog ---\n{instance.log()}" if instance else ""
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}{context}")
         time.sleep(0.05)
 
 
 class PostfixInstance:
     """A private postfix: `postfix -c <root>/etc`, queue in <root>/spool."""
 
-    def __init__(self, root: Path, sink_port: int, template_config, mode: str):
+    def __init__(self, root: Path, sink_port: int, template_config, mode: str, extra_main_cf=()):
         self.root = root
         self.etc = root / "etc"
         self.maps = root / "maps"
@@ -151,10 +159,16 @@ class PostfixInstance:
             # it faster than that (scripts/postfix/relay-postfix-recipients
             # runs `postfix reload` for the same reason).
             "max_use = 1",
-            "queue_run_delay = 1s",
-            "minimal_backoff_time = 1s",
-            "maximal_backoff_time = 2s",
+            # Postfix's own retry times (300 s and up): a deferred message
+            # stays in the deferred queue until a test says `postqueue -f`.
+            # Never seconds: qmgr would take it back into the active queue
+            # every second, and when the delivery agent that deferred it
+            # still holds the queue file's lock (a busy machine), qmgr logs
+            # "skipped, still being delivered" and parks the file in the
+            # incoming queue for 60 s (qmgr_active.c), where a test waiting
+            # for "deferred" cannot see it.
             "smtp_connect_timeout = 5s",
+            *extra_main_cf,
             "",
         ]) + generated[postfix.MAIN_CF]
         master_cf = BASE_MASTER_CF
@@ -203,26 +217,41 @@ class PostfixInstance:
     def flush(self) -> None:
         self.command(POSTQUEUE, "-c", str(self.etc), "-f")
 
+    def setting(self, name: str) -> str:
+        return self.command(POSTCONF, "-c", str(self.etc), "-h", name).stdout.strip()
+
+    def delete_queue(self) -> None:
+        for item in self.queue():
+            self.command(POSTSUPER, "-c", str(self.etc), "-d", item["queue_id"], check=False)
+
+    def deliveries_to_relay(self) -> list[str]:
+        """The maillog's status lines of the aliasrelay transport."""
+        log = (self.root / "maillog").read_text(errors="replace")
+        return [line for line in log.splitlines() if f"/{postfix.TRANSPORT_NAME}/" in line and " status=" in line]
+
     def log(self) -> str:
         path = self.root / "maillog"
         return path.read_text(errors="replace")[-6000:] if path.exists() else "(no maillog)"
 
     def send(self, sender: str, recipients: list[str], data: bytes) -> None:
-        with smtplib.SMTP("127.0.0.1", self.public_port, source_address=(CLIENT_IP, 0), timeout=30) as client:
+        with smtplib.SMTP("127.0.0.1", self.public_port, source_address=(CLIENT_IP, 0), timeout=60) as client:
             client.ehlo("client.mail.example")
             client.sendmail(sender, recipients, data)
 
 
-@pytest.fixture(scope="module", params=["transport", "filter"])
-def mta(request):
-    """(postfix, sink, relay template config) — one postfix per mode for the module."""
+@contextlib.contextmanager
+def private_postfix(mode: str, limits: LimitsConfig | None = None, extra_main_cf=()):
+    """(postfix, sink, relay template config): a private postfix configured
+    from the template, which `behind`-style relays then run with."""
     sink = RecordingUpstream().start()
     relay_port, reinject_port = free_port(), free_port()
     root = Path(tempfile.mkdtemp(prefix="relay-postfix-e2e-"))
     root.chmod(0o755)  # postfix's daemons run as `postfix` and must reach the queue
     template = make_config(root, f"smtp://127.0.0.1:{reinject_port}")
     template = replace(template, inbound=replace(template.inbound, listen=Endpoint("127.0.0.1", relay_port)))
-    instance = PostfixInstance(root, sink.port, template, request.param)
+    if limits is not None:
+        template = replace(template, limits=limits)
+    instance = PostfixInstance(root, sink.port, template, mode, extra_main_cf)
     try:
         instance.start()
         yield instance, sink, template
@@ -230,6 +259,13 @@ def mta(request):
         instance.stop()
         sink.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module", params=["transport", "filter"])
+def mta(request):
+    """(postfix, sink, relay template config) — one postfix per mode for the module."""
+    with private_postfix(request.param) as started:
+        yield started
 
 
 @pytest.fixture
@@ -252,8 +288,7 @@ def behind(mta, tmp_path):
     for relay in running:
         relay.stop()
     # Leave an empty queue for the next test (nothing may still be in flight).
-    for item in instance.queue():
-        instance.command(_find("postsuper"), "-c", str(instance.etc), "-d", item["queue_id"], check=False)
+    instance.delete_queue()
 
 
 def provision(instance, relay):
@@ -289,7 +324,7 @@ def test_relay_down_message_waits_in_the_queue(mta, behind):
 
     instance.send(pair.buyer, [pair.seller_alias], message(pair.buyer, pair.seller_alias))
     [queued] = wait_until(lambda: [q for q in instance.queue() if q["queue_name"] == "deferred"], 20,
-                          "the message to be deferred")
+                          "the message to be deferred", instance)
     [recipient] = queued["recipients"]
     assert recipient["address"] == pair.seller_alias
     assert "refused" in recipient["delay_reason"].lower()
@@ -333,3 +368,116 @@ def test_relay_refusal_becomes_a_bounce(mta, behind):
     assert dsn.mail_from in ("", "<>") and dsn.rcpt_tos == [stranger]
     assert b"5.7.1" in dsn.data and pair.seller.encode() not in dsn.data
     wait_until(lambda: instance.queue() == [], 20, "the queue to empty")
+
+
+# --- the generated limits, for real ---------------------------------------------
+
+def pdf_of(size: int) -> bytes:
+    """A PDF of exactly `size` bytes, as the relay's content check reads one
+    (header, a catalog object, random body, trailer; tests/cases/attachments.tsv)."""
+    head = b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<< /Type /Catalog /Pages 2 0 R >>\nendobj\n"
+    tail = b"\n%%EOF\n"
+    return head + random.Random(20261207).randbytes(size - len(head) - len(tail)) + tail
+
+
+def ehlo_size(port: int) -> int:
+    """The SIZE a server on 127.0.0.1:`port` advertises."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        client.ehlo("client.mail.example")
+        return int(client.esmtp_features["size"])
+
+
+def test_large_allowed_attachment_through_postfix(mta, behind):
+    """A 9.5 MB PDF, under the relay's attachment limit: postfix's
+    message_size_limit from `relay postfix-config` lets it in (postfix's
+    default, 10240000, is below its base64) and lets the relay's output back
+    in for the reinjection."""
+    instance, sink, template = mta
+    relay = behind()
+    relay_size = ehlo_size(relay.port)
+    assert relay_size == template.size_limit
+    # What postfix runs with is the generated value, and above the relay's SIZE.
+    assert instance.setting("message_size_limit") == str(postfix.message_size_limit(template))
+    assert int(instance.setting("message_size_limit")) >= relay_size
+    assert ehlo_size(instance.public_port) >= relay_size
+
+    pair = provision(instance, relay)
+    pdf = pdf_of(9_500_000)
+    assert len(pdf) < template.policy.max_attachment_bytes
+    msg = EmailMessage(policy=policy.SMTP)
+    msg["From"] = pair.buyer
+    msg["To"] = pair.seller_alias
+    msg["Subject"] = "the scanned contract"
+    msg["Message-ID"] = "<contract@client.example>"
+    msg.set_content("The contract, signed.\n")
+    msg.add_attachment(pdf, maintype="application", subtype="pdf", filename="contract.pdf")
+    raw = msg.as_bytes()
+    assert len(raw) > 10240000  # over postfix's own default
+    earlier = len(instance.deliveries_to_relay())  # the maillog is the module's
+
+    with smtplib.SMTP("127.0.0.1", instance.public_port, source_address=(CLIENT_IP, 0), timeout=120) as client:
+        client.ehlo("client.mail.example")
+        assert client.mail(pair.buyer, [f"SIZE={len(raw)}"])[0] == 250
+        assert client.rcpt(pair.seller_alias)[0] == 250
+        code, text = client.data(raw)
+    assert code == 250 and text.startswith(b"2.0.0 Ok: queued")
+
+    [got] = sink.wait_for(1, timeout=120)
+    assert got.rcpt_tos == [pair.seller]
+    out = message_from_bytes(got.data, policy=policy.default)
+    [attachment] = list(out.iter_attachments())
+    assert attachment.get_filename() == "contract.pdf"
+    assert attachment.get_content() == pdf
+    assert pair.buyer.encode() not in got.data
+    # The relay's reply to postfix's aliasrelay delivery, and its archive.
+    [status] = instance.deliveries_to_relay()[earlier:]
+    assert f"to=<{pair.seller_alias}>" in status
+    assert " status=sent (250 2.0.0 " in status
+    [row] = relay.archive_rows()
+    assert row["verdict"] == "delivered"
+    wait_until(lambda: instance.queue() == [], 20, "the queue to empty", instance)
+
+
+def test_connection_reuse_stays_under_the_command_limit(tmp_path):
+    """After the relay was down, postfix has a backlog for it and delivers
+    it over cached connections. With `[limits] command_call_limit = 40` the
+    relay would say 421 at the 21st delivery on one connection (two XFORWARD
+    each); the generated smtp_connection_reuse_count_limit closes each
+    connection after 19. One delivery at a time, so a connection does carry
+    as many as it may."""
+    limits = replace(LimitsConfig(), command_call_limit=40)
+    extra = [f"{postfix.TRANSPORT_NAME}_destination_concurrency_limit = 1"]
+    with private_postfix("transport", limits, extra) as (instance, sink, template):
+        reuse = postfix.connection_reuse(template)
+        assert reuse.count_limit == 18
+        count = 2 * (reuse.count_limit + 1) + 3  # more than two connections take
+        config = replace(template, database=str(tmp_path / "relay.sqlite3"))
+        relay = RunningRelay(config)
+        try:
+            pair = provision(instance, relay)
+            relay.stop()
+            for n in range(count):
+                instance.send(pair.buyer, [pair.seller_alias],
+                              message(pair.buyer, pair.seller_alias, subject=f"message {n}",
+                                      message_id=f"<backlog{n}@client.example>"))
+            wait_until(lambda: len([q for q in instance.queue() if q["queue_name"] == "deferred"]) == count,
+                       60, f"{count} messages to be deferred", instance)
+
+            relay = RunningRelay(config)  # same database, same port
+            instance.flush()
+            got = sink.wait_for(count, timeout=120)
+            wait_until(lambda: instance.queue() == [], 60, "the queue to empty", instance)
+            subjects = sorted(message_from_bytes(m.data)["Subject"] for m in got)
+            assert subjects == sorted(f"message {n}" for n in range(count))  # each once
+            rows = relay.archive_rows()
+            assert len(rows) == count and {row["verdict"] for row in rows} == {"delivered"}
+
+            log = (instance.root / "maillog").read_text(errors="replace")
+            assert not re.search(r"\b421\b", log), log[-6000:]
+            sent = [line for line in instance.deliveries_to_relay() if " status=sent " in line]
+            assert len(sent) == count
+            # Postfix logs conn_use=N for the Nth delivery on a reused connection.
+            uses = [int(m[1]) for line in sent if (m := re.search(r"\bconn_use=(\d+)", line))]
+            assert max(uses) == reuse.count_limit + 1, "\n".join(sent)
+        finally:
+            relay.stop()

@@ -24,9 +24,12 @@ def data_reply(relay, pair, raw=None):
     ("451 4.3.0 mailbox busy", 451, b"4.3.0", "deferred"),
     ("421 4.7.0 try later", 451, b"4.3.0", "deferred"),
     ("552 5.2.2 mailbox full for seller@shop.example", 554, b"5.0.0", "failed"),
+    # postfix's message_size_limit: the sender hears that the message is too big.
+    ("552 5.3.4 Message size exceeds fixed limit", 552, b"5.3.4", "failed"),
+    ("552 message too big for seller@shop.example", 552, b"5.3.4", "failed"),
     ("554 5.7.1 rejected as spam", 554, b"5.0.0", "failed"),
     ("550 5.1.1 no such user seller@shop.example", 550, b"5.1.1", "failed"),
-], ids=["451", "421", "552", "554", "550"])
+], ids=["451", "421", "552-mailbox-full", "552-too-big", "552-no-enhanced-code", "554", "550"])
 def test_upstream_refusal_at_data(relay, upstream, upstream_line, code, enhanced, verdict):
     pair = relay.pair()
     upstream.fail_with(upstream_line)

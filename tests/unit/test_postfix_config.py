@@ -57,6 +57,7 @@ def test_transport_mode_main_cf():
                                 "regexp:/etc/postfix/relay/relay_bounces.regexp",
         "transport_maps": "hash:/etc/postfix/relay/transport",
         "aliasrelay_destination_recipient_limit": "1",
+        "message_size_limit": "24834694",
     }
 
 
@@ -72,6 +73,53 @@ def test_transport_mode_master_cf():
     assert "-o smtpd_recipient_restrictions=permit_mynetworks,reject" in reinject
     # "relay" is postfix's stock transport; we never redefine it.
     assert "relay" not in found
+
+
+@pytest.mark.parametrize("policy, size_limit, postfix_limit", [
+    # The default: SIZE is the base64 of a 10 MiB attachment (13.6 MiB),
+    # two text parts of 2 MiB and 1 MiB of headers; postfix adds room for
+    # the relay's re-encoding and its own Received: line.
+    ({}, 19591814, 24834694),
+    ({"max_attachment_bytes": 20971520}, 33940748, 39183628),
+    ({"max_text_part_bytes": 1048576}, 17494662, 20640390),
+])
+def test_message_size_limit_is_above_the_relay_size(policy, size_limit, postfix_limit):
+    config = make(policy=policy)
+    assert config.size_limit == size_limit
+    assert postfix.message_size_limit(config) == postfix_limit
+    # Postfix's default (10240000) is below the base64 of a 9.5 MB attachment alone.
+    assert postfix_limit > config.size_limit > 10240000
+    assert settings(postfix.render_main_cf(config))["message_size_limit"] == str(postfix_limit)
+
+
+def test_an_explicit_relay_size_is_followed():
+    config = make(inbound={"max_message_bytes": 5000000})
+    assert postfix.message_size_limit(config) == 5000000 + 2 * 2097152 + 1048576
+
+
+def reuse_options(config) -> dict[str, str]:
+    options = services(postfix.render_master_cf(config))["aliasrelay"][1:]
+    return dict(o.removeprefix("-o ").split("=", 1) for o in options if "connection_" in o)
+
+
+@pytest.mark.parametrize("limits, options", [
+    # 498 reuses = 499 deliveries = 998 XFORWARD commands, under 1000.
+    ({}, {"smtp_connection_reuse_count_limit": "498", "smtp_connection_reuse_time_limit": "300s"}),
+    ({"command_call_limit": 10, "session_timeout": 120},
+     {"smtp_connection_reuse_count_limit": "3", "smtp_connection_reuse_time_limit": "60s"}),
+    ({"command_call_limit": 5},
+     {"smtp_connection_cache_on_demand": "no", "smtp_connection_cache_destinations": ""}),
+    ({"session_timeout": 1},
+     {"smtp_connection_cache_on_demand": "no", "smtp_connection_cache_destinations": ""}),
+])
+def test_connection_reuse_stays_under_the_relay_session_limits(limits, options):
+    config = make(limits=limits)
+    assert reuse_options(config) == options
+    reuse = postfix.connection_reuse(config)
+    if reuse.count_limit:
+        deliveries = reuse.count_limit + 1
+        assert deliveries * postfix.COMMANDS_PER_DELIVERY < config.limits.command_call_limit
+        assert reuse.time_limit <= config.limits.session_timeout / 2
 
 
 def test_filter_mode_adds_the_content_filter_to_the_public_smtpd():
@@ -129,6 +177,8 @@ def test_warnings():
     assert postfix.warnings_for(make(auth={"inbound": "dmarc"})) == []
     [warning] = postfix.warnings_for(make(inbound={"xforward_hosts": []}, auth={"inbound": "dmarc"}))
     assert "xforward_hosts does not list 127.0.0.1" in warning
+    [warning] = postfix.warnings_for(make(auth={"inbound": "dmarc"}, policy={"max_attachment_bytes": 52428800}))
+    assert "mailbox_size_limit" in warning
 
 
 def test_bounce_map_matches_the_relay_return_paths_only():
@@ -239,6 +289,8 @@ def test_command_errors(tmp_path, capsys):
     assert status == 1 and "no such file" in err
     status, out, err = run(make(), ["--postmap"], capsys)
     assert status == 2 and "--postmap needs --out" in err
+    status, out, err = run(make(), ["--out", str(tmp_path), "--postfix-config-dir", str(tmp_path)], capsys)
+    assert status == 2 and "--postfix-config-dir is for --postmap" in err
 
 
 ROOT = Path(__file__).resolve().parents[2]
