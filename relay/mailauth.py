@@ -37,6 +37,7 @@ import dns.resolver
 from publicsuffixlist import PublicSuffixList
 
 from relay import dns as relay_dns
+from relay.idn import to_ascii
 from relay.replies import Reply
 
 with warnings.catch_warnings():
@@ -473,12 +474,11 @@ _TOKEN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 def _clean_domain(domain: str) -> str:
     """A domain fit for lookups, replies and headers (A-labels, lower-case,
     no trailing dot), or "" for text that is not a domain name."""
-    domain = domain.strip().rstrip(".")
-    try:
-        domain = domain.encode("idna").decode("ascii").lower()
-    except UnicodeError:
-        return ""
-    return domain if _DOMAIN_RE.match(domain) else ""
+    # IDNA 2008 (relay/idn.py), as the sender's own resolver reads the
+    # name: IDNA 2003 would ask for the records of another domain
+    # ("faß.example" → fass.example), one its owner may not be.
+    domain = to_ascii(domain.strip())
+    return domain if domain is not None and _DOMAIN_RE.match(domain) else ""
 
 
 # --- Authentication-Results -----------------------------------------------------------

@@ -42,12 +42,12 @@ from email.message import EmailMessage
 from email.utils import getaddresses
 from importlib import resources
 
-import idna
 import phonenumbers
 from linkify_it import LinkifyIt
 
 from relay import addresses
 from relay.config import PolicyConfig
+from relay.idn import to_ascii
 from relay.pipeline.message import content_type, read_text, text_parts, write_text
 
 LINK_REMOVED = "[link removed]"
@@ -214,26 +214,11 @@ def browser_host(host: str) -> str | None:
     hyphens allowed (UTS #46 with CheckHyphens off); an "xn--" label must
     decode. A host that cannot be mapped is None, which `host_allowed`
     reads as off the marketplace: removed, never kept."""
-    host = urllib.parse.unquote(host)
-    try:
-        host = idna.uts46_remap(host, std3_rules=False, transitional=False)
-    except (idna.IDNAError, UnicodeError, ValueError):
+    host = to_ascii(urllib.parse.unquote(host))
+    if host is None:
         return None
-    if host.endswith("."):
-        host = host[:-1]  # the root: "classifieds.example." is classifieds.example
     labels = []
-    for label in host.split("."):
-        if label.isascii() and not label.startswith("xn--"):
-            ascii_label = label
-        else:
-            try:
-                if label.startswith("xn--"):
-                    idna.ulabel(label)  # checks that it decodes to a valid label
-                    ascii_label = label
-                else:
-                    ascii_label = idna.alabel(label).decode("ascii")
-            except (idna.IDNAError, UnicodeError, ValueError):
-                return None
+    for ascii_label in host.split("."):
         # A %-escape or a full-width form can put a delimiter into the host:
         # "evil.test%2f.marketplace.example" decodes to "evil.test/.marketplace
         # .example", which ends in an allowed domain but is read as evil.test by

@@ -11,6 +11,7 @@ import concurrent.futures
 import dataclasses
 
 import dkim
+import idna
 import pytest
 
 from dnsserver import ZONES, DNSServer
@@ -170,6 +171,14 @@ CASES = [
          signers=(("strict.example", "a", KEY_A),)),
     Case("strict-alignment-spf", ("pass", "none", "pass", "reject"), None, None,
          mail_from="bea@strict.example", author="bea@strict.example"),
+    # The From domain as IDNA 2008 reads it: faß.example is xn--fa-hia.example,
+    # never the look-alike fass.example (IDNA 2003), whose own SPF and DKIM
+    # pass here and would align.
+    Case("idna2008-from-domain-is-not-its-idna2003-look-alike", ("pass", "pass", "fail", "reject"),
+         REFUSED_DMARC, REFUSED_DMARC, ip=BAD_IP, mail_from="bea@fass.example", author="bea@faß.example",
+         signers=(("fass.example", "a", KEY_A),)),
+    Case("idna2008-from-domain-aligned-pass", ("pass", "none", "pass", "reject"), None, None,
+         mail_from="bea@faß.example", author="bea@faß.example"),
     Case("subdomain-policy-sp-none", ("none", "none", "fail", "none"), None, REFUSED_DMARC,
          mail_from="bea@news.subpolicy.example", author="bea@news.subpolicy.example"),
 ]
@@ -190,8 +199,8 @@ def test_authenticate_and_decide(case, server, resolver):
 
     assert verdict.header.startswith(f"{AUTHSERV_ID}; spf={verdict.spf}")
     assert "bea" not in verdict.header and "bounce" not in verdict.header  # domains only, never an address
-    if case.author:
-        assert verdict.from_domain == case.author.partition("@")[2]
+    if case.author:  # in A-labels: faß.example is xn--fa-hia.example
+        assert verdict.from_domain == idna.encode(case.author.partition("@")[2], uts46=True).decode()
 
 
 def test_every_case_name_is_unique():
@@ -259,6 +268,9 @@ def test_verdict_details(resolver):
     ("Bea", ""),
     ("", ""),
     ("Bea <bea@bücher.example>", "xn--bcher-kva.example"),
+    ("Bea <bea@faß.example>", "xn--fa-hia.example"),  # IDNA 2008: not fass.example
+    ("Bea <bea@ＦＡß．example>", "xn--fa-hia.example"),  # full-width letters and dot, folded
+    ("Bea <bea@a\u200db.example>", ""),  # a joiner between Latin letters: no valid name
     ("Bea <bea@[127.0.0.1]>", ""),  # an address literal is no domain
 ])
 def test_header_from_domain(from_header, from_domain):
