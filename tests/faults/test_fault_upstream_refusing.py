@@ -51,12 +51,13 @@ PERMANENT = [
     ("mail", "553 5.1.8 sender domain unknown", 550, "5.1.1"),
     ("rcpt", "550 5.1.1 <seller@shop.example>: no such user", 550, "5.1.1"),
     ("data", "554 5.5.1 no valid recipients", 554, "5.0.0"),
-    ("eom", "552 5.3.4 message too big for seller@shop.example", 554, "5.0.0"),
+    ("eom", "552 5.3.4 message too big for seller@shop.example", 552, "5.3.4"),  # "too large", not 5.0.0
+    ("eom", "552 5.2.2 mailbox full: seller@shop.example", 554, "5.0.0"),
 ]
 
 
 @pytest.mark.parametrize("stage, line, code, enhanced", PERMANENT,
-                         ids=[f"{s}-{line[:3]}" for s, line, _, _ in PERMANENT])
+                         ids=[f"{s}-{line[:9].replace(' ', '-')}" for s, line, _, _ in PERMANENT])
 def test_permanent_refusal_is_5xx_and_nothing_is_delivered(start_relay, scripted, stage, line, code, enhanced):
     relay = start_relay(scripted.url())
     pair = relay.pair()
