@@ -4,9 +4,10 @@ This package is the only code that speaks SQL. `open_store()` picks the
 backend from the config's `database`: a file path is SQLite through
 aiosqlite (sqlite.py, the embedded default, one node), a ``postgresql://``
 URL is PostgreSQL through asyncpg (postgresql.py, for several relay nodes
-on one database). Both implement the same methods with the same meaning and
-run the same numbered migrations (migrations/<engine>/NNNN_*.sql). Every
-method is a coroutine.
+on one database). Every query is written once, in queries.py, for both;
+the two engine modules hold only what is their own (connections, locks,
+error codes, migrate-to). Both run the same numbered migrations, written
+once in schema.py. Every method is a coroutine.
 
 What a failure is, is decided here once for both engines, by whether the
 same call would fail again:
