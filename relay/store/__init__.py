@@ -4,9 +4,10 @@ This package is the only code that speaks SQL. `open_store()` picks the
 backend from the config's `database`: a file path is SQLite through
 aiosqlite (sqlite.py, the embedded default, one node), a ``postgresql://``
 URL is PostgreSQL through asyncpg (postgresql.py, for several relay nodes
-on one database). Both implement the same methods with the same meaning and
-run the same numbered migrations (migrations/<engine>/NNNN_*.sql). Every
-method is a coroutine.
+on one database). Every query is written once, in queries.py, for both;
+the two engine modules hold only what is their own (connections, locks,
+error codes, migrate-to). Both run the same numbered migrations, written
+once in schema.py. Every method is a coroutine.
 
 What a failure is, is decided here once for both engines, by whether the
 same call would fail again:
@@ -23,15 +24,16 @@ same call would fail again:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import threading
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 
 import zstandard
 
-GENESIS_HASH = "0" * 64
+# The chain's hashing and the timestamp text live with the dispute tools
+# (relay/archive/), which import nothing of the store; named here too for
+# the store's callers.
+from relay.archive.chain import GENESIS_HASH, chain_hash, sha256_hex  # noqa: F401
+from relay.archive.times import iso, utc_now  # noqa: F401
 
 
 class StoreError(Exception):
@@ -138,31 +140,6 @@ class RelationshipStats:
     buyer_to_seller: int
     seller_to_buyer: int
     last_message_at: str | None = None
-
-
-def sha256_hex(data: bytes | None) -> str | None:
-    return None if data is None else hashlib.sha256(data).hexdigest()
-
-
-def chain_hash(metadata: dict, raw_sha256: str, delivered_sha256: str | None, prev_sha256: str) -> str:
-    """The row hash of the archive chain: metadata, body hashes, previous row."""
-    canonical = json.dumps(
-        {"meta": metadata, "raw": raw_sha256, "delivered": delivered_sha256, "prev": prev_sha256},
-        sort_keys=True,
-        separators=(",", ":"),
-        ensure_ascii=True,
-    )
-    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
-
-
-def iso(moment: datetime) -> str:
-    """The one timestamp format of the store: UTC, microseconds, 'Z'. Stored
-    as text, so that comparing strings compares times."""
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def utc_now() -> str:
-    return iso(datetime.now(timezone.utc))
 
 
 # --- archive bodies on disk ----------------------------------------------------

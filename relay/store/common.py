@@ -1,5 +1,6 @@
-"""What both store backends share besides the interface in relay/store/__init__.py:
-the numbered migrations, the relationship query and its row, the spelling
+"""What both store backends share besides the interface in relay/store/__init__.py
+and the queries in queries.py: how a driver's failure is raised (each
+engine's `classify` decides what it is), the relationship query and its row, the spelling
 of message ids and other message-borne text in the database, and the pure
 work on archive rows (hashing and compressing before a write; decoding and
 checking after a read), which runs on a worker thread, never in SQL.
@@ -15,14 +16,16 @@ metadata: readable, escaped).
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import replace
-from importlib import resources
 
 from relay import archive as archive_logic
 from relay.store import (
     ArchiveEntry,
     BodyDecodeError,
+    StoreDataError,
+    StoreUnavailable,
     MessageIdRow,
     Party,
     Relationship,
@@ -31,19 +34,29 @@ from relay.store import (
     sha256_hex,
 )
 
-ENGINES = ("sqlite", "postgresql")
+from relay.store import schema
+from relay.store.schema import ENGINES  # noqa: F401
 
 
 def migrations(engine: str) -> list[tuple[int, str]]:
-    """The numbered migrations of `engine`, from relay/store/migrations/<engine>/.
-    Both engines have the same numbers, each meaning the same schema change."""
-    assert engine in ENGINES
-    found = []
-    for entry in resources.files("relay.store").joinpath("migrations", engine).iterdir():
-        name = entry.name
-        if name.endswith(".sql") and name[:4].isdigit():
-            found.append((int(name[:4]), entry.read_text(encoding="utf-8")))
-    return sorted(found)
+    """The numbered migrations of `engine` (relay/store/schema.py)."""
+    return schema.migrations(engine)
+
+
+@contextlib.contextmanager
+def store_errors(classify):
+    """Raise what a driver's failure is, as `classify(exc)` says (an
+    engine's own function): StoreUnavailable or StoreDataError with the
+    driver's text, or, for None, the exception as it is."""
+    try:
+        yield
+    except Exception as exc:
+        kind = classify(exc)
+        if kind is None:
+            raise
+        if kind is StoreDataError:
+            raise StoreDataError(f"database refused a value: {type(exc).__name__}: {exc}") from exc
+        raise StoreUnavailable(f"database error: {type(exc).__name__}: {exc}") from exc
 
 
 RELATIONSHIP_SELECT = """

@@ -1,61 +1,43 @@
 """The SQLite backend of the store (aiosqlite: the database work runs on
-aiosqlite's thread, never on the event loop).
+aiosqlite's thread, never on the event loop): what is SQLite's own. Every
+query is in queries.py, shared with PostgreSQL; this module opens the file,
+says how a transaction and its locks are taken, and reads a store out for
+`relay db migrate-to`.
 
 One connection per process in WAL mode with ``synchronous=FULL``: a committed
 archive row survives a power cut. aiosqlite serialises statements but not
 transactions, so every write transaction holds `_write_lock`; otherwise two
 messages' statements could interleave inside one BEGIN…COMMIT and the
-archive chain would fork.
+archive chain would fork. A write transaction starts with ``BEGIN
+IMMEDIATE``, which takes SQLite's one write lock for the file at once (other
+processes wait up to the busy timeout): it is the chain lock, the purge
+lock, the upgrade lock and every seller's lock of queries.py at the same
+time, so `Transaction.lock()` takes nothing more.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import functools
 import os
 import sqlite3
 from pathlib import Path
 
 import aiosqlite
 
-from relay import addresses, private
-from relay import archive as archive_logic
-from relay.store import (
-    BODY_ENCODING,
-    GENESIS_HASH,
-    ArchiveEntry,
-    Conflict,
-    MessageIdRow,
-    NotFound,
-    Party,
-    PurgeCounts,
-    Relationship,
-    RelationshipStats,
-    StoreDataError,
-    StoreUnavailable,
-    chain_hash,
-    utc_now,
-)
-from relay.store import common
-from relay.store.common import RELATIONSHIP_SELECT as _RELATIONSHIP_SELECT
-from relay.store.common import checked as _checked
-from relay.store.common import decoded as _decoded
+from relay import private
+from relay.store import StoreDataError, StoreUnavailable, common
 from relay.store.common import prepare_bodies as _prepare_bodies  # noqa: F401 - scripts/bench_profile.py
-from relay.store.common import purge_check as _purge_check
-from relay.store.common import relationship_from_row as _relationship
+from relay.store.queries import ALIASES, BATCH_BYTES, SqlStore
 
 # How long a statement waits for another process's lock (the CLI beside a
 # running server) before the store reports itself unavailable.
 BUSY_TIMEOUT_MS = 5000
-# Upper bound on ids looked up per message: References can be hostile.
-MAX_LOOKUP_IDS = 100
-# Stored body bytes read at once by verify, export and purge.
-BATCH_BYTES = 32 * 1024 * 1024
 
 
 def migrations() -> list[tuple[int, str]]:
-    """The numbered migrations shipped in relay/store/migrations/sqlite/."""
+    """The numbered migrations as SQLite runs them (relay/store/schema.py)."""
     return common.migrations("sqlite")
 
 
@@ -93,17 +75,7 @@ def classify(exc: BaseException) -> type[Exception] | None:
     return None
 
 
-@contextlib.contextmanager
-def _unavailable_on_db_error():
-    try:
-        yield
-    except Exception as exc:
-        kind = classify(exc)
-        if kind is None:
-            raise
-        if kind is StoreDataError:
-            raise StoreDataError(f"database refused a value: {type(exc).__name__}: {exc}") from exc
-        raise StoreUnavailable(f"database error: {exc}") from exc
+_errors = functools.partial(common.store_errors, classify)
 
 
 def _file_identity(path: str) -> tuple[int, int] | None:
@@ -114,16 +86,57 @@ def _file_identity(path: str) -> tuple[int, int] | None:
     return status.st_dev, status.st_ino
 
 
-class SqliteStore:
+class Transaction:
+    """A BEGIN IMMEDIATE … COMMIT of the connection (queries.py's seam)."""
+
+    def __init__(self, db: aiosqlite.Connection):
+        self._db = db
+
+    async def fetchall(self, sql: str, params=()) -> list:
+        with _errors():
+            return await self._db.execute_fetchall(sql, params)
+
+    async def fetchone(self, sql: str, params=()):
+        rows = await self.fetchall(sql, params)
+        return rows[0] if rows else None
+
+    async def execute(self, sql: str, params=()) -> int:
+        with _errors():
+            return (await self._db.execute(sql, params)).rowcount
+
+    async def executemany(self, sql: str, rows) -> None:
+        with _errors():
+            await self._db.executemany(sql, rows)
+
+    async def insert(self, sql: str, params) -> int | None:
+        """The new row's id; None when ON CONFLICT DO NOTHING inserted none."""
+        with _errors():
+            cursor = await self._db.execute(sql, params)
+        return cursor.lastrowid if cursor.rowcount == 1 else None
+
+    async def script(self, sql: str) -> None:
+        # executescript() would COMMIT our transaction; run the statements
+        # one by one so a migration applies whole or not at all.
+        for statement in _statements(sql):
+            await self.execute(statement)
+
+    async def lock(self, name: str, key: int = 0) -> None:
+        """Held already: BEGIN IMMEDIATE took the file's write lock."""
+
+
+class SqliteStore(SqlStore):
+    ENGINE = "sqlite"
+
     def __init__(self, db: aiosqlite.Connection, path: str):
         self._db = db
         self.path = path
         self._write_lock = asyncio.Lock()
         self._file = _file_identity(path)  # for ping(): is the path still this file?
+        self._archive_columns: list[str] | None = None
 
     @classmethod
     async def open(cls, path: str) -> "SqliteStore":
-        with _unavailable_on_db_error():
+        with _errors():
             # 0600 before SQLite opens it: it gives -wal and -shm this mode.
             private.create_empty(Path(path))
             db = await aiosqlite.connect(path, isolation_level=None)
@@ -143,15 +156,15 @@ class SqliteStore:
     @contextlib.asynccontextmanager
     async def _transaction(self):
         async with self._write_lock:
-            with _unavailable_on_db_error():
+            with _errors():
                 await self._db.execute("BEGIN IMMEDIATE")
             try:
-                yield self._db
+                yield Transaction(self._db)
             except BaseException:
                 with contextlib.suppress(sqlite3.Error, ValueError):
                     await self._db.execute("ROLLBACK")
                 raise
-            with _unavailable_on_db_error():
+            with _errors():
                 await self._db.execute("COMMIT")
 
     # Reads run the statement and fetch its rows in one step on aiosqlite's
@@ -162,40 +175,75 @@ class SqliteStore:
     # write lock (SQLite declines to wait while the connection itself holds
     # a read lock).
 
+    async def _fetchall(self, sql: str, params=()) -> list:
+        with _errors():
+            return list(await self._db.execute_fetchall(sql, params))
+
     async def _fetchone(self, sql: str, params=()):
         rows = await self._fetchall(sql, params)
         return rows[0] if rows else None
 
-    async def _fetchall(self, sql: str, params=()):
-        with _unavailable_on_db_error():
-            return list(await self._db.execute_fetchall(sql, params))
+    async def _execute(self, sql: str, params=()) -> int:
+        """One statement in a write transaction of its own; its row count."""
+        async with self._transaction() as tx:
+            return await tx.execute(sql, params)
 
-    # --- schema -----------------------------------------------------------
+    @staticmethod
+    def _among(column: str, values: list, sql_type: str) -> tuple[str, list]:
+        return f"{column} IN ({','.join('?' * len(values))})", list(values)
+
+    @staticmethod
+    def _unindexed(expression: str) -> str:
+        return "+" + expression  # SQLite's way to keep an index from driving the plan
+
+    @staticmethod
+    def _unique_violation(exc: BaseException, table: str | None = None, column: str | None = None) -> bool:
+        text = str(exc)
+        if not isinstance(exc, sqlite3.IntegrityError) or not text.startswith("UNIQUE constraint failed: "):
+            return False
+        names = text.split(": ", 1)[1].split(", ")  # "orders.order_ref" or "parties.role, parties.address"
+        return table is None or any(name == f"{table}.{column}" if column else name.startswith(f"{table}.")
+                                    for name in names)
 
     async def upgrade(self) -> list[int]:
-        """Apply the migrations not yet applied; return their numbers."""
-        applied = []
-        async with self._transaction() as db:
-            with _unavailable_on_db_error():
-                await db.execute(
-                    "CREATE TABLE IF NOT EXISTS schema_migrations ("
-                    " version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
-                )
-                async with db.execute("SELECT version FROM schema_migrations") as cursor:
-                    done = {row[0] for row in await cursor.fetchall()}
-                for version, sql in migrations():
-                    if version in done:
-                        continue
-                    # executescript() would COMMIT our transaction; run the
-                    # statements one by one so a migration applies whole or not at all.
-                    for statement in _statements(sql):
-                        await db.execute(statement)
-                    await db.execute(
-                        "INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)",
-                        (version, utc_now()),
-                    )
-                    applied.append(version)
+        applied = await super().upgrade()
+        self._archive_columns = None  # the migrations may have added some
         return applied
+
+    async def _archive_dicts(self, rows: list) -> list[dict]:
+        # Rows are plain tuples (sqlite3.Row would cost every query); the
+        # archive's column names are read once. A migration only ever adds
+        # columns at the end, after the names known here, and the extras come
+        # first, so a name list older than the file still pairs up.
+        if self._archive_columns is None:
+            columns = [row[1] for row in await self._fetchall("PRAGMA table_info(archive)")]
+            self._archive_columns = ["inline_raw_size", "body_raw", "body_delivered", *columns]
+        names = self._archive_columns
+        return [dict(zip(names, row)) for row in rows]
+
+    async def _has_table(self, name: str) -> bool:
+        row = await self._fetchone("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,))
+        return row is not None
+
+    # --- health ---------------------------------------------------------------
+
+    async def ping(self) -> None:
+        """Raise StoreUnavailable unless the database answers a query and its
+        path still names the file the relay has open. An open file keeps
+        answering after it was removed, moved or replaced, but SQLite
+        refuses to write to it (and a restart would open another): every
+        message would get 451 while a query alone looks healthy."""
+        await super().ping()
+        if self._file is not None and _file_identity(self.path) != self._file:
+            raise StoreUnavailable(f"{self.path} is no longer the database file the relay has open "
+                                   "(removed, moved or replaced)")
+
+    async def database_bytes(self) -> int:
+        """The database's size on disk: the file and its write-ahead log."""
+        return sum(os.path.getsize(self.path + suffix) for suffix in ("", "-wal")
+                   if os.path.exists(self.path + suffix))
+
+    # --- the source of relay db migrate-to ------------------------------------
 
     async def tables(self) -> list[str]:
         """The database's own tables (SQLite's internal ones left out)."""
@@ -213,7 +261,7 @@ class SqliteStore:
         see the database as of one commit, whatever a running relay writes
         meanwhile (for `relay db migrate-to`)."""
         async with self._write_lock:
-            with _unavailable_on_db_error():
+            with _errors():
                 await self._db.execute("BEGIN")
             try:
                 yield self
@@ -242,724 +290,6 @@ class SqliteStore:
                 f"SELECT {names} FROM {table} WHERE rowid > ? AND rowid <= ? ORDER BY rowid", (after, last))
             after = last
 
-    async def schema_version(self) -> int:
-        row = await self._fetchone(
-            "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'"
-        )
-        if row is None:
-            return 0
-        row = await self._fetchone("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
-        return row[0]
-
-    # --- parties, orders, relationships -----------------------------------
-
-    async def add_party(self, role: str, address: str, display_name: str) -> Party:
-        address = addresses.normalize(address)
-        try:
-            async with self._transaction() as db:
-                with _unavailable_on_db_error():
-                    cursor = await db.execute(
-                        "INSERT INTO parties (role, address, display_name, created_at)"
-                        " VALUES (?, ?, ?, ?)",
-                        (role, address, display_name, utc_now()),
-                    )
-        except sqlite3.IntegrityError:
-            raise Conflict(f"{role} {address} is already registered") from None
-        return Party(cursor.lastrowid, role, address, display_name)
-
-    async def get_party(self, role: str, address: str) -> Party | None:
-        row = await self._fetchone(
-            "SELECT id, address, display_name, opted_out, daily_orders FROM parties"
-            " WHERE role = ? AND address = ?",
-            (role, addresses.normalize(address)),
-        )
-        return None if row is None else Party(row[0], role, row[1], row[2], bool(row[3]), row[4])
-
-    async def _update_party(self, role: str, address: str, column: str, value) -> Party:
-        assert column in ("password_hash", "daily_orders", "opted_out")  # never from input
-        async with self._transaction() as db:
-            with _unavailable_on_db_error():
-                cursor = await db.execute(
-                    f"UPDATE parties SET {column} = ? WHERE role = ? AND address = ?",
-                    (value, role, addresses.normalize(address)))
-        if cursor.rowcount == 0:
-            raise NotFound(f"no {role} {addresses.normalize(address)}; add it with `relay {role} add`")
-        party = await self.get_party(role, address)
-        assert party is not None
-        return party
-
-    async def set_password_hash(self, seller: str, password_hash: str) -> Party:
-        return await self._update_party("seller", seller, "password_hash", password_hash)
-
-    async def password_hash(self, seller: str) -> tuple[Party, str] | None:
-        """The seller and its stored hash, or None if unknown or without one."""
-        row = await self._fetchone(
-            "SELECT id, address, display_name, opted_out, daily_orders, password_hash FROM parties"
-            " WHERE role = 'seller' AND address = ?", (addresses.normalize(seller),))
-        if row is None or not row[5]:
-            return None
-        return Party(row[0], "seller", row[1], row[2], bool(row[3]), row[4]), row[5]
-
-    async def set_daily_orders(self, seller: str, daily_orders: int | None) -> Party:
-        return await self._update_party("seller", seller, "daily_orders", daily_orders)
-
-    async def set_opted_out(self, buyer: str, opted_out: bool) -> Party:
-        return await self._update_party("buyer", buyer, "opted_out", int(opted_out))
-
-    # --- the sending rules ------------------------------------------------------
-
-    async def seller_sends_since(self, seller_id: int, since: str) -> tuple[int, str | None]:
-        """(messages the seller sent since `since`, the oldest of them)."""
-        row = await self._fetchone(
-            "SELECT COUNT(*), MIN(sent_at) FROM seller_sends WHERE seller_id = ? AND sent_at >= ?",
-            (seller_id, since))
-        return row[0], row[1]
-
-    async def reserve_send(self, seller_id: int, at: str, window_start: str,
-                           cap: int) -> tuple[int | None, int, str | None]:
-        """Take a place under the seller's daily cap for a message about to
-        be forwarded: count the seller's seller_sends rows since
-        `window_start` (reservations included) and, if fewer than `cap`,
-        insert a reservation (archive_id NULL, sent_at `at`). Returns
-        (reservation id or None when the cap is reached, the count, the
-        oldest sent_at in the window).
-
-        The count and the insert are one BEGIN IMMEDIATE transaction: SQLite
-        takes its write lock at BEGIN, so every other transaction of this
-        process (`_write_lock`) and of any other process on the file waits,
-        and no two senders can both see room for one more message."""
-        async with self._transaction() as db:
-            with _unavailable_on_db_error():
-                async with db.execute(
-                        "SELECT COUNT(*), MIN(sent_at) FROM seller_sends WHERE seller_id = ? AND sent_at >= ?",
-                        (seller_id, window_start)) as cursor:
-                    count, oldest = await cursor.fetchone()
-                if count >= cap:
-                    return None, count, oldest
-                cursor = await db.execute(
-                    "INSERT INTO seller_sends (seller_id, archive_id, sent_at) VALUES (?, NULL, ?)",
-                    (seller_id, at))
-                return cursor.lastrowid, count, oldest
-
-    async def release_send(self, reservation_id: int) -> None:
-        """Give back a place taken by `reserve_send()` for a message that
-        was not archived (record() itself settles the others)."""
-        async with self._transaction() as db:
-            with _unavailable_on_db_error():
-                await db.execute("DELETE FROM seller_sends WHERE id = ? AND archive_id IS NULL", (reservation_id,))
-
-    async def prune_seller_sends(self, before: str) -> int:
-        """Forget cap bookkeeping older than `before` (the cap only ever looks
-        back one window; the archive keeps the messages themselves)."""
-        async with self._transaction() as db:
-            with _unavailable_on_db_error():
-                cursor = await db.execute("DELETE FROM seller_sends WHERE sent_at < ?", (before,))
-        return cursor.rowcount
-
-    async def seller_orders_since(self, seller_id: int, since: str) -> int:
-        row = await self._fetchone(
-            "SELECT COUNT(*) FROM orders o JOIN relationships r ON r.id = o.relationship_id"
-            " WHERE r.seller_id = ? AND o.placed_at >= ?", (seller_id, since))
-        return row[0]
-
-    async def latest_order_at(self, relationship_id: int) -> str | None:
-        row = await self._fetchone(
-            "SELECT MAX(placed_at) FROM orders WHERE relationship_id = ?", (relationship_id,))
-        return row[0]
-
-    async def seller_relationships(self, seller: str) -> list[Relationship]:
-        rows = await self._fetchall(_RELATIONSHIP_SELECT + " WHERE s.address = ? ORDER BY r.id",
-                                    (addresses.normalize(seller),))
-        return [_relationship(row) for row in rows]
-
-    async def add_order(
-        self, order_ref: str, seller: str, buyer: str, placed_at: str, domain: str
-    ) -> tuple[Relationship, bool]:
-        """Record an order; create the pair's relationship on its first order.
-
-        Returns the relationship and whether it was created now. A known
-        order reference is a Conflict and changes nothing.
-        """
-        seller_party = await self.get_party("seller", seller)
-        if seller_party is None:
-            raise NotFound(f"no seller {addresses.normalize(seller)}; add it with `relay seller add`")
-        buyer_party = await self.get_party("buyer", buyer)
-        if buyer_party is None:
-            raise NotFound(f"no buyer {addresses.normalize(buyer)}; add it with `relay buyer add`")
-        created = False
-        async with self._transaction() as db:
-            with _unavailable_on_db_error():
-                async with db.execute(
-                    "SELECT 1 FROM orders WHERE order_ref = ?", (order_ref,)
-                ) as cursor:
-                    if await cursor.fetchone() is not None:
-                        raise Conflict(f"order {order_ref} is already recorded")
-                async with db.execute(
-                    "SELECT id FROM relationships WHERE seller_id = ? AND buyer_id = ?",
-                    (seller_party.id, buyer_party.id),
-                ) as cursor:
-                    row = await cursor.fetchone()
-                if row is None:
-                    cursor = await db.execute(
-                        "INSERT INTO relationships"
-                        " (seller_id, buyer_id, seller_alias, buyer_alias, created_at)"
-                        " VALUES (?, ?, ?, ?, ?)",
-                        (
-                            seller_party.id,
-                            buyer_party.id,
-                            f"{addresses.new_alias_token()}@{domain}",
-                            f"{addresses.new_alias_token()}@{domain}",
-                            utc_now(),
-                        ),
-                    )
-                    relationship_id = cursor.lastrowid
-                    created = True
-                else:
-                    relationship_id = row[0]
-                await db.execute(
-                    "INSERT INTO orders (order_ref, relationship_id, placed_at, created_at)"
-                    " VALUES (?, ?, ?, ?)",
-                    (order_ref, relationship_id, placed_at, utc_now()),
-                )
-        relationship = await self.relationship_by_id(relationship_id)
-        assert relationship is not None
-        return relationship, created
-
-    async def relationship_by_id(self, relationship_id: int) -> Relationship | None:
-        row = await self._fetchone(_RELATIONSHIP_SELECT + " WHERE r.id = ?", (relationship_id,))
-        return None if row is None else _relationship(row)
-
-    async def relationship_by_alias(self, alias: str) -> Relationship | None:
-        alias = addresses.normalize(alias)
-        row = await self._fetchone(
-            _RELATIONSHIP_SELECT + " WHERE r.seller_alias = ? OR r.buyer_alias = ?",
-            (alias, alias),
-        )
-        return None if row is None else _relationship(row)
-
-    async def relationship_for_pair(self, seller: str, buyer: str) -> Relationship | None:
-        row = await self._fetchone(
-            _RELATIONSHIP_SELECT + " WHERE s.address = ? AND b.address = ?",
-            (addresses.normalize(seller), addresses.normalize(buyer)),
-        )
-        return None if row is None else _relationship(row)
-
-    async def relationship_stats(self, relationship_id: int) -> RelationshipStats:
-        orders = await self._fetchone(
-            "SELECT COUNT(*) FROM orders WHERE relationship_id = ?", (relationship_id,)
-        )
-        rows = await self._fetchall(
-            "SELECT direction, COUNT(*), MAX(received_at) FROM archive"
-            " WHERE relationship_id = ? AND verdict = 'delivered' GROUP BY direction",
-            (relationship_id,),
-        )
-        counts = {direction: count for direction, count, _ in rows}
-        last = max((latest for _, _, latest in rows), default=None)
-        return RelationshipStats(
-            orders=orders[0],
-            buyer_to_seller=counts.get("buyer_to_seller", 0),
-            seller_to_buyer=counts.get("seller_to_buyer", 0),
-            last_message_at=last,
-        )
-
-    # --- threading ----------------------------------------------------------
-
-    async def message_id_rows(self, relationship_id: int, ids: list[str]) -> list[MessageIdRow]:
-        """Map entries of this relationship whose relay or original id is in `ids`
-        (ids as the email package spells them; common.stored_id)."""
-        ids = list(dict.fromkeys(common.stored_id(i) for i in ids))[-MAX_LOOKUP_IDS:]
-        if not ids:
-            return []
-        marks = ",".join("?" * len(ids))
-        rows = await self._fetchall(
-            "SELECT sender_id, original_id, relay_id FROM message_ids"
-            f" WHERE relationship_id = ? AND (relay_id IN ({marks}) OR original_id IN ({marks}))",
-            (relationship_id, *ids, *ids),
-        )
-        return [common.message_id_row(*row) for row in rows]
-
-    # --- archive ------------------------------------------------------------
-
-    async def record(self, entry: ArchiveEntry) -> int:
-        """Append `entry` to the archive (and its Message-ID map row, and the
-        daily-cap row of a delivered seller message, settling
-        `entry.send_reservation`) in one transaction; return the archive id
-        once committed."""
-        # Message-borne text (8-bit bytes as surrogates) in the spelling both
-        # engines store, before the row is hashed: the chain covers what is stored.
-        entry = common.storable_entry(entry)
-        metadata = entry.metadata()
-        # Hashing and compressing a 10 MB message takes a while: off the loop,
-        # and before the write lock is taken.
-        raw_sha, delivered_sha, raw_blob, delivered_blob, auto_reply = await asyncio.to_thread(
-            _prepare_bodies, entry.raw, entry.delivered)
-        async with self._transaction() as db:
-            with _unavailable_on_db_error():
-                async with db.execute(
-                    "SELECT row_sha256 FROM archive ORDER BY id DESC LIMIT 1"
-                ) as cursor:
-                    row = await cursor.fetchone()
-                prev = row[0] if row else GENESIS_HASH
-                cursor = await db.execute(
-                    "INSERT INTO archive (received_at, relationship_id, direction,"
-                    " client_address, mail_from, rcpt_to, verdict, reply, changes,"
-                    " raw, delivered, raw_sha256, delivered_sha256, prev_sha256, row_sha256,"
-                    " body_encoding, raw_size, delivered_size, auto_reply)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        entry.received_at,
-                        entry.relationship_id,
-                        entry.direction,
-                        entry.client_address,
-                        entry.mail_from,
-                        json.dumps(list(entry.rcpt_to)),
-                        entry.verdict,
-                        entry.reply,
-                        json.dumps(list(entry.changes)),
-                        b"",  # the bodies live in archive_bodies
-                        None,
-                        raw_sha,
-                        delivered_sha,
-                        prev,
-                        chain_hash(metadata, raw_sha, delivered_sha, prev),
-                        BODY_ENCODING,
-                        len(entry.raw),
-                        None if entry.delivered is None else len(entry.delivered),
-                        int(auto_reply),
-                    ),
-                )
-                archive_id = cursor.lastrowid
-                await db.execute(
-                    "INSERT INTO archive_bodies (archive_id, raw, delivered) VALUES (?, ?, ?)",
-                    (archive_id, raw_blob, delivered_blob))
-                delivered = entry.verdict == "delivered"
-                counted = False
-                if entry.send_reservation is not None:
-                    if delivered:  # the reserved place becomes this message's row
-                        cursor = await db.execute(
-                            "UPDATE seller_sends SET archive_id = ?, sent_at = ? WHERE id = ? AND archive_id IS NULL",
-                            (archive_id, entry.received_at, entry.send_reservation))
-                        counted = cursor.rowcount == 1
-                    else:  # not sent: the place is free again
-                        await db.execute("DELETE FROM seller_sends WHERE id = ? AND archive_id IS NULL",
-                                         (entry.send_reservation,))
-                if delivered and not counted and entry.direction == "seller_to_buyer" and entry.sender_id:
-                    await db.execute(
-                        "INSERT INTO seller_sends (seller_id, archive_id, sent_at) VALUES (?, ?, ?)",
-                        (entry.sender_id, archive_id, entry.received_at))
-                if entry.relay_message_id and entry.verdict == "delivered":
-                    await db.execute(
-                        "INSERT INTO message_ids (relationship_id, sender_id, original_id,"
-                        " relay_id, archive_id, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                        (
-                            entry.relationship_id,
-                            entry.sender_id,
-                            entry.original_message_id,
-                            entry.relay_message_id,
-                            archive_id,
-                            entry.received_at,
-                        ),
-                    )
-        return archive_id
-
-    async def archive_row(self, archive_id: int) -> dict | None:
-        """One archive row as a dict (for tests and the dispute tools): the
-        archive table's columns with `raw` and `delivered` uncompressed
-        (None for a purged row), `rcpt_to`/`changes` as lists, and
-        `decode_error` set when the stored bodies cannot be read."""
-        rows = await self._archive_rows(" WHERE a.id = ?", (archive_id,))
-        if not rows:
-            return None
-        [row] = await asyncio.to_thread(lambda: [_decoded(r) for r in rows])
-        return row
-
-    async def archive_ids(self) -> list[int]:
-        return [row[0] for row in await self._fetchall("SELECT id FROM archive ORDER BY id")]
-
-    # --- dispute tools (relay archive …, relay purge, relay report) -----------
-
-    async def _archive_rows(self, where: str, params=()) -> list[dict]:
-        """Archive rows joined with their bodies, still encoded."""
-        names = [row[1] for row in await self._fetchall("PRAGMA table_info(archive)")]
-        names += ["inline_raw_size", "body_raw", "body_delivered"]
-        rows = await self._fetchall(
-            "SELECT a.*, length(a.raw) AS inline_raw_size, b.raw AS body_raw,"
-            " b.delivered AS body_delivered"
-            " FROM archive a LEFT JOIN archive_bodies b ON b.archive_id = a.id" + where, params)
-        return [dict(zip(names, row)) for row in rows]
-
-    async def _archive_batch(self, where: str, params, order: str, limit: int) -> list[dict]:
-        """Up to `limit` rows matching `where`, in `order`, but no more than
-        BATCH_BYTES of stored bodies (at least one row): a batch of ten-megabyte
-        photos must not fill the memory. Sizes come from length(), which
-        SQLite answers without reading the blobs."""
-        sizes = await self._fetchall(
-            "SELECT a.id, length(a.raw) + COALESCE(length(a.delivered), 0)"
-            " + COALESCE(length(b.raw), 0) + COALESCE(length(b.delivered), 0)"
-            f" FROM archive a LEFT JOIN archive_bodies b ON b.archive_id = a.id{where} ORDER BY {order} LIMIT ?",
-            (*params, limit))
-        ids, total = [], 0
-        for archive_id, size in sizes:
-            if ids and total + size > BATCH_BYTES:
-                break
-            ids.append(archive_id)
-            total += size
-        if not ids:
-            return []
-        marks = ",".join("?" * len(ids))
-        return await self._archive_rows(f" WHERE a.id IN ({marks}) ORDER BY {order}", ids)
-
-    async def archive_chain(self, batch: int = 500):
-        """Every archive row in id order, decoded and with `content_problem`
-        (what `relay.archive.content_problem()` says of it) already worked
-        out, for `relay archive verify`. Read in batches, so a million rows
-        never sit in memory at once; the next batch is read while this one
-        is decoded and hashed on a worker thread."""
-
-        def read(after):
-            if after is None:
-                return asyncio.ensure_future(self._archive_batch("", (), "a.id", batch))
-            return asyncio.ensure_future(self._archive_batch(" WHERE a.id > ?", (after,), "a.id", batch))
-
-        pending = read(None)
-        try:
-            while True:
-                rows = await pending
-                if not rows:
-                    return
-                pending = read(rows[-1]["id"])
-                for row in await asyncio.to_thread(_checked, rows):
-                    yield row
-        finally:
-            pending.cancel()
-            with contextlib.suppress(BaseException):
-                await pending
-
-    async def conversation(self, relationship_id: int, batch: int = 50):
-        """A relationship's archive rows in order, both directions, decoded."""
-        last = None
-        while True:
-            where, params = " WHERE a.relationship_id = ?", [relationship_id]
-            if last is not None:
-                where += " AND a.id > ?"
-                params.append(last)
-            rows = await self._archive_batch(where, params, "a.id", batch)
-            if not rows:
-                return
-            for row in await asyncio.to_thread(lambda: [_decoded(r) for r in rows]):
-                yield row
-            last = rows[-1]["id"]
-
-    async def archive_list(self, *, relationship_id: int | None = None, seller: str | None = None,
-                           buyer: str | None = None, since: str | None = None, until: str | None = None,
-                           verdict: str | None = None, limit: int = 50, offset: int = 0) -> list[dict]:
-        """Archive rows newest first (by received_at, then id), without
-        bodies; `since` inclusive, `until` exclusive (store timestamps).
-
-        The plan is chosen here rather than left to SQLite, which has no
-        statistics: with a party filter the relationship index drives (cost
-        bounded by that party's rows; `+column` keeps SQLite off the other
-        indexes), else (verdict, received_at), else received_at."""
-        clauses, params = [], []
-        party = relationship_id is not None or seller is not None or buyer is not None
-        unindexed = "+" if party else ""
-        if relationship_id is not None:
-            clauses.append("a.relationship_id = ?")
-            params.append(relationship_id)
-        for role, address in (("seller", seller), ("buyer", buyer)):
-            if address is not None:
-                clauses.append(f"a.relationship_id IN (SELECT r2.id FROM relationships r2"
-                               f" JOIN parties p2 ON p2.id = r2.{role}_id"
-                               f" WHERE p2.role = '{role}' AND p2.address = ?)")
-                params.append(addresses.normalize(address))
-        if since is not None:
-            clauses.append(f"{unindexed}a.received_at >= ?")
-            params.append(since)
-        if until is not None:
-            clauses.append(f"{unindexed}a.received_at < ?")
-            params.append(until)
-        if verdict is not None:
-            clauses.append(f"{unindexed}a.verdict = ?")
-            params.append(verdict)
-        where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
-        # The page's ids first, from the index alone (a deep page skips
-        # index entries, not rows), then their details.
-        rows = await self._fetchall(
-            "SELECT a.id, a.received_at, a.relationship_id, a.direction, a.verdict, a.reply,"
-            " COALESCE(a.raw_size, length(a.raw)), COALESCE(a.delivered_size, length(a.delivered)),"
-            " a.purged_at, s.address, b.address"
-            " FROM archive a"
-            " LEFT JOIN relationships r ON r.id = a.relationship_id"
-            " LEFT JOIN parties s ON s.id = r.seller_id"
-            " LEFT JOIN parties b ON b.id = r.buyer_id"
-            f" WHERE a.id IN (SELECT a.id FROM archive a{where}"
-            "  ORDER BY a.received_at DESC, a.id DESC LIMIT ? OFFSET ?)"
-            " ORDER BY a.received_at DESC, a.id DESC",
-            (*params, limit, offset))
-        return [
-            {"id": row[0], "received_at": row[1], "relationship": row[2], "direction": row[3],
-             "verdict": row[4], "reply": row[5], "bytes": row[6] if not row[8] else None,
-             "delivered_bytes": row[7] if not row[8] else None, "purged_at": row[8],
-             "seller": row[9], "buyer": row[10]}
-            for row in rows
-        ]
-
-    async def archive_head(self) -> str | None:
-        """The newest row's row_sha256 (None for an empty archive)."""
-        row = await self._fetchone("SELECT row_sha256 FROM archive ORDER BY id DESC LIMIT 1")
-        return None if row is None else row[0]
-
-    async def archive_id_by_row_hash(self, row_sha256: str) -> int | None:
-        """The row whose row_sha256 is this (a full scan: for diagnosing a break)."""
-        row = await self._fetchone("SELECT id FROM archive WHERE row_sha256 = ? LIMIT 1", (row_sha256,))
-        return None if row is None else row[0]
-
-    async def archive_dangling_references(self, limit: int = 100) -> list[tuple[str, int]]:
-        """(table, archive id) of references to archive rows that do not exist."""
-        rows = await self._fetchall(
-            "SELECT t, archive_id FROM ("
-            " SELECT 'message_ids' AS t, archive_id FROM message_ids m"
-            "  WHERE NOT EXISTS (SELECT 1 FROM archive a WHERE a.id = m.archive_id)"
-            " UNION ALL SELECT 'seller_sends', archive_id FROM seller_sends s"
-            "  WHERE s.archive_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM archive a WHERE a.id = s.archive_id)"
-            " UNION ALL SELECT 'archive_bodies', archive_id FROM archive_bodies b"
-            "  WHERE NOT EXISTS (SELECT 1 FROM archive a WHERE a.id = b.archive_id)"
-            ") ORDER BY archive_id, t LIMIT ?", (limit,))
-        return [(row[0], row[1]) for row in rows]
-
-    async def purge_runs(self) -> dict[int, str]:
-        """Recorded purge runs: id -> cutoff."""
-        return {row[0]: row[1] for row in await self._fetchall("SELECT id, cutoff FROM archive_purges")}
-
-    async def hold(self, relationship_id: int, reason: str = "", at: str | None = None) -> bool:
-        """Keep the relationship's archive from purge; False if already held."""
-        if await self.relationship_by_id(relationship_id) is None:
-            raise NotFound(f"no relationship {relationship_id}")
-        async with self._transaction() as db:
-            with _unavailable_on_db_error():
-                cursor = await db.execute(
-                    "INSERT OR IGNORE INTO archive_holds (relationship_id, held_at, reason) VALUES (?, ?, ?)",
-                    (relationship_id, at or utc_now(), reason))
-        return cursor.rowcount == 1
-
-    async def release(self, relationship_id: int) -> bool:
-        """End a hold; False if there was none."""
-        async with self._transaction() as db:
-            with _unavailable_on_db_error():
-                cursor = await db.execute("DELETE FROM archive_holds WHERE relationship_id = ?",
-                                          (relationship_id,))
-        return cursor.rowcount == 1
-
-    async def holds(self) -> list[dict]:
-        rows = await self._fetchall(
-            "SELECT h.relationship_id, h.held_at, h.reason, s.address, b.address FROM archive_holds h"
-            " JOIN relationships r ON r.id = h.relationship_id"
-            " JOIN parties s ON s.id = r.seller_id JOIN parties b ON b.id = r.buyer_id"
-            " ORDER BY h.relationship_id")
-        return [{"relationship": row[0], "held_at": row[1], "reason": row[2], "seller": row[3],
-                 "buyer": row[4]} for row in rows]
-
-    async def purge(self, before_iso: str, dry_run: bool = False, *, batch: int = 500,
-                    now: str | None = None, progress=None) -> PurgeCounts:
-        """Turn archive rows received before `before_iso` into tombstones.
-
-        A tombstone keeps id, received_at, relationship, direction, verdict,
-        the auto-reply flag and the four hashes, so `relay archive verify`
-        still checks the chain's linkage across it; bodies, envelope,
-        client address, reply and changes are cleared, and the Message-ID
-        map entries of those rows are deleted. Rows of a relationship on
-        hold are skipped, and so are rows that fail their own hashes (purging
-        them would hide the tampering). Delivery reports about a purged row
-        (the `bounces` table, where it exists) go with it: they quote it.
-        Works in batches of `batch` rows, one short write transaction each,
-        so a message arriving meanwhile waits for one batch at most.
-        `relay serve` calls this once a day.
-        """
-        held = await self._fetchone(
-            "SELECT COUNT(*) FROM archive WHERE purged_at IS NULL AND received_at < ?"
-            " AND relationship_id IN (SELECT relationship_id FROM archive_holds)", (before_iso,))
-        counts = dict(rows=0, bytes=0, message_ids=0, bounces=0, damaged=0)
-        run_id = None
-        cursor_key = ("", 0)
-        eligible = ("a.purged_at IS NULL AND (a.relationship_id IS NULL OR a.relationship_id NOT IN"
-                    " (SELECT relationship_id FROM archive_holds))")
-        while True:
-            rows = await self._archive_batch(
-                f" WHERE {eligible} AND a.received_at < ? AND (a.received_at, a.id) > (?, ?)",
-                (before_iso, *cursor_key), "a.received_at, a.id", batch)
-            if not rows:
-                break
-            if progress is not None:  # `relay purge` on a terminal: rows looked at in this batch
-                progress(len(rows))
-            cursor_key = (rows[-1]["received_at"], rows[-1]["id"])
-            checked = await asyncio.to_thread(_purge_check, rows)
-            good = [(row_id, auto, size) for row_id, auto, size, problem in checked if problem is None]
-            counts["damaged"] += len(checked) - len(good)
-            if not good:
-                continue
-            ids = [row_id for row_id, _, _ in good]
-            marks = ",".join("?" * len(ids))
-            if dry_run:
-                found = await self._fetchone(
-                    f"SELECT COUNT(*) FROM message_ids WHERE archive_id IN ({marks})", ids)
-                counts["rows"] += len(good)
-                counts["bytes"] += sum(size for _, _, size in good)
-                counts["message_ids"] += found[0]
-                if await self._has_table("bounces"):
-                    found = await self._fetchone(f"SELECT COUNT(*) FROM bounces WHERE archive_id IN ({marks})", ids)
-                    counts["bounces"] += found[0]
-                continue
-            stamp = now or utc_now()
-            async with self._transaction() as db:
-                with _unavailable_on_db_error():
-                    # Re-check inside the transaction: a hold placed or another
-                    # purge finished since the rows were read.
-                    async with db.execute(
-                            f"SELECT a.id FROM archive a WHERE a.id IN ({marks}) AND {eligible}", ids) as cur:
-                        still = {row[0] for row in await cur.fetchall()}
-                    good = [item for item in good if item[0] in still]
-                    if not good:
-                        continue
-                    ids = [row_id for row_id, _, _ in good]
-                    marks = ",".join("?" * len(ids))
-                    if run_id is None:
-                        cur = await db.execute(
-                            "INSERT INTO archive_purges (ran_at, cutoff, rows) VALUES (?, ?, 0)",
-                            (stamp, before_iso))
-                        run_id = cur.lastrowid
-                    await db.executemany(
-                        "UPDATE archive SET client_address = '', mail_from = '', rcpt_to = '[]', reply = '',"
-                        " changes = '[]', raw = x'', delivered = NULL, purged_at = ?, purge_id = ?,"
-                        " auto_reply = COALESCE(auto_reply, ?) WHERE id = ?",
-                        [(stamp, run_id, int(auto), row_id) for row_id, auto, _ in good])
-                    await db.execute(f"DELETE FROM archive_bodies WHERE archive_id IN ({marks})", ids)
-                    cur = await db.execute(f"DELETE FROM message_ids WHERE archive_id IN ({marks})", ids)
-                    counts["message_ids"] += cur.rowcount
-                    if await self._has_table("bounces"):
-                        # A delivery report quotes the message it reports on.
-                        cur = await db.execute(f"DELETE FROM bounces WHERE archive_id IN ({marks})", ids)
-                        counts["bounces"] += cur.rowcount
-                    await db.execute("UPDATE archive_purges SET rows = rows + ? WHERE id = ?", (len(good), run_id))
-            counts["rows"] += len(good)
-            counts["bytes"] += sum(size for _, _, size in good)
-        return PurgeCounts(before=before_iso, dry_run=dry_run, held=held[0], run_id=run_id, **counts)
-
-    async def _has_table(self, name: str) -> bool:
-        row = await self._fetchone("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,))
-        return row is not None
-
-    async def response_facts(self, since: str | None = None, until: str | None = None,
-                             seller: str | None = None) -> tuple[list, dict[str, str]]:
-        """The delivered messages the response-time report needs (facts from
-        `since`, inclusive, to `until`, exclusive), and sellers' names.
-
-        Rows written before migration 3 have no auto-reply flag yet: it is
-        read from their raw headers now and stored, once."""
-        clauses, params = ["a.verdict = 'delivered'"], []
-        if since is not None:
-            clauses.append("a.received_at >= ?")
-            params.append(since)
-        if until is not None:
-            clauses.append("a.received_at < ?")
-            params.append(until)
-        if seller is not None:
-            clauses.append("s.address = ?")
-            params.append(addresses.normalize(seller))
-        rows = await self._fetchall(
-            "SELECT a.id, a.relationship_id, s.address, s.display_name, a.direction, a.received_at,"
-            " a.auto_reply, EXISTS (SELECT 1 FROM bounces b WHERE b.archive_id = a.id AND b.action = 'failed')"
-            " FROM archive a JOIN relationships r ON r.id = a.relationship_id"
-            " JOIN parties s ON s.id = r.seller_id WHERE " + " AND ".join(clauses), params)
-        unknown = [row[0] for row in rows if row[6] is None]
-        flags = await self._backfill_auto_reply(unknown) if unknown else {}
-        facts = [
-            archive_logic.MessageFact(
-                archive_id=row[0], relationship_id=row[1], seller=row[2], direction=row[4],
-                received_at=archive_logic.parse_iso(row[5]),
-                auto_reply=bool(row[6] if row[6] is not None else flags.get(row[0], False)),
-                bounced=bool(row[7]))
-            for row in rows
-        ]
-        return facts, {row[2]: row[3] for row in rows}
-
-    async def _backfill_auto_reply(self, ids: list[int]) -> dict[int, bool]:
-        flags: dict[int, bool] = {}
-        ids = sorted(ids)
-        while ids:
-            chunk = ids[:500]
-            marks = ",".join("?" * len(chunk))
-            rows = await self._archive_batch(f" WHERE a.id IN ({marks})", chunk, "a.id", len(chunk))
-            done = {row["id"] for row in rows}
-            ids = [row_id for row_id in ids if row_id not in done]
-            decoded = await asyncio.to_thread(lambda: [_decoded(r) for r in rows])
-            found = {row["id"]: archive_logic.is_auto_reply(row["raw"]) for row in decoded if row["raw"] is not None}
-            flags.update(found)
-            if found:
-                async with self._transaction() as db:
-                    with _unavailable_on_db_error():
-                        await db.executemany("UPDATE archive SET auto_reply = ? WHERE id = ? AND auto_reply IS NULL",
-                                             [(int(flag), row_id) for row_id, flag in found.items()])
-        return flags
-
-
-    # --- bounces ------------------------------------------------------------
-
-    async def message_by_relay_id(self, relay_id: str) -> dict | None:
-        """The Message-ID map entry of a message the relay delivered."""
-        row = await self._fetchone(
-            "SELECT relationship_id, sender_id, archive_id, created_at, original_id FROM message_ids"
-            " WHERE relay_id = ?", (relay_id,))
-        if row is None:
-            return None
-        found = dict(zip(("relationship_id", "sender_id", "archive_id", "created_at", "original_id"), row))
-        found["original_id"] = common.parsed_id(found["original_id"])
-        return found
-
-    async def record_bounce(self, received_at: str, relay_message_id: str, archive_id: int | None,
-                            relationship_id: int | None, action: str, status: str, notified: bool,
-                            raw: bytes, detector: str = "rfc3464") -> int:
-        # A report's fields are message-borne text (8-bit bytes as surrogates).
-        action, status, detector = (common.storable_text(v) for v in (action, status, detector))
-        async with self._transaction() as db:
-            with _unavailable_on_db_error():
-                cursor = await db.execute(
-                    "INSERT INTO bounces (received_at, relay_message_id, archive_id, relationship_id,"
-                    " action, status, notified, raw, detector) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (received_at, relay_message_id, archive_id, relationship_id, action, status,
-                     int(notified), raw, detector))
-        return cursor.lastrowid
-
-    async def bounces_for(self, archive_id: int) -> list[dict]:
-        rows = await self._fetchall(
-            "SELECT id, received_at, action, status, notified, detector FROM bounces"
-            " WHERE archive_id = ? ORDER BY id",
-            (archive_id,))
-        return [dict(zip(("id", "received_at", "action", "status", "notified", "detector"), row))
-                for row in rows]
-
-    # --- health and metrics --------------------------------------------------
-
-    async def ping(self) -> None:
-        """Raise StoreUnavailable unless the database answers a query and its
-        path still names the file the relay has open. An open file keeps
-        answering after it was removed, moved or replaced, but SQLite
-        refuses to write to it (and a restart would open another): every
-        message would get 451 while a query alone looks healthy."""
-        await self._fetchone("SELECT 1 FROM schema_migrations LIMIT 1")
-        if self._file is not None and _file_identity(self.path) != self._file:
-            raise StoreUnavailable(f"{self.path} is no longer the database file the relay has open "
-                                   "(removed, moved or replaced)")
-
-    async def archive_size(self) -> int:
-        """The highest archive id: the number of rows ever archived, cheap at any size."""
-        row = await self._fetchone("SELECT COALESCE(MAX(id), 0) FROM archive")
-        return row[0]
-
-    async def database_bytes(self) -> int:
-        """The database's size on disk: the file and its write-ahead log."""
-        return sum(os.path.getsize(self.path + suffix) for suffix in ("", "-wal")
-                   if os.path.exists(self.path + suffix))
-
 
 def all_aliases(path) -> list[str]:
     """Every alias of every relationship, from the SQLite file at `path`
@@ -967,9 +297,7 @@ def all_aliases(path) -> list[str]:
     recipient table), without an event loop."""
     connection = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True, timeout=10)
     try:
-        rows = connection.execute(
-            "SELECT seller_alias FROM relationships UNION SELECT buyer_alias FROM relationships")
-        return [row[0] for row in rows]
+        return [row[0] for row in connection.execute(ALIASES)]
     finally:
         connection.close()
 

@@ -1,4 +1,4 @@
-"""relay/archive.py without a database: tables of cases for auto-reply
+"""relay/archive/ without a database: tables of cases for auto-reply
 detection, the response-time rules, the chain verifier, mbox quoting, dates
 and the SVG chart."""
 

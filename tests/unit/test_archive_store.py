@@ -107,12 +107,11 @@ async def test_purge_dry_run_hold_and_tombstone(store):
 
 
 async def test_batches_are_bounded_by_bytes_not_only_rows(store, monkeypatch):
-    import importlib
+    from relay.store import queries
 
-    backend = importlib.import_module(f"relay.store.{engine(store)}")
     ids = [await store.record(entry(store, b"Subject: %d\r\n\r\nbody\r\n" % n, b"out", relay_id=f"<r{n}@m>",
                                     when=f"2020-01-0{n + 1}T00:00:00.000000Z")) for n in range(3)]
-    monkeypatch.setattr(backend, "BATCH_BYTES", 1)  # every batch holds one row
+    monkeypatch.setattr(queries, "BATCH_BYTES", 1)  # every batch holds one row
     assert [row["id"] async for row in store.archive_chain()] == ids
     assert [row["id"] async for row in store.conversation(store.relationship.id)] == ids
     assert [row["content_problem"] async for row in store.archive_chain()] == [None, None, None]
