@@ -82,7 +82,7 @@ class SellerResponse:
     def to_json(self) -> dict:
         return {
             "seller": self.seller,
-            "name": self.name,
+            "seller_name": self.name,
             "buyer_messages": self.buyer_messages,
             "answered_within_24h": self.answered_within,
             "answered_later": self.answered_late,
