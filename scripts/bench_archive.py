@@ -122,6 +122,21 @@ async def measure(path: str, repeat: int) -> dict:
                     relay_message_id=f"<bench{time.time_ns()}@relay.example>"))
 
         results["record_ms"] = await timed(record_many, repeat) / 50 * 1000
+
+        async def one_message_lookups():
+            # What the handler asks the store for one seller message besides
+            # record(): the route, the cap (orders, then a reservation, given
+            # back here so the window stays the same), the threading ids.
+            for n in range(50):
+                relationship = await store.relationship_by_alias(f"b{1 + n % BUYERS}@relay.example")
+                seller_id = relationship.seller.id
+                await store.seller_orders_since(seller_id, middle)
+                reservation, _, _ = await store.reserve_send(seller_id, stamp(START + 10 * rows + n), middle, 10**6)
+                await store.message_id_rows(relationship.id, [f"<o{n}@example.net>", f"<r{n}@relay.example>"])
+                await store.latest_order_at(relationship.id)
+                await store.release_send(reservation)
+
+        results["lookups_per_message_ms"] = await timed(one_message_lookups, repeat) / 50 * 1000
         lists = {
             "list_newest": dict(),
             "list_deep_page": dict(offset=100_000 if rows > 200_000 else rows // 2),
