@@ -229,13 +229,15 @@ class LimitsConfig:
 class WorkersConfig:
     """The processes that parse, rewrite and sanitize messages."""
 
-    count: int = 0  # 0 → one per CPU core
+    count: int = 0  # 0 → one per CPU core the relay may run on
     time_limit: float = 30.0  # seconds one message may take in a worker → 554 5.6.0
     memory_limit_mb: int = 1024  # address space of one worker → 554 5.6.0 when a message needs more
 
     @property
     def processes(self) -> int:
-        return self.count or os.cpu_count() or 1
+        # The cores this process may use (taskset, a container's cpuset), not
+        # the machine's: a relay pinned to one core gains nothing from two.
+        return self.count or len(os.sched_getaffinity(0)) or 1
 
 
 @dataclass(frozen=True)

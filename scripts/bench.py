@@ -63,6 +63,7 @@ import math
 import os
 import platform
 import resource
+import shutil
 import signal
 import socket
 import sqlite3
@@ -367,12 +368,17 @@ class Server:
         raise NotImplementedError
 
     env: dict | None = None
+    # --cores N: the servers under test (passthrough and relay, with every
+    # process they start) run on CPUs 0..N-1 only, by taskset; the load
+    # client and the sink stay free to use the whole machine.
+    cpus: str | None = None
 
     def start(self) -> None:
         self.port = free_port()
         self.prepare()
+        pinned = ["taskset", "--cpu-list", self.cpus] if self.cpus else []
         with open(self.logfile, "ab") as out:
-            self.process = subprocess.Popen(self.command(), stdout=out, stderr=subprocess.STDOUT,
+            self.process = subprocess.Popen(pinned + self.command(), stdout=out, stderr=subprocess.STDOUT,
                                             cwd=self.directory, env=self.env, start_new_session=True)
         wait_for_port(self.port, self.process, self.name, self.logfile)
 
@@ -740,6 +746,7 @@ class Bench:
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "relay_code": source,
             "cores": os.cpu_count(),
+            "server_cores": args.cores or os.cpu_count(),
             "loadavg_at_start": round(load_at_start, 2),
             "python": platform.python_version(),
             "quick": bool(args.quick),
@@ -1147,8 +1154,8 @@ def nodes_table(r: dict) -> str:
         return "".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(cells, widths)))
 
     lines = [
-        f"relay bench {r['date']}, {r['cores']} cores, Python {r['python']}, relay {r['relay_code']}, "
-        f"{r['concurrency']} connections{', quick' if r['quick'] else ''}",
+        f"relay bench {r['date']}, {r['cores']} cores{pinned_note(r)}, Python {r['python']}, "
+        f"relay {r['relay_code']}, {r['concurrency']} connections{', quick' if r['quick'] else ''}",
         f"mix of {total}: {kinds['text']} text 2 KB, {kinds['html']} HTML 20 KB with links, "
         f"{kinds['pdf']} PDF 500 KB",
     ]
@@ -1219,8 +1226,8 @@ def table(r: dict) -> str:
     kinds = r["mix"]
     total = sum(kinds.values())
     lines = [
-        f"relay bench {r['date']}, {r['cores']} cores, Python {r['python']}, relay {r['relay_code']}, "
-        f"{r['concurrency']} connections{', quick' if r['quick'] else ''}",
+        f"relay bench {r['date']}, {r['cores']} cores{pinned_note(r)}, Python {r['python']}, "
+        f"relay {r['relay_code']}, {r['concurrency']} connections{', quick' if r['quick'] else ''}",
         f"mix of {total}: {kinds['text']} text 2 KB, {kinds['html']} HTML 20 KB with links, "
         f"{kinds['pdf']} PDF 500 KB",
         "",
@@ -1297,8 +1304,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--compare-nodes", action="store_true",
                         help="relay phases for 1 node on SQLite, 1 node on PostgreSQL and 2 nodes on "
                              "PostgreSQL after one passthrough phase, and a table")
+    parser.add_argument("--cores", type=positive, metavar="N",
+                        help="run the servers under test on CPUs 0..N-1 only (taskset; the relay then "
+                             "starts one worker per core it may use); the load client and the sink are "
+                             "not pinned")
     parser.add_argument("--seed", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.cores and args.cores > (os.cpu_count() or 1):
+        parser.error(f"--cores {args.cores}: this machine has {os.cpu_count()}")
+    if args.cores and args.profile:
+        parser.error("--profile runs in-process: no --cores")
+    if args.cores and not shutil.which("taskset"):
+        parser.error("--cores needs taskset (util-linux)")
     if args.compare_nodes and (args.nodes or args.database):
         parser.error("--compare-nodes runs its own configurations: leave out --nodes and --database")
     if args.profile and (args.nodes or args.database or args.compare_nodes):
@@ -1330,6 +1347,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench_profile.main(args)
     sizes = dict(QUICK if args.quick else DEFAULTS)
+    if args.cores:
+        Server.cpus = f"0-{args.cores - 1}"
     # SIGTERM unwinds like Ctrl-C: every server, the cluster and the
     # temporary folders are stopped and removed on the way out.
     signal.signal(signal.SIGTERM, _terminated)
@@ -1348,6 +1367,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(nodes_table(report) if nodes_mode else table(report))
     return 0
+
+
+def pinned_note(r: dict) -> str:
+    """', servers on 1 of them' when --cores pinned the servers under test."""
+    server_cores = r.get("server_cores")
+    return f", servers on {server_cores} of them" if server_cores and server_cores != r["cores"] else ""
 
 
 def _terminated(signum, frame):

@@ -5,6 +5,8 @@ error text `load()` must give (the CLI prefixes the file name)."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -92,3 +94,17 @@ def test_cli_exits_2_with_one_line_naming_the_key(tmp_path):
     assert result.stdout == ""
     assert result.stderr.count("\n") == 1
     assert "inbound.listen" in result.stderr
+
+
+@pytest.mark.skipif(shutil.which("taskset") is None, reason="taskset (util-linux) is not installed")
+def test_default_worker_count_follows_the_cores_the_relay_may_use():
+    # `[workers] count = 0` is one worker per core the process may run on:
+    # pinned to one CPU by taskset (as `scripts/bench --cores 1` does, or a
+    # container's cpuset), the relay starts one worker, not one per core of
+    # the machine.
+    probe = "from relay.config import WorkersConfig; print(WorkersConfig().processes, WorkersConfig(count=3).processes)"
+    pinned = subprocess.run(["taskset", "--cpu-list", "0", sys.executable, "-c", probe],
+                            capture_output=True, text=True, check=True)
+    assert pinned.stdout.split() == ["1", "3"]
+    free = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert free.stdout.split() == [str(len(os.sched_getaffinity(0))), "3"]
