@@ -23,10 +23,10 @@ import dataclasses
 import email.parser
 import email.policy
 import email.utils
-import functools
 import ipaddress
 import logging
 import re
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -413,12 +413,28 @@ def _record(domain: str, tags: dict[str, str], *, subdomain: bool) -> DmarcRecor
     return DmarcRecord(domain, policy, adkim, aspf)
 
 
-@functools.cache
-@functools.lru_cache(maxsize=1)
+_PSL_LOCK = threading.Lock()
+_psl: PublicSuffixList | None = None
+
+
 def _public_suffix_list() -> PublicSuffixList:
     # The list the package ships, ICANN and private sections. Reading it
-    # takes about 5 ms: once per process, not once per message.
-    return PublicSuffixList()
+    # takes about 5 ms of CPU: once per process, not once per message, and
+    # once also when the first messages arrive together. The checks run in
+    # threads; without the lock (functools.cache has none) each of eight
+    # concurrent first checks parsed it, all holding the event loop's GIL.
+    global _psl
+    if _psl is None:
+        with _PSL_LOCK:
+            if _psl is None:
+                _psl = PublicSuffixList()
+    return _psl
+
+
+def warm_up() -> None:
+    """Read what every check needs (the Public Suffix List) now, before the
+    relay listens, instead of during its first messages."""
+    _public_suffix_list()
 
 
 def organizational_domain(domain: str) -> str:

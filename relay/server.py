@@ -22,7 +22,7 @@ from pathlib import Path
 
 from aiosmtpd.smtp import SMTP
 
-from relay import __version__, archive, bounces, dkim, preflight, tls
+from relay import __version__, archive, bounces, dkim, mailauth, preflight, tls
 from relay import dns as relay_dns
 from relay.auth import Throttle
 from relay.config import Config, Endpoint
@@ -90,6 +90,8 @@ class RelayServer:
                 # Every DNS lookup of the relay (libraries' too) goes through it.
                 self.resolver = relay_dns.make_resolver(config.dns.nameservers)
                 relay_dns.install(self.resolver)
+            if config.auth.inbound != "off":
+                await asyncio.to_thread(mailauth.warm_up)
             else:
                 log.warning("INBOUND MAIL AUTHENTICATION IS OFF: forged senders are not refused. "
                             "Set [auth] inbound = \"dmarc\" for real mail.")

@@ -440,3 +440,26 @@ def test_concurrent_checks_each_use_their_own_resolver(server):
         with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
             results = list(pool.map(check, [GOOD_IP, BAD_IP] * 10))
     assert results == ["pass", "pass"] * 10
+
+
+def test_public_suffix_list_is_read_once_when_the_first_checks_come_together(monkeypatch):
+    # The checks run in threads: eight first messages arriving at once must
+    # share one read of the list (each read is ~5 ms of the event loop's
+    # GIL), so every thread gets the very same object.
+    import threading
+
+    monkeypatch.setattr(mailauth, "_psl", None)
+    start = threading.Barrier(8)
+    got = []
+
+    def first_check():
+        start.wait()
+        got.append(mailauth._public_suffix_list())
+
+    threads = [threading.Thread(target=first_check) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(got) == 8 and all(lists is got[0] for lists in got)
+    assert mailauth.organizational_domain("mail.example.co.uk") == "example.co.uk"
