@@ -10,6 +10,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from relay import private
 from relay.archive.chain import sha256_hex
 from relay.archive.times import parse_iso
 
@@ -71,10 +72,11 @@ class Exporter:
         suffix = f".tmp-{os.getpid()}"
         self._tmp = self.out.with_name(f".{self.out.name}{suffix}")
         if self.fmt == "eml-dir":
-            self._tmp.mkdir()
+            self._tmp.mkdir(mode=private.DIR_MODE)
             self._mbox = None
         else:
-            self._mbox = open(self._tmp, "wb")
+            self._mbox = os.fdopen(os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, private.FILE_MODE),
+                                   "wb")
         self._tmp_manifest = self.out.with_name(f".{self.out.name}.manifest.json{suffix}")
 
     def add(self, row: dict) -> None:
@@ -146,6 +148,7 @@ class Exporter:
 def write_atomically(path: Path, data: bytes) -> None:
     """Write a file so that readers see the old one or the whole new one."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)  # a left-over keeps its old mode under O_TRUNC
     try:
         _write_file(tmp, data)
         os.replace(tmp, path)
@@ -155,7 +158,9 @@ def write_atomically(path: Path, data: bytes) -> None:
 
 
 def _write_file(path: Path, data: bytes) -> None:
-    with open(path, "wb") as handle:
+    # 0600 from the start, like the database the messages come from: an
+    # export holds the parties' real addresses (relay/private.py).
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, private.FILE_MODE), "wb") as handle:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())

@@ -8,6 +8,7 @@ import hashlib
 import json
 import mailbox
 import sqlite3
+import stat
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -177,6 +178,12 @@ def test_export_eml_dir_and_mbox_with_manifest(world, tmp_path):
 
     again = relay_cli(world.config, "archive", "export", "--relationship", "1", "--format", "mbox", str(box))
     assert (again.returncode, again.stderr) == (1, f"relay: {box} exists; give a new name\n")
+
+    # The messages name the parties' real addresses: like the database they
+    # come from, only the relay's own user may open an export.
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [out, *out.iterdir(), box,
+                                                              tmp_path / "case-17.mbox.manifest.json"]}
+    assert modes == {**{name: 0o600 for name in modes}, "case-17": 0o700}
 
 
 def test_verify_intact_chain(world):
