@@ -90,8 +90,8 @@ class RelayServer:
                 # Every DNS lookup of the relay (libraries' too) goes through it.
                 self.resolver = relay_dns.make_resolver(config.dns.nameservers)
                 relay_dns.install(self.resolver)
-            if config.auth.inbound != "off":
-                await asyncio.to_thread(mailauth.warm_up)
+                if config.auth.inbound != "off":
+                    await asyncio.to_thread(mailauth.warm_up)
             else:
                 log.warning("INBOUND MAIL AUTHENTICATION IS OFF: forged senders are not refused. "
                             "Set [auth] inbound = \"dmarc\" for real mail.")
