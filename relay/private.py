@@ -45,9 +45,9 @@ def write(path: Path, data: bytes, *, exclusive: bool = False) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     # A left-over temporary file keeps its old mode under O_TRUNC: start anew.
     tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    handle = open_new(tmp, exclusive=True)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with handle as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -57,6 +57,14 @@ def write(path: Path, data: bytes, *, exclusive: bool = False) -> None:
             os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def open_new(path: Path, *, exclusive: bool = False):
+    """`path` opened for writing bytes, created 0600 when it is missing;
+    an existing file is emptied and keeps its mode, or with `exclusive`
+    FileExistsError."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
+    return os.fdopen(os.open(path, flags, FILE_MODE), "wb")
 
 
 def create_empty(path: Path) -> None:

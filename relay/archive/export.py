@@ -75,8 +75,7 @@ class Exporter:
             self._tmp.mkdir(mode=private.DIR_MODE)
             self._mbox = None
         else:
-            self._mbox = os.fdopen(os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, private.FILE_MODE),
-                                   "wb")
+            self._mbox = private.open_new(self._tmp, exclusive=True)
         self._tmp_manifest = self.out.with_name(f".{self.out.name}.manifest.json{suffix}")
 
     def add(self, row: dict) -> None:
@@ -160,7 +159,7 @@ def write_atomically(path: Path, data: bytes) -> None:
 def _write_file(path: Path, data: bytes) -> None:
     # 0600 from the start, like the database the messages come from: an
     # export holds the parties' real addresses (relay/private.py).
-    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, private.FILE_MODE), "wb") as handle:
+    with private.open_new(path) as handle:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
