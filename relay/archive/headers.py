@@ -52,18 +52,17 @@ def header_changes(raw: bytes, delivered: bytes) -> tuple[list[str], list[str]]:
     """(header fields only in the raw message, fields only in the delivered
     one), each in its message's order: what the rewrite removed and added."""
     before, after = header_lines(raw), header_lines(delivered)
-    remaining = list(after)
-    removed = []
-    for line in before:
-        if line in remaining:
-            remaining.remove(line)
+    return _not_matched(before, after), _not_matched(after, before)
+
+
+def _not_matched(lines: list[str], others: list[str]) -> list[str]:
+    """The lines of `lines` left over when each line of `others` cancels one
+    equal line (a multiset difference that keeps `lines`' order)."""
+    unmatched = list(others)
+    left = []
+    for line in lines:
+        if line in unmatched:
+            unmatched.remove(line)
         else:
-            removed.append(line)
-    kept = list(before)
-    added = []
-    for line in after:
-        if line in kept:
-            kept.remove(line)
-        else:
-            added.append(line)
-    return removed, added
+            left.append(line)
+    return left
