@@ -8,7 +8,7 @@
   because a message the upstream saw but never acknowledged is exactly the
   case where at-least-once delivery makes duplicates.
 - `RelayProcess`: `relay serve` as a child process in its own session,
-  killable with SIGKILL, whose helper processes (fork server, workers) can
+  killable with SIGKILL, whose helper processes (the workers) can
   be listed and checked for leftovers.
 - `DatabaseLocker`: another process holding `BEGIN EXCLUSIVE` on the
   relay's SQLite file until told to let go.
@@ -501,8 +501,8 @@ class RelayProcess:
 
     def session(self) -> list[tuple[int, int, str]]:
         """(pid, parent pid, command line) of every live process of this
-        relay's session but the relay itself: its fork server, its worker
-        processes… Linux only (reads /proc); elsewhere []."""
+        relay's session but the relay itself: its worker processes and
+        whatever they started. Linux only (reads /proc); elsewhere []."""
         found = []
         for stat in Path("/proc").glob("[0-9]*/stat"):
             try:
@@ -518,9 +518,10 @@ class RelayProcess:
         return found
 
     def workers(self) -> list[int]:
-        """The worker processes: forked by the fork server (a child of the
-        relay), so grandchildren of the relay."""
-        return sorted(pid for pid, ppid, _ in self.session() if ppid != self.proc.pid)
+        """The worker processes: children of the relay running
+        `python -P -m relay.workers`."""
+        return sorted(pid for pid, ppid, cmdline in self.session()
+                      if ppid == self.proc.pid and " -m relay.workers " in cmdline)
 
     def kill_session(self) -> None:
         """SIGKILL whatever is left of this relay's session (cleanup only)."""

@@ -1,12 +1,12 @@
 """Fault: `kill -9` of the relay's worker processes (the pool that parses
 and rewrites messages), not of `relay serve` itself: while idle, in the
-middle of a message, and together with the fork server that makes them.
+middle of a message, and every helper process of the relay at once.
 The relay keeps serving; the client sees 451 at worst, and its retry is
 delivered once and archived once.
 
 The workers are found from outside, as an operator (or the OOM killer)
-would: processes of the relay's session forked by its fork server
-(Linux: reads /proc)."""
+would: the relay's children running `python -P -m relay.workers` (Linux:
+reads /proc)."""
 
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ def test_idle_workers_killed(served):
     for tag in tags:
         raw = fault_message(BUYER, alias, tag)
         # The pool checks a worker is alive before handing it a message, but
-        # the fork server reports a death a moment late: a dead worker may
+        # a death is seen a moment late: a dead worker may
         # still cost a message a 451, never more than one per dead worker.
         last = retry_until_delivered(ledger, relay, alias, tag, raw, attempts=len(workers) + 1)
         assert last.code == 250, ledger.attempts
@@ -135,7 +135,7 @@ def test_worker_killed_in_the_middle_of_a_message(served):
     assert archive_in(config.parent / "relay.sqlite3")["busy"] == ["deferred", "delivered"]
 
 
-def test_fork_server_and_workers_killed(served):
+def test_every_helper_process_killed(served):
     relay, upstream, config, alias = served
     ledger = Ledger()
     assert send(relay.port, BUYER, alias, fault_message(BUYER, alias, "warm3")).code == 250

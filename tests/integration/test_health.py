@@ -2,7 +2,7 @@
 folder named `relay`.
 
 `relay serve` runs as a child process where the test is about processes
-(its workers, their fork server, its working directory); the store and
+(its workers, its working directory); the store and
 upstream cases run the relay in a thread with an injectable clock. Each
 case breaks a real part as it breaks in production: a worker that dies at
 start-up, a database file replaced under the relay, a PostgreSQL server
@@ -127,19 +127,19 @@ class Serve:
             return code, text.decode()
 
     def workers(self) -> list[int]:
-        """The worker processes: children of the relay's fork server, itself
-        a child of the relay (Linux: reads /proc)."""
-        parents = {}
+        """The worker processes: children of the relay running
+        `python -P -m relay.workers` (Linux: reads /proc)."""
+        found = []
         for stat in Path("/proc").glob("[0-9]*/stat"):
             try:
                 text = stat.read_text()
+                cmdline = (stat.parent / "cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
             fields = text.rsplit(")", 1)[-1].split()
-            if fields[0] not in ("Z", "X"):
-                parents[int(text.split(" ", 1)[0])] = int(fields[1])
-        helpers = {pid for pid, parent in parents.items() if parent == self.proc.pid}
-        return [pid for pid, parent in parents.items() if parent in helpers]
+            if fields[0] not in ("Z", "X") and int(fields[1]) == self.proc.pid and b"relay.workers" in cmdline:
+                found.append(int(text.split(" ", 1)[0]))
+        return found
 
     def stop(self, signum=signal.SIGTERM) -> int:
         self.proc.send_signal(signum)
@@ -170,16 +170,28 @@ def test_serve_beside_a_folder_named_relay_delivers(tmp_path, upstream):
     assert "start-up" not in server.log and "Traceback" not in server.log
 
 
+def interpreter_of_its_own(directory: Path) -> Path:
+    """A virtualenv of its own (no pip) that sees this one's packages, the
+    relay among them: a deployment whose interpreter can be taken away."""
+    import site
+    import venv
+
+    venv.EnvBuilder(with_pip=False, symlinks=True).create(directory)
+    [packages] = (directory / "lib").glob("python3*/site-packages")
+    # A .pth line that starts with "import" runs: addsitedir also reads the
+    # .pth files there (the relay's editable install is one).
+    (packages / "outer.pth").write_text("".join(f"import site; site.addsitedir({path!r})\n"
+                                                for path in site.getsitepackages()))
+    return directory / "bin" / "python"
+
+
 def test_healthz_names_workers_that_cannot_start(tmp_path, upstream):
-    """Workers re-read the script the relay was started from; a deploy that
-    removes it under a running relay (a replaced virtualenv) makes every new
-    worker die at start-up. /healthz says so until a worker starts again;
-    meanwhile messages get 451 at once, and the first one after is delivered."""
-    script = tmp_path / "bin" / "relay-serve"
-    script.parent.mkdir()
-    # As pip writes console scripts (workers import it as __mp_main__).
-    script.write_text("import sys\nfrom relay.cli import main\nif __name__ == '__main__':\n    sys.exit(main())\n")
-    command = [sys.executable, str(script)]
+    """Workers are started from the relay's interpreter; a deploy that
+    replaces the virtualenv under a running relay makes every new worker
+    fail to start. /healthz says so until a worker starts again; meanwhile
+    messages get 451 at once, and the first one after is delivered."""
+    python = interpreter_of_its_own(tmp_path / "venv")
+    command = [str(python), "-m", "relay"]
     config = write_config(tmp_path, upstream_url(upstream))
     alias = provision(command, config, tmp_path)
     server = Serve(command, config, tmp_path)
@@ -187,7 +199,7 @@ def test_healthz_names_workers_that_cannot_start(tmp_path, upstream):
         assert server.send(alias, 1)[0] == 250, server.log
         assert get(server.metrics) == (200, "ok\n")
 
-        script.rename(script.with_name("relay-serve.away"))
+        python.rename(python.with_name("python.away"))
         workers = server.workers()
         assert len(workers) == 1
         for pid in workers:
@@ -198,16 +210,16 @@ def test_healthz_names_workers_that_cannot_start(tmp_path, upstream):
         status, body = get(server.metrics)
         assert status == 503
         [line] = body.splitlines()
-        assert line.startswith("workers: a worker died at start-up (exit code 1"), body
+        assert line.startswith("workers: a worker could not be started ([Errno 2] No such file"), body
         assert line.endswith("0 of 1 running")
 
-        script.with_name("relay-serve.away").rename(script)
+        python.with_name("python.away").rename(python)
         wait_until(lambda: get(server.metrics) == (200, "ok\n"), 60, lambda: get(server.metrics)[1])
         assert server.send(alias, 3)[0] == 250
         assert len(upstream.wait_for(2)) == 2
     finally:
         assert server.stop() == 0
-    assert "a worker died at start-up" in server.log
+    assert "a worker could not be started" in server.log
     assert "a worker started again" in server.log
 
 
