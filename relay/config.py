@@ -232,6 +232,10 @@ class WorkersConfig:
     count: int = 0  # 0 → one per CPU core the relay may run on
     time_limit: float = 30.0  # seconds one message may take in a worker → 554 5.6.0
     memory_limit_mb: int = 1024  # address space of one worker → 554 5.6.0 when a message needs more
+    # Seconds a worker beyond the first may stay without a message before it
+    # exits (postfix's max_idle); more are started while messages wait, up
+    # to `count`. 0 → all `count` workers run all the time.
+    max_idle: float = 100.0
 
     @property
     def processes(self) -> int:
@@ -494,6 +498,8 @@ def _check(section, prefix: str) -> None:
         if section.memory_limit_mb and section.memory_limit_mb < 64:
             # Python and the pipeline's libraries alone take about 45 MB.
             raise ConfigError(f"{prefix}memory_limit_mb: must be 0 (no limit) or at least 64")
+        if section.max_idle < 0:
+            raise ConfigError(f"{prefix}max_idle: must be 0 (keep every worker) or more seconds")
     elif isinstance(section, LogConfig):
         if section.level not in ("debug", "info", "warning", "error"):
             raise ConfigError(

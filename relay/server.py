@@ -103,7 +103,8 @@ class RelayServer:
             # Every delivery's outcome is recorded there, for /healthz.
             upstream = self.upstream = WatchedUpstream(backend, self.clock)
             self.workers = WorkerPool(config.workers.processes, config.workers.time_limit,
-                                      config.workers.memory_limit_mb, config.inbound.processing_timeout)
+                                      config.workers.memory_limit_mb, config.inbound.processing_timeout,
+                                      max_idle=config.workers.max_idle)
             await self.workers.start()
             self.dkim_key = await asyncio.to_thread(dkim.load_key, config)
             self.bounce_secret = await asyncio.to_thread(bounces.load_secret, config)

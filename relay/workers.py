@@ -32,6 +32,15 @@ started must not be imported in place of the installed package. Starting
 one costs about 0.3 s of CPU (importing the pipeline); a worker is replaced
 only after it died or was killed over a limit.
 
+With `max_idle`, the pool is elastic, as postfix's daemons are (its
+`max_idle` is the same idea): one worker runs while the relay is idle;
+when a message finds no idle worker, one more is started (up to `size`,
+one start at a time), and a worker beyond the first that has had no
+message for `max_idle` seconds is told to exit. Idle workers are handed
+out most recently used first, so under light load the extra ones age out
+instead of taking turns. Without `max_idle` (0), all `size` workers run
+from the start.
+
 A worker counts as started only once it has said so: it runs a tiny
 message through `pipeline.begin` under its memory limit and answers
 "ready". One that dies or fails before that is a start-up failure: the
@@ -185,15 +194,20 @@ class _Worker:
     process: _Process
     conn: object  # the parent's end of the pipe
     calls: int = 0
+    idle_since: float = 0.0  # the event loop's clock when it last became idle
 
 
 class WorkerPool:
-    def __init__(self, size: int, time_limit: float, memory_limit_mb: int = 0, wait_timeout: float = 60.0):
+    def __init__(self, size: int, time_limit: float, memory_limit_mb: int = 0, wait_timeout: float = 60.0,
+                 max_idle: float = 0.0):
         self.size = max(1, size)
+        self.max_idle = max_idle
+        # The workers kept running however idle the relay is.
+        self.minimum = 1 if max_idle else self.size
         self.time_limit = time_limit
         self.memory_limit_bytes = memory_limit_mb * 1024 * 1024
         self.wait_timeout = wait_timeout
-        self._idle: asyncio.Queue[_Worker] | None = None
+        self._idle: asyncio.LifoQueue[_Worker] | None = None
         self._all: set[_Worker] = set()
         self._threads = ThreadPoolExecutor(max_workers=self.size, thread_name_prefix="relay-worker-io")
         self.replaced = 0  # workers started to replace one that died or was killed
@@ -201,6 +215,10 @@ class WorkerPool:
         # Why the last attempt to start a worker failed; None once one started.
         self.start_failure: str | None = None
         self._refill: asyncio.Task | None = None
+        self._starting = 0  # workers being started, not yet in _all
+        self._waiting = 0  # leases waiting for an idle worker
+        self._growth: asyncio.Future | None = None  # the start of one more worker for a waiting message
+        self._reaper: asyncio.Task | None = None
 
     @property
     def pids(self) -> list[int]:
@@ -217,13 +235,17 @@ class WorkerPool:
         """Start the workers. One that cannot start does not stop the relay
         (the cause may pass, e.g. memory pressure); it is logged, reported
         by `problem` and tried again in the background."""
-        self._idle = asyncio.Queue()
-        for _ in range(self.size):
+        self._idle = asyncio.LifoQueue()
+        for _ in range(self.minimum):
             if not await self._start_one():
                 break
-        log.info("%d of %d worker process(es) started (time limit %g s, memory limit %s)", len(self._all),
+        log.info("%d worker process(es) started, up to %d (time limit %g s, memory limit %s%s)", len(self._all),
                  self.size, self.time_limit,
-                 f"{self.memory_limit_bytes >> 20} MB" if self.memory_limit_bytes else "none")
+                 f"{self.memory_limit_bytes >> 20} MB" if self.memory_limit_bytes else "none",
+                 f", more started on demand, idle ones exit after {self.max_idle:g} s"
+                 if self.minimum < self.size else "")
+        if self.minimum < self.size:
+            self._reaper = asyncio.ensure_future(self._dismiss_idle())
 
     def _spawn(self) -> _Worker:
         """In a thread: start one worker and wait for its "ready"."""
@@ -264,6 +286,7 @@ class WorkerPool:
     async def _start_one(self) -> bool:
         """Start a worker and make it idle; False (and the refill task
         started) when it could not start."""
+        self._starting += 1
         try:
             worker = await asyncio.get_running_loop().run_in_executor(None, self._spawn)
         except WorkerStartFailed as failure:
@@ -273,23 +296,75 @@ class WorkerPool:
             if self._refill is None or self._refill.done():
                 self._refill = asyncio.ensure_future(self._refill_pool())
             return False
+        finally:
+            self._starting -= 1
         if self.start_failure is not None:
             log.info("a worker started again after: %s", self.start_failure)
             self.start_failure = None
         if self.closed:
             await asyncio.get_running_loop().run_in_executor(None, self._retire, worker)
         else:
+            worker.idle_since = asyncio.get_running_loop().time()
             self._idle.put_nowait(worker)
         return True
 
     async def _refill_pool(self) -> None:
-        """While workers cannot start: try again, backing off, until the pool is full."""
+        """While workers cannot start: try again, backing off, until the
+        workers kept running are back."""
         delay = 0.5
-        while not self.closed and len(self._all) < self.size:
+        while not self.closed and len(self._all) < self.minimum:
             await asyncio.sleep(delay)
             if self.closed:
                 return
             delay = 0.5 if await self._start_one() else min(delay * 2, START_RETRY_MAX)
+
+    def _grow(self) -> None:
+        """Leases are waiting for more workers than are idle: start more, one
+        after the other, while that lasts and the pool may have more."""
+        if self._growth is None or self._growth.done():
+            self._growth = asyncio.ensure_future(self._grow_while_waited_for())
+
+    def _may_grow(self) -> bool:
+        return (not self.closed and self.start_failure is None and self._waiting > self._idle.qsize()
+                and len(self._all) + self._starting < self.size)
+
+    async def _grow_while_waited_for(self) -> None:
+        while self._may_grow():
+            log.debug("%d message(s) waiting for a worker; starting one more", self._waiting)
+            if not await self._start_one():
+                return
+
+    async def _dismiss_idle(self) -> None:
+        """Every few seconds: tell the workers beyond `minimum` that have
+        been idle for `max_idle` seconds to exit."""
+        loop = asyncio.get_running_loop()
+        while not self.closed:
+            await asyncio.sleep(max(min(self.max_idle / 4, 10.0), 0.05))
+            now = loop.time()
+            idle = [self._idle.get_nowait() for _ in range(self._idle.qsize())]
+            dismissed = []
+            for worker in sorted(idle, key=lambda w: w.idle_since):  # the longest idle first
+                if len(self._all) > self.minimum and now - worker.idle_since >= self.max_idle:
+                    self._all.discard(worker)
+                    dismissed.append(worker)
+                else:
+                    self._idle.put_nowait(worker)  # the most recently used ends on top again
+            for worker in dismissed:
+                log.debug("worker %s idle for %.0f s; told to exit (%d running)", worker.process.pid,
+                          now - worker.idle_since, len(self._all))
+                await loop.run_in_executor(None, self._stop, worker)
+
+    @staticmethod
+    def _stop(worker: _Worker) -> None:
+        """In a thread: ask `worker` to exit (its loop ends when told so),
+        kill it if it does not, and close its pipe."""
+        with contextlib.suppress(OSError):
+            worker.conn.send(None)
+        worker.process.join(timeout=2)
+        if worker.process.is_alive():
+            worker.process.kill()
+            worker.process.join(timeout=5)
+        worker.conn.close()
 
     def _retire(self, worker: _Worker) -> None:
         """Kill `worker` (if still alive) and forget it."""
@@ -334,11 +409,16 @@ class WorkerPool:
                 # No worker runs and none could start: waiting would only
                 # hold the client's connection open for nothing.
                 raise PoolBusy(f"no worker running: {self.start_failure}")
+            self._waiting += 1
             try:
+                if self._may_grow():
+                    self._grow()
                 worker = await asyncio.wait_for(self._idle.get(),
                                                 max(deadline - asyncio.get_running_loop().time(), 0))
             except asyncio.TimeoutError:
                 raise PoolBusy(f"no worker free within {self.wait_timeout:g} s") from None
+            finally:
+                self._waiting -= 1
             if worker.process.is_alive():
                 break
             # Died while idle (killed by an operator, the OOM killer): not a
@@ -361,6 +441,7 @@ class WorkerPool:
         if self.closed or worker not in self._all:
             return
         if worker.process.is_alive():
+            worker.idle_since = asyncio.get_running_loop().time()
             self._idle.put_nowait(worker)
         else:
             asyncio.ensure_future(self._replace(worker))
@@ -368,23 +449,22 @@ class WorkerPool:
     async def close(self) -> None:
         """Stop every worker: closing its pipe ends its loop; the stragglers are killed."""
         self.closed = True
-        if self._refill is not None:
-            self._refill.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._refill
+        for task in (self._refill, self._reaper):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self._growth is not None:
+            # Not cancelled: its worker is being started in a thread, and a
+            # worker that arrives after close() is stopped by _start_one.
+            await asyncio.gather(self._growth, return_exceptions=True)
 
         def stop_all():
             for worker in list(self._all):
-                try:
-                    worker.conn.send(None)
-                except OSError:
-                    pass
+                with contextlib.suppress(OSError):
+                    worker.conn.send(None)  # all told first, so they exit side by side
             for worker in list(self._all):
-                worker.process.join(timeout=2)
-                if worker.process.is_alive():
-                    worker.process.kill()
-                    worker.process.join(timeout=5)
-                worker.conn.close()
+                self._stop(worker)
             self._all.clear()
 
         await asyncio.get_running_loop().run_in_executor(None, stop_all)

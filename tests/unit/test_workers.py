@@ -183,3 +183,57 @@ async def test_close_stops_every_worker(pool):
             os.kill(pid, 0)
     with pytest.raises(PoolBusy):
         await pool.run(pid_and, None)
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie (Linux: reads /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+async def wait_for(condition, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return condition()
+
+
+async def test_an_elastic_pool_grows_while_messages_wait_and_shrinks_when_idle():
+    workers = WorkerPool(2, time_limit=5.0, memory_limit_mb=512, wait_timeout=20.0, max_idle=0.5)
+    await workers.start()
+    try:
+        [first] = workers.pids  # idle: one worker
+        answers = await asyncio.gather(*(workers.run(sleep_pid, 0.6, n) for n in range(6)))
+        assert [value for _, value in answers] == list(range(6))
+        used = {pid for pid, _ in answers}
+        assert first in used and len(used) == 2, used  # a second one was started for the waiting calls
+        assert set(workers.pids) == used  # and never a third: `size` is the most
+        [extra] = used - {first}
+        # Idle for max_idle: the extra worker is told to exit, the first stays.
+        assert await wait_for(lambda: len(workers.pids) == 1, 10), workers.pids
+        assert await wait_for(lambda: not alive(extra) or not alive(first), 5)
+        [kept] = workers.pids
+        assert alive(kept) and not alive(({first, extra} - {kept}).pop())
+        pid, value = await workers.run(pid_and, "again")
+        assert (pid, value) == (kept, "again")
+        assert workers.replaced == 0  # telling a worker to exit is not a death
+    finally:
+        await workers.close()
+    assert not any(alive(pid) for pid in used)
+
+
+async def test_an_elastic_pool_hands_out_the_most_recently_used_worker():
+    """Under light load one worker does the work, so the others can age out
+    instead of each being used just often enough never to be idle."""
+    workers = WorkerPool(2, time_limit=5.0, memory_limit_mb=512, wait_timeout=20.0, max_idle=30.0)
+    await workers.start()
+    try:
+        await asyncio.gather(*(workers.run(sleep_pid, 0.6, n) for n in range(4)))
+        assert len(workers.pids) == 2
+        last = [(await workers.run(pid_and, n))[0] for n in range(6)]
+        assert len(set(last)) == 1, last  # one after the other: always the same one
+    finally:
+        await workers.close()
