@@ -543,7 +543,7 @@ class RelayHandler:
         try:
             auth_results = await self._authenticate(session, envelope, raw, changes) if session else None
             async with self.workers.lease() as worker:
-                begun = await worker.call(pipeline.begin, raw)
+                begun = await worker.call(pipeline.BEGIN, raw)
                 if begun.refusal is not None:
                     raise SmtpError(begun.refusal)
                 rows = await self.store.message_id_rows(route.relationship.id, begun.referenced_ids)
@@ -571,7 +571,7 @@ class RelayHandler:
                     authenticated=self.submission,
                     latest_order_at=datetime.fromisoformat(latest_order.replace("Z", "+00:00")) if latest_order else None,
                 )
-                processed = await worker.call(pipeline.finish, context)
+                processed = await worker.call(pipeline.FINISH, context)
             changes.merge(processed.changes)
             if processed.refusal is not None:
                 raise SmtpError(processed.refusal)

@@ -9,6 +9,8 @@ address space is capped with RLIMIT_AS, so a message that would need more
 gets MemoryError in its worker instead of starving the machine).
 
 `WorkerPool.run(function, *args)` sends a picklable call to an idle worker
+(`function` a module-level function, or its "module:name" for one the
+relay's own process should not have to import)
 and awaits the answer; `WorkerPool.lease()` holds one worker for several
 calls about one message (the parsed message stays in the worker between
 them). A call that overruns `time_limit` gets its worker
@@ -18,7 +20,7 @@ raises `WorkerLost`. Waiting for an idle worker longer than `wait_timeout`
 raises `PoolBusy`. The event loop never blocks: each call's pipe I/O is done
 by a thread of the pool's own, one per worker.
 
-Each worker is a fresh Python process (`python -P -m relay.workers`), not a
+Each worker is a fresh Python process (`python -P -m relay.worker_process`), not a
 fork: it inherits none of the event loop's threads, sockets or memory, and
 the relay needs no fork server and no multiprocessing resource tracker
 beside it (together 56 MB of idle memory when it had them). Its pipe is a
@@ -42,7 +44,7 @@ instead of taking turns. Without `max_idle` (0), all `size` workers run
 from the start.
 
 A worker counts as started only once it has said so: it runs a tiny
-message through `pipeline.begin` under its memory limit and answers
+message through `pipeline.runner.begin` under its memory limit and answers
 "ready". One that dies or fails before that is a start-up failure: the
 pool keeps trying to start workers (backing off up to `START_RETRY_MAX`
 seconds), `problem` says what went wrong until one starts again (for
@@ -60,7 +62,6 @@ import signal
 import socket
 import subprocess
 import sys
-import traceback
 from multiprocessing.connection import Connection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -72,10 +73,6 @@ log = logging.getLogger("relay.workers")
 START_TIMEOUT = 30.0
 START_RETRY_MAX = 30.0
 
-# What a new worker runs before it says it is ready: the first step of every
-# message, so a worker that cannot import the pipeline or has no memory to
-# parse a message under its limit fails here, not on a sender's message.
-READY_CHECK = b"From: check@relay.invalid\r\nSubject: ready?\r\n\r\nready\r\n"
 
 
 class WorkerError(Exception):
@@ -101,61 +98,6 @@ class PoolBusy(Exception):
 
 class WorkerStartFailed(Exception):
     """A new worker died or failed before it was ready."""
-
-
-def _worker_main(conn: Connection, memory_limit_bytes: int) -> None:
-    """A worker's life: take the relay's sys.path, start, then answer calls
-    until the pipe closes."""
-    try:
-        sys.path[:] = conn.recv()
-    except (EOFError, OSError):
-        return
-    if memory_limit_bytes:
-        import resource
-
-        resource.setrlimit(resource.RLIMIT_AS, (memory_limit_bytes, memory_limit_bytes))
-    # Ctrl-C at a terminal reaches the whole process group; the parent
-    # decides when workers stop, by closing their pipes.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        from relay import pipeline
-
-        pipeline.begin(READY_CHECK)
-    except BaseException as error:  # noqa: BLE001 - the parent reports why this worker cannot start
-        conn.send(("broken", f"{type(error).__name__}: {error}".strip().rstrip(":")))
-        return
-    conn.send(("ready", None))
-    while True:
-        try:
-            job = conn.recv()
-        except (EOFError, OSError):
-            return
-        except MemoryError:
-            # The arguments alone did not fit: say so, then start afresh.
-            conn.send(("memory", ""))
-            return
-        if job is None:  # the parent is stopping
-            return
-        function, args = job
-        try:
-            answer = ("ok", function(*args))
-        except MemoryError:
-            answer = None
-        except BaseException as error:  # noqa: BLE001 - reported to the parent, which decides
-            answer = ("error", (type(error).__name__, traceback.format_exc()))
-        del job, args
-        if answer is None:
-            # Memory is exhausted or fragmented: answer, then exit and let
-            # the parent start a clean worker.
-            conn.send(("memory", ""))
-            return
-        try:
-            conn.send(answer)
-        except MemoryError:
-            conn.send(("memory", ""))
-            return
-        except Exception as error:  # an unpicklable result: a bug, reported as such
-            conn.send(("error", (type(error).__name__, traceback.format_exc())))
 
 
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -253,7 +195,7 @@ class WorkerPool:
         try:
             # Its standard input is not the relay's (a terminal, a pipe from
             # a supervisor); its output and errors go where the relay's go.
-            process = _Process([sys.executable, "-P", "-m", "relay.workers", str(child_socket.fileno()),
+            process = _Process([sys.executable, "-P", "-m", "relay.worker_process", str(child_socket.fileno()),
                                 str(self.memory_limit_bytes)], pass_fds=(child_socket.fileno(),),
                                stdin=subprocess.DEVNULL)
         except OSError as error:
@@ -558,9 +500,3 @@ class Lease:
             self._pending.add_done_callback(lambda _: self.pool._put_back(worker))
         else:
             self.pool._put_back(worker)
-
-
-if __name__ == "__main__":
-    # A worker process, started by WorkerPool._spawn: its pipe's descriptor
-    # and its memory limit in bytes.
-    _worker_main(Connection(int(sys.argv[1])), int(sys.argv[2]))

@@ -722,6 +722,7 @@ class Bench:
         check_delivery(f"{sampler_name} warm-up", warm, self.sink.snapshot())
         time.sleep(0.5)
         baseline, baseline_pss = min(self.sampler.measure(sampler_name) for _ in range(3))
+        processes_before = len(descendants(*self.sampler.roots[sampler_name]))
         self.sampler.interval = BIG_SAMPLE_INTERVAL
         self.sampler.reset(sampler_name)
         big = Load(self.directory / f"big-{sampler_name}", [message], self.load.rcpt, 1)
@@ -737,6 +738,8 @@ class Bench:
         peak, peak_pss = self.sampler.peak[sampler_name], self.sampler.peak_pss[sampler_name]
         return {"baseline_mb": baseline / MB, "peak_mb": peak / MB, "growth_mb": (peak - baseline) / MB,
                 "pss_growth_mb": (peak_pss - baseline_pss) / MB,
+                "baseline_processes": processes_before,
+                "processes": self.sampler.processes[sampler_name],
                 "latency_ms": result["latencies_ms"][0] if result["latencies_ms"] else float("nan")}
 
     def run_facts(self, source: str, load_at_start: float, sequence, variants) -> dict:
@@ -877,6 +880,8 @@ class Bench:
             "rss_10mb_attachment_mb": round(relay_big["growth_mb"], 1),
             "rss_10mb_attachment_x_wire": round(growth_x, 2),
             "rss_10mb_attachment_baseline_mb": round(relay_big["baseline_mb"], 1),
+            # Processes of the relay before the message, and the most while it ran.
+            "big_message_relay_processes": [relay_big["baseline_processes"], relay_big["processes"]],
             "pss_10mb_attachment_mb": round(relay_big["pss_growth_mb"], 1),
             "big_message_relay_ms": round(relay_big["latency_ms"], 1),
             "passthrough_rss_10mb_attachment_mb": round(passthrough_big["growth_mb"], 1),

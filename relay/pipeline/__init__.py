@@ -16,26 +16,37 @@ rules (opt-out, contact window) → header rewrite → address scrubbing → att
 sanitizing (with the link policy inside HTML) → link stripping in other
 text → re-encoding of parts with lines over 998 octets → the X-Relay-Policy summary, Authentication-Results and trace header →
 DKIM signing of the final bytes.
+
+This package's own module holds only what crosses between the event loop's
+process and a worker: `Context` going in, `Begun` and `Processed` coming
+back. The stages and the steps that run them are in `runner.py`; the
+names `begin`, `finish`, `process` and `STAGES` here import it on first
+use. The relay's event-loop process never uses them (it sends the workers
+the names of `runner.begin` and `runner.finish`), so it does not load
+bleach, html5lib, tinycss2 or linkify-it: about 10 MB of its memory.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from email.message import EmailMessage
+from typing import TYPE_CHECKING
 
-from relay import dkim, replies
 from relay.config import PolicyConfig
-from relay.dkim import DkimKey
-from relay.pipeline import attachments, checks, lines, links, rewrite, sanitize, scrub
 from relay.pipeline.changes import ChangeLog
-from relay.pipeline.message import parse, raised_by_email_package, referenced_ids, serialize
-from relay.pipeline.rewrite import trace_header
-from relay.replies import Reply, SmtpError
+from relay.pipeline.message import parse, referenced_ids
+from relay.replies import Reply
 from relay.store import MessageIdRow, Party
+
+if TYPE_CHECKING:
+    from relay.dkim import DkimKey
 
 __all__ = ["Begun", "Context", "Processed", "Result", "STAGES", "begin", "finish", "parse", "process",
            "referenced_ids"]
+
+# What a worker is sent by name (relay/workers.py resolves "module:function").
+BEGIN = "relay.pipeline.runner:begin"
+FINISH = "relay.pipeline.runner:finish"
 
 
 @dataclass(frozen=True)
@@ -73,70 +84,6 @@ class Result:
     policy_summary: str = "clean"
 
 
-STAGES = (
-    checks.loop_check,
-    checks.structure_check,
-    checks.sender_check,
-    checks.sending_rules,
-    rewrite.rewrite_headers,
-    scrub.scrub_addresses,
-    # Content rules (DESIGN §4). Attachments and sizes first: both are cheap
-    # and refuse outright, before any work is spent sanitizing.
-    attachments.check_attachments,
-    sanitize.check_text_sizes,
-    sanitize.sanitize_html,
-    links.strip_links,
-    # Last of the content stages, so that it sees the sanitizer's and the
-    # link stripper's output too: no delivered line over 998 octets.
-    lines.limit_line_lengths,
-)
-
-
-def process(message: EmailMessage, context: Context, changes: list[str]) -> Result:
-    """Run every stage over `message`; return the bytes to deliver.
-
-    `changes` is filled as stages go, so that a refusal half-way still
-    leaves a record of what was looked at for the archive.
-    """
-    log = changes if isinstance(changes, ChangeLog) else ChangeLog()
-    original_id = rewrite.original_message_id(message)
-    try:
-        for stage in STAGES:
-            stage(message, context, log)
-        summary = log.policy_summary()
-        message["X-Relay-Policy"] = summary
-        trace = [trace_header(context)]
-        if context.auth_results:
-            trace.insert(0, f"Authentication-Results: {context.auth_results}")
-        delivered = serialize(message, prepend=trace)
-        if context.dkim_key is not None:
-            delivered = dkim.sign(delivered, context.dkim_key)
-    except RecursionError:
-        # The email package walks MIME trees recursively; thousands of nested
-        # parts exhaust the stack. No real mail nests like that.
-        log.append("refused: MIME structure nested too deeply")
-        raise SmtpError(replies.TOO_DEEPLY_NESTED) from None
-    except SmtpError:
-        raise
-    except Exception as error:
-        if not raised_by_email_package(error):
-            raise
-        log.append(f"refused: the email package cannot read a header ({type(error).__name__}: {error})")
-        raise SmtpError(replies.UNPARSEABLE) from error
-    finally:
-        if log is not changes:
-            changes.extend(log)
-    return Result(delivered=delivered, original_message_id=original_id, changes=changes,
-                  policy_summary=summary)
-
-
-# --- the two steps a worker process runs (relay/workers.py) -----------------
-
-# The message between begin() and finish(): a worker is leased to one
-# message for both calls, so it is never another message's.
-_held: EmailMessage | None = None
-
-
 @dataclass
 class Begun:
     referenced_ids: list[str]
@@ -150,31 +97,11 @@ class Processed:
     changes: ChangeLog
 
 
-def begin(raw: bytes) -> Begun:
-    """Parse `raw` and keep it for `finish`; the ids the handler looks up."""
-    global _held
-    _held = None
-    try:
-        message = parse(raw)
-        ids = referenced_ids(message)
-    except SmtpError as exc:
-        return Begun([], exc.reply)
-    except Exception as error:
-        if not raised_by_email_package(error):
-            raise
-        return Begun([], replies.UNPARSEABLE)
-    _held = message
-    return Begun(ids)
+def __getattr__(name: str):
+    # The stages' libraries are loaded by whoever runs the stages, not by
+    # whoever only names the types (PEP 562).
+    if name in ("begin", "finish", "process", "STAGES"):
+        from relay.pipeline import runner
 
-
-def finish(context: Context) -> Processed:
-    """Run the stages over the message `begin` kept."""
-    global _held
-    message, _held = _held, None
-    if message is None:
-        raise RuntimeError("finish() without begin() in this worker")
-    changes = ChangeLog()
-    try:
-        return Processed(process(message, context, changes), None, changes)
-    except SmtpError as exc:
-        return Processed(None, exc.reply, changes)
+        return getattr(runner, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

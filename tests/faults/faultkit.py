@@ -519,9 +519,9 @@ class RelayProcess:
 
     def workers(self) -> list[int]:
         """The worker processes: children of the relay running
-        `python -P -m relay.workers`."""
+        `python -P -m relay.worker_process`."""
         return sorted(pid for pid, ppid, cmdline in self.session()
-                      if ppid == self.proc.pid and " -m relay.workers " in cmdline)
+                      if ppid == self.proc.pid and " -m relay.worker_process " in cmdline)
 
     def kill_session(self) -> None:
         """SIGKILL whatever is left of this relay's session (cleanup only)."""

@@ -5,7 +5,7 @@ The relay keeps serving; the client sees 451 at worst, and its retry is
 delivered once and archived once.
 
 The workers are found from outside, as an operator (or the OOM killer)
-would: the relay's children running `python -P -m relay.workers` (Linux:
+would: the relay's children running `python -P -m relay.worker_process` (Linux:
 reads /proc)."""
 
 from __future__ import annotations

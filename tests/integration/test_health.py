@@ -128,7 +128,7 @@ class Serve:
 
     def workers(self) -> list[int]:
         """The worker processes: children of the relay running
-        `python -P -m relay.workers` (Linux: reads /proc)."""
+        `python -P -m relay.worker_process` (Linux: reads /proc)."""
         found = []
         for stat in Path("/proc").glob("[0-9]*/stat"):
             try:
@@ -137,7 +137,7 @@ class Serve:
             except OSError:
                 continue
             fields = text.rsplit(")", 1)[-1].split()
-            if fields[0] not in ("Z", "X") and int(fields[1]) == self.proc.pid and b"relay.workers" in cmdline:
+            if fields[0] not in ("Z", "X") and int(fields[1]) == self.proc.pid and b"relay.worker_process" in cmdline:
                 found.append(int(text.split(" ", 1)[0]))
         return found
 
