@@ -40,6 +40,7 @@ from typing import Callable, Protocol
 
 import aiosmtplib
 import aiosmtplib.protocol
+import aiosmtplib.smtp
 
 from relay import replies
 from relay.config import UpstreamConfig
@@ -96,7 +97,8 @@ def queue_id(reply_text: str) -> str:
 
 # aiosmtplib turns every lone CR or LF of a message into CRLF before DATA,
 # with a regular expression over the whole message: about 1 ms per 100 KB,
-# on the event loop. The relay's messages have CRLF line ends only (DATA
+# on the event loop, and a second time in sendmail() to count the SIZE=
+# parameter (smtp.py imports the function by name, so both names are set). The relay's messages have CRLF line ends only (DATA
 # refuses bare CR and LF, and the pipeline writes CRLF), so this returns
 # such a message as it is and leaves anything else to aiosmtplib's own
 # function; the result is the same bytes (tests/unit/test_forward_fast_path.py).
@@ -111,6 +113,7 @@ def normalize_message_line_endings(message: bytes) -> bytes:
 
 
 aiosmtplib.protocol.normalize_message_line_endings = normalize_message_line_endings
+aiosmtplib.smtp.normalize_message_line_endings = normalize_message_line_endings
 
 
 class Goodbyes:

@@ -54,6 +54,51 @@ BARE_NEWLINE_MODES = ("normal", "reject")
 _FAKE_END = re.compile(rb"(?:^|\n)\.\n|(?:^|[^\r])\n\.\r\n")
 
 
+class _LineMeter:
+    """The lengths of the lines of data arriving in chunks: `too_long(chunk)`
+    says whether the chunk ends a line over MAX_LINE_OCTETS (the LF
+    counted; a line that starts with a dot may be one longer, for the dot
+    added for transparency), or holds the start of one that already is."""
+
+    def __init__(self):
+        self.length = 0  # of the line in progress, so far
+        self.first = None  # its first octet
+
+    def too_long(self, chunk: bytes) -> bool:
+        last_lf = chunk.rfind(b"\n")
+        if self.length + len(chunk) <= MAX_LINE_OCTETS:
+            # No line in it can be too long; only the one in progress is tracked.
+            if last_lf < 0:
+                self._grow(chunk)
+            else:
+                self.length, self.first = 0, None
+                self._grow(chunk[last_lf + 1:])
+            return False
+        pieces = chunk.split(b"\n")
+        ended, rest = pieces[:-1], pieces[-1]
+        if ended:
+            first_piece, *whole = ended
+            if self._over(self.length + len(first_piece) + 1,
+                          self.first if self.length else (first_piece[:1] or None)):
+                return True
+            if whole and max(map(len, whole)) >= MAX_LINE_OCTETS:  # rarely: then look closer
+                if any(self._over(len(piece) + 1, piece[:1]) for piece in whole):
+                    return True
+            self.length, self.first = 0, None
+        self._grow(rest)
+        # Unfinished, but already too long for any line, dot or not.
+        return self.length > MAX_LINE_OCTETS + 1
+
+    def _grow(self, piece: bytes) -> None:
+        if piece and not self.length:
+            self.first = piece[:1]
+        self.length += len(piece)
+
+    @staticmethod
+    def _over(length: int, first) -> bool:
+        return length > MAX_LINE_OCTETS and (length > MAX_LINE_OCTETS + 1 or first != b".")
+
+
 def parse_ip(text: str):
     try:
         return ipaddress.ip_address(str(text).split("%", 1)[0])
@@ -245,57 +290,55 @@ class RelaySMTP(SMTP):
         the refusal to give once it is all read (RFC 5321 §4.2.5: the reply
         comes after the data). Past a refusal nothing more is kept.
 
-        Lines are read up to a bare LF, so that a line ending in LF alone is
-        one line and not the start of the next. A line longer than the
-        stream's buffer limit (1001 bytes: aiosmtpd's command limit) arrives
-        in pieces and is put together, up to MAX_LINE_OCTETS; past that it
-        is dropped piece by piece.
+        The data is read in the stream's chunks, not line by line (a 500 KB
+        attachment is 9,000 lines: an await and a pass of this loop each),
+        up to each ".<CRLF>": where the two octets before it are a CRLF (or
+        it opens the data, after the DATA command's own CRLF), that is the
+        dot line that ends the data, exactly what reading the lines up to
+        each LF would find. Lines are still what the limits count: a line
+        is everything up to an LF, and one over MAX_LINE_OCTETS (a dot added
+        for transparency not counted) is refused.
 
-        The loop does per line only what must be done per line; the checks
-        and rewrites that can be done on the whole (bare CR or LF, the fake
-        ends of smuggling, CRLF for bare LF, dot-unstuffing) are done once
-        at the end, by bytes methods in C."""
+        The checks and rewrites that can be done on the whole (bare CR or
+        LF, the fake ends of smuggling, CRLF for bare LF, dot-unstuffing)
+        are done once at the end, by bytes methods in C."""
         reader = self._reader
         limit = self.data_size_limit or 0
         buffer = bytearray()
         size, refusal = 0, None
-        piece = bytearray()  # the start of a line longer than the stream's limit
-        lines = 0
-        after_crlf = True  # the DATA command ended in CRLF
+        before = b"\r\n"  # the last two octets read: at first, the DATA command's CRLF
+        line = _LineMeter()
         while True:
             try:
-                line = await reader.readuntil(b"\n")
+                chunk = await reader.readuntil(b".\r\n")
             except asyncio.LimitOverrunError as error:
-                chunk = await reader.read(error.consumed)
-                if len(piece) <= MAX_LINE_OCTETS:
-                    piece += chunk  # past the limit the rest is dropped
-                continue
-            if piece:
-                piece += line
-                line, piece = bytes(piece), bytearray()
-            crlf = line.endswith(b"\r\n")
-            if line == b".\r\n" and after_crlf:
+                # No dot line within the stream's limit (or one beyond it):
+                # take what is certainly data; a ".<CRLF>" being received
+                # stays in the stream.
+                chunk, end = await reader.read(error.consumed), False
+            else:
+                data = chunk[:-3]
+                end = (before + data if len(data) < 2 else data)[-2:] == b"\r\n"
+                if end:
+                    chunk = data
+            if chunk:
+                before = (before + chunk)[-2:]
+            self._reset_timeout()  # the idle timer measures silence, not the transfer
+            if refusal is None and chunk:
+                size += len(chunk)
+                if limit and size > limit:
+                    refusal, buffer = replies.MESSAGE_TOO_BIG.with_text(
+                        f"Message size exceeds fixed maximum message size of {limit} bytes"), bytearray()
+                elif line.too_long(chunk):
+                    refusal, buffer = replies.LINE_TOO_LONG, bytearray()
+                else:
+                    buffer += chunk
+            if end:
                 break
-            after_crlf = crlf
-            lines += 1
-            if not lines & 127:  # the idle timer measures silence, not the transfer
-                self._reset_timeout()
-            if refusal is not None:
-                continue
-            size += len(line)
-            if limit and size > limit:
-                refusal, buffer = replies.MESSAGE_TOO_BIG.with_text(
-                    f"Message size exceeds fixed maximum message size of {limit} bytes"), bytearray()
-                continue
-            # A dot added for transparency is not counted.
-            if len(line) > MAX_LINE_OCTETS and (len(line) > MAX_LINE_OCTETS + 1 or line[0] != 0x2E):
-                refusal, buffer = replies.LINE_TOO_LONG, bytearray()
-                continue
-            buffer += line
         if refusal is not None:
             return b"", refusal
-        # Every line ends in LF (readuntil): a CR that is not before one is
-        # bare, and so is an LF that is not after a CR.
+        # The data ends in CRLF (before the dot line): a CR that is not
+        # before an LF is bare, and so is an LF that is not after a CR.
         crlfs = buffer.count(b"\r\n")
         if buffer.count(b"\r") != crlfs:
             return b"", replies.BARE_LINE_ENDING

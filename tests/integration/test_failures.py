@@ -67,7 +67,7 @@ def test_a_bug_in_a_stage_is_451_without_internals(relay, upstream, monkeypatch)
     # The stages run in worker processes, which import what they are sent
     # by name: a module-level function of tests/support.py stands in for
     # the pipeline's second step there.
-    monkeypatch.setattr(pipeline, "finish", support.broken_finish)
+    monkeypatch.setattr(pipeline, "FINISH", "support:broken_finish")
     pair = relay.pair()
     code, text = data_reply(relay, pair)
     assert (code, text) == (451, b"4.3.0 Internal error, try again later")

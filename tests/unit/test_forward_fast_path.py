@@ -6,12 +6,15 @@ from __future__ import annotations
 import itertools
 
 import aiosmtplib.protocol
+import aiosmtplib.smtp
 
 from relay import forward
 
 
 def test_the_shortcut_is_the_one_aiosmtplib_calls():
+    # Before DATA, and in sendmail() for the SIZE= of a server that has SIZE.
     assert aiosmtplib.protocol.normalize_message_line_endings is forward.normalize_message_line_endings
+    assert aiosmtplib.smtp.normalize_message_line_endings is forward.normalize_message_line_endings
 
 
 def test_same_output_as_aiosmtplib_for_every_short_input():
