@@ -428,7 +428,13 @@ class Lease:
     def __init__(self, pool: WorkerPool, worker: _Worker):
         self.pool = pool
         self.worker: _Worker | None = worker
+        # CPU the worker spent on this lease: at most this (the wall time of
+        # its calls, or a reading of /proc plus the wall time since). One
+        # process on one thread cannot spend more CPU than wall time, so
+        # /proc is read only when the budget might be used up, not twice a
+        # call (that was 2 % of the event loop's CPU under load).
         self.cpu_used = 0.0
+        self._cpu_base: float | None = None  # the worker's CPU time when the lease began
         self._pending: asyncio.Future | None = None
 
     async def call(self, function, *args):
@@ -437,16 +443,18 @@ class Lease:
             raise WorkerLost("the worker was replaced")
         loop = asyncio.get_running_loop()
         pid = worker.process.pid
-        cpu_start = cpu_seconds(pid)
-        wall_start = loop.time()
+        if self._cpu_base is None:
+            self._cpu_base = cpu_seconds(pid)
+        wall_start = bound_at = loop.time()
         backstop = wall_start + pool.time_limit * 3 + 5
         pending = self._pending = loop.run_in_executor(pool._threads, pool._round_trip, worker, function, args)
 
         def used() -> float:
+            """The CPU the lease really used so far (from /proc)."""
             now = cpu_seconds(pid)
-            if now is None or cpu_start is None:  # no /proc: the clock is all there is
-                return self.cpu_used + loop.time() - wall_start
-            return self.cpu_used + now - cpu_start
+            if now is None or self._cpu_base is None:  # no /proc: the clock is all there is
+                return self.cpu_used + loop.time() - bound_at
+            return now - self._cpu_base
 
         wait = max(pool.time_limit - self.cpu_used, 0.01)
         try:
@@ -466,6 +474,7 @@ class Lease:
                                   pid, spent, loop.time() - wall_start)
                         await self._lose(pending)
                         raise WorkerLost("the worker stopped answering") from None
+                    self.cpu_used, bound_at = spent, loop.time()
                     wait = max(min(pool.time_limit - spent, backstop - loop.time()), 0.05)
         except (EOFError, OSError) as error:
             log.error("worker %s died (exit code %s, %s); replacing it", pid,
@@ -473,7 +482,7 @@ class Lease:
             await self._lose()
             raise WorkerLost(f"worker exit code {worker.process.exitcode}") from None
         self._pending = None
-        self.cpu_used = used()
+        self.cpu_used += loop.time() - bound_at
         worker.calls += 1
         if status == "memory":
             log.warning("worker %s ran out of memory (limit %d MB); replacing it", pid,

@@ -41,6 +41,40 @@ def test_the_signature_verifies_against_the_published_record(key):
 
 def test_the_signer_is_the_one_dkimpy_calls():
     assert dkimpy.RSASSA_PKCS1_v1_5_sign is dkim.openssl_rsassa_sign
+    assert dkimpy.RSASSA_PKCS1_v1_5_verify is dkim.openssl_rsassa_verify
+
+
+def test_openssl_verification_gives_dkimpy_s_verdict(key):
+    """Valid, tampered, a signature by another key, and the forms OpenSSL
+    leaves to dkimpy (too short, too long, not below the modulus): the
+    same verdict from both, through dkimpy's own verify()."""
+    import hashlib
+
+    from dkim import crypto
+
+    other = dkim.DkimKey("s1", "marketplace.example", dkim.generate_private_pem())
+    public = crypto.parse_public_key(__import__("base64").b64decode(
+        dkim.dns_record(key.private_pem).split("p=", 1)[1]))
+    private = crypto.parse_pem_private_key(key.private_pem)
+    n = public["modulus"]
+    size = (n.bit_length() + 7) // 8
+    digest = hashlib.sha256(b"the signed header block")
+    good = dkim._pure_python_sign(digest, private)
+    bad = dkim._pure_python_sign(digest, crypto.parse_pem_private_key(other.private_pem))
+    unreduced = (int.from_bytes(good, "big") + n).to_bytes(size + 1, "big")
+    cases = {
+        "valid": good, "other key": bad, "flipped bit": bytes([good[0] ^ 1]) + good[1:],
+        "short": good.lstrip(b"\0")[1:], "long": b"\0" + good, "not below n": unreduced,
+        "all ones": b"\xff" * size, "zero": b"\0" * size,
+    }
+    verdicts = {}
+    for name, signature in cases.items():
+        fast = dkim.openssl_rsassa_verify(hashlib.sha256(b"the signed header block"), signature, public)
+        slow = dkim._pure_python_verify(hashlib.sha256(b"the signed header block"), signature, public)
+        assert fast == slow, name
+        verdicts[name] = fast
+    assert verdicts["valid"] and not verdicts["other key"] and not verdicts["flipped bit"]
+    assert verdicts["long"]  # dkimpy's arithmetic takes a leading zero octet; so does the relay
 
 
 def _samples():
