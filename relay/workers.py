@@ -17,16 +17,17 @@ them). A call that overruns `time_limit` gets its worker
 killed and replaced and raises `LimitExceeded` (CPU time: see `Lease`), as
 does one that ran out of memory; a worker that died for any other reason is replaced and the call
 raises `WorkerLost`. Waiting for an idle worker longer than `wait_timeout`
-raises `PoolBusy`. The event loop never blocks: each call's pipe I/O is done
-by a thread of the pool's own, one per worker.
+raises `PoolBusy`. The event loop never blocks: a call's pipe I/O is the
+loop's own non-blocking socket I/O (no thread per call: each hand-off to
+a thread and back cost the loop's process CPU and the message latency).
 
 Each worker is a fresh Python process (`python -P -m relay.worker_process`), not a
 fork: it inherits none of the event loop's threads, sockets or memory, and
 the relay needs no fork server and no multiprocessing resource tracker
 beside it (together 56 MB of idle memory when it had them). Its pipe is a
-socket pair handed over as a file descriptor and read and written with
-multiprocessing's `Connection`, so calls and answers are pickled exactly as
-multiprocessing would. The worker takes the relay's `sys.path` as its first
+socket pair handed over as a file descriptor; the worker reads and writes
+it with multiprocessing's `Connection`, the relay in the same frames
+(`_Pipe`). The worker takes the relay's `sys.path` as its first
 message (as multiprocessing's spawn does), so it imports the functions it is
 sent from where the relay found them. `-P` (safe path) keeps the working
 directory off its path: a folder named `relay` where `relay serve` was
@@ -58,12 +59,12 @@ import asyncio
 import contextlib
 import logging
 import os
+import pickle
 import signal
 import socket
+import struct
 import subprocess
 import sys
-from multiprocessing.connection import Connection
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 log = logging.getLogger("relay.workers")
@@ -115,6 +116,80 @@ def cpu_seconds(pid: int | None) -> float | None:
     return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
+class _Pipe:
+    """The relay's end of a worker's socket pair, in the frames of
+    multiprocessing's `Connection` (the worker's end is one): a 4-octet
+    big-endian length (-1 and 8 octets past 2 GB), then the pickle. Blocking
+    while a worker starts and stops (in a thread); on the event loop for a
+    call, so a call costs no thread hand-off."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+
+    @staticmethod
+    def _frames(value) -> list[bytes]:
+        payload = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        size = len(payload)
+        header = struct.pack("!i", size) if size < 0x7FFFFFFF else struct.pack("!iQ", -1, size)
+        # A big payload is not copied once more to put its header in front.
+        return [header, payload] if size > 16384 else [header + payload]
+
+    def send_blocking(self, value, timeout: float | None) -> None:
+        self.sock.settimeout(timeout)
+        for frame in self._frames(value):
+            self.sock.sendall(frame)
+
+    def recv_blocking(self, timeout: float | None):
+        """The next value; TimeoutError after `timeout` seconds of silence,
+        EOFError when the worker closed its end."""
+        self.sock.settimeout(timeout)
+
+        def exactly(count: int) -> bytearray:
+            buffer, got = bytearray(count), 0
+            view = memoryview(buffer)
+            while got < count:
+                received = self.sock.recv_into(view[got:])
+                if not received:
+                    raise EOFError
+                got += received
+            return buffer
+
+        (size,) = struct.unpack("!i", exactly(4))
+        if size == -1:
+            (size,) = struct.unpack("!Q", exactly(8))
+        return pickle.loads(exactly(size))
+
+    async def send(self, value) -> None:
+        loop = asyncio.get_running_loop()
+        if self.sock.gettimeout() != 0:
+            self.sock.setblocking(False)
+        for frame in self._frames(value):
+            await loop.sock_sendall(self.sock, frame)
+
+    async def recv(self):
+        loop = asyncio.get_running_loop()
+        if self.sock.gettimeout() != 0:
+            self.sock.setblocking(False)
+
+        async def exactly(count: int) -> bytearray:
+            buffer, got = bytearray(count), 0
+            view = memoryview(buffer)
+            while got < count:
+                received = await loop.sock_recv_into(self.sock, view[got:])
+                if not received:
+                    raise EOFError
+                got += received
+            return buffer
+
+        (size,) = struct.unpack("!i", await exactly(4))
+        if size == -1:
+            (size,) = struct.unpack("!Q", await exactly(8))
+        return pickle.loads(await exactly(size))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 class _Process(subprocess.Popen):
     """A worker's process, with the few names of multiprocessing's Process
     that the pool uses."""
@@ -134,7 +209,7 @@ class _Process(subprocess.Popen):
 @dataclass(eq=False)
 class _Worker:
     process: _Process
-    conn: object  # the parent's end of the pipe
+    pipe: _Pipe
     calls: int = 0
     idle_since: float = 0.0  # the event loop's clock when it last became idle
 
@@ -151,7 +226,6 @@ class WorkerPool:
         self.wait_timeout = wait_timeout
         self._idle: asyncio.LifoQueue[_Worker] | None = None
         self._all: set[_Worker] = set()
-        self._threads = ThreadPoolExecutor(max_workers=self.size, thread_name_prefix="relay-worker-io")
         self.replaced = 0  # workers started to replace one that died or was killed
         self.closed = False
         # Why the last attempt to start a worker failed; None once one started.
@@ -203,13 +277,12 @@ class WorkerPool:
             raise WorkerStartFailed(f"a worker could not be started ({error})") from None
         finally:
             child_socket.close()
-        parent_end = Connection(parent_socket.detach())
+        pipe = _Pipe(parent_socket)
         try:
-            parent_end.send(sys.path)
-            if parent_end.poll(START_TIMEOUT):
-                status, detail = parent_end.recv()
-            else:
-                status, detail = "silent", f"no answer within {START_TIMEOUT:g} s"
+            pipe.send_blocking(sys.path, START_TIMEOUT)
+            status, detail = pipe.recv_blocking(START_TIMEOUT)
+        except TimeoutError:
+            status, detail = "silent", f"no answer within {START_TIMEOUT:g} s"
         except (EOFError, OSError):
             # Died before our code ran (e.g. the worker could not import the
             # relay): its traceback went to the relay's standard error.
@@ -219,9 +292,9 @@ class WorkerPool:
             if process.is_alive():
                 process.kill()
             process.join(timeout=5)
-            parent_end.close()
+            pipe.close()
             raise WorkerStartFailed(f"a worker died at start-up ({detail})")
-        worker = _Worker(process, parent_end)
+        worker = _Worker(process, pipe)
         self._all.add(worker)
         return worker
 
@@ -301,12 +374,12 @@ class WorkerPool:
         """In a thread: ask `worker` to exit (its loop ends when told so),
         kill it if it does not, and close its pipe."""
         with contextlib.suppress(OSError):
-            worker.conn.send(None)
+            worker.pipe.send_blocking(None, 2)
         worker.process.join(timeout=2)
         if worker.process.is_alive():
             worker.process.kill()
             worker.process.join(timeout=5)
-        worker.conn.close()
+        worker.pipe.close()
 
     def _retire(self, worker: _Worker) -> None:
         """Kill `worker` (if still alive) and forget it."""
@@ -314,7 +387,7 @@ class WorkerPool:
         if worker.process.is_alive():
             worker.process.kill()
         worker.process.join(timeout=5)
-        worker.conn.close()
+        worker.pipe.close()
 
     async def _replace(self, worker: _Worker) -> None:
         loop = asyncio.get_running_loop()
@@ -327,17 +400,18 @@ class WorkerPool:
         await self._start_one()
 
     @staticmethod
-    def _round_trip(worker: _Worker, function, args):
-        """In a pool thread: the blocking round trip over the pipe."""
+    async def _round_trip(worker: _Worker, function, args):
+        """The call and its answer over the pipe."""
         try:
-            worker.conn.send((function, args))
-        except (BrokenPipeError, ConnectionResetError):
+            await worker.pipe.send((function, args))
+        except (BrokenPipeError, ConnectionResetError) as error:
             # A worker that could not hold the arguments says so and exits
             # before reading them all: its answer is still in the pipe.
-            if worker.conn.poll(1):
-                return worker.conn.recv()
-            raise
-        return worker.conn.recv()
+            try:
+                return await asyncio.wait_for(worker.pipe.recv(), 1)
+            except (asyncio.TimeoutError, EOFError, OSError):
+                raise error from None
+        return await worker.pipe.recv()
 
     @contextlib.asynccontextmanager
     async def lease(self):
@@ -404,13 +478,12 @@ class WorkerPool:
         def stop_all():
             for worker in list(self._all):
                 with contextlib.suppress(OSError):
-                    worker.conn.send(None)  # all told first, so they exit side by side
+                    worker.pipe.send_blocking(None, 2)  # all told first, so they exit side by side
             for worker in list(self._all):
                 self._stop(worker)
             self._all.clear()
 
         await asyncio.get_running_loop().run_in_executor(None, stop_all)
-        self._threads.shutdown(wait=False, cancel_futures=True)
 
 
 
@@ -447,7 +520,7 @@ class Lease:
             self._cpu_base = cpu_seconds(pid)
         wall_start = bound_at = loop.time()
         backstop = wall_start + pool.time_limit * 3 + 5
-        pending = self._pending = loop.run_in_executor(pool._threads, pool._round_trip, worker, function, args)
+        pending = self._pending = asyncio.ensure_future(pool._round_trip(worker, function, args))
 
         def used() -> float:
             """The CPU the lease really used so far (from /proc)."""
@@ -495,9 +568,12 @@ class Lease:
 
     async def _lose(self, pending: asyncio.Future | None = None) -> None:
         worker, self.worker = self.worker, None
-        await self.pool._replace(worker)
-        if pending is not None:  # its thread ends with the pipe
+        if pending is not None:
+            # Off the pipe before the pipe is closed: the loop must not watch
+            # a descriptor that is gone (or has been reused).
+            pending.cancel()
             await asyncio.gather(pending, return_exceptions=True)
+        await self.pool._replace(worker)
 
     def end(self) -> None:
         """Give the worker back; if a call is still running (the holder was

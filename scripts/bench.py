@@ -90,7 +90,9 @@ SAMPLE_INTERVAL = 0.05
 BIG_SAMPLE_INTERVAL = 0.01
 TREE_REFRESH = 4  # samples between two scans of /proc for new descendants
 START_TIMEOUT = 30.0
-TARGETS = {"ratio_min": 0.5, "rss_growth_max_x_wire": 3.0, "half_peak_added_p99_max_ms": 50.0}
+# Issue 16's targets, reported, never asserted.
+TARGETS = {"ratio_min": 0.6, "rss_growth_max_x_wire": 3.0, "half_peak_added_p99_max_ms": 50.0,
+           "idle_rss_max_mb": 120.0}
 
 # Sizes of a run: messages per closed-loop phase, warm-up messages, seconds
 # of each paced phase, the time cap of one phase.
@@ -696,7 +698,9 @@ class Bench:
         self.sink.reset()
         self.sampler.reset(sampler_name)
         seconds = self.sizes["phase_seconds"] if rate == 0 else self.sizes["paced_seconds"] * 1.5 + 10
+        cpu_before = self.sampler.cpu(sampler_name)
         result = self.load.run(name.split()[0], server.port, sequence, warmup, rate=rate, max_seconds=seconds)
+        cpu_spent = self.sampler.cpu(sampler_name) - cpu_before
         sink = self.sink.snapshot()
         check_delivery(name, result, sink)
         if policies:
@@ -708,6 +712,9 @@ class Bench:
         out["peak_pss_mb"] = self.sampler.peak_pss[sampler_name] / MB
         out["processes"] = self.sampler.processes[sampler_name]
         out["warmup"] = result["warmup_sent"]
+        # CPU of the server's processes over the phase (warm-up included),
+        # per message: steadier between runs than msg/s on a shared machine.
+        out["cpu_ms_per_msg"] = cpu_spent * 1000 / max(out["messages"] + out["warmup"], 1)
         if out["timed_out"]:
             log(f"{name}: stopped at the {seconds:g} s cap after {out['messages']} of {len(sequence)} messages")
         log(f"{name}: {out['messages']} messages, {out['msgs_per_s']:.1f} msg/s, "
@@ -854,6 +861,8 @@ class Bench:
             "passthrough_peak_rss_mb": round(a["peak_rss_mb"], 1),
             "relay_messages": b["messages"],
             "relay_msgs_per_s": round(b["msgs_per_s"], 1),
+            "relay_cpu_ms_per_msg": round(b["cpu_ms_per_msg"], 2),
+            "passthrough_cpu_ms_per_msg": round(a["cpu_ms_per_msg"], 2),
             "relay_p50_ms": round(b["p50_ms"], 1),
             "relay_p99_ms": round(b["p99_ms"], 1),
             "relay_max_ms": round(b["max_ms"], 1),
@@ -894,6 +903,7 @@ class Bench:
                 "ratio": ratio >= TARGETS["ratio_min"],
                 "rss_10mb_attachment": growth_x <= TARGETS["rss_growth_max_x_wire"],
                 "half_peak_added_p99": added <= TARGETS["half_peak_added_p99_max_ms"],
+                "idle_rss": relay_idle / MB <= TARGETS["idle_rss_max_mb"],
             },
             "wall_s": round(time.monotonic() - started, 1),
         }
@@ -1243,14 +1253,17 @@ def table(r: dict) -> str:
         row("(b) relay, all policies", r["relay_messages"], f"{r['relay_msgs_per_s']:.1f}",
             f"{r['relay_p50_ms']:.1f}", f"{r['relay_p99_ms']:.1f}",
             f"{r['relay_peak_rss_mb']:.1f} MB (PSS {r['relay_peak_pss_mb']:.1f} MB; "
-            f"{r['relay_processes']} process(es); idle {r['relay_idle_rss_mb']:.1f} MB)"),
+            f"{r['relay_processes']} process(es); idle {r['relay_idle_rss_mb']:.1f} MB, target <= "
+            f"{TARGETS['idle_rss_max_mb']:g} MB: {yes(r['targets_met']['idle_rss'])})"),
     ]
     for kind in mix.KINDS:
         k = r["relay_by_kind"].get(kind)
         if k:
             lines.append(row(f"    relay, {kind}", k["messages"], "", f"{k['p50_ms']:.1f}", f"{k['p99_ms']:.1f}"))
     lines += [
-        f"ratio b/a: {r['ratio']:.3f}  (target >= {TARGETS['ratio_min']}: {yes(r['targets_met']['ratio'])})",
+        f"ratio b/a: {r['ratio']:.3f}  (target >= {TARGETS['ratio_min']}: {yes(r['targets_met']['ratio'])})"
+        f"; CPU per message: relay {r['relay_cpu_ms_per_msg']:.1f} ms, passthrough "
+        f"{r['passthrough_cpu_ms_per_msg']:.1f} ms",
         "",
         row(f"paced at {r['half_peak_rate_msgs_per_s']:.1f} msg/s (half b)", "msgs", "", "p50 ms", "p99 ms"),
         row("(a) aiosmtpd passthrough", r["half_peak_messages"], "", f"{r['half_peak_passthrough_p50_ms']:.1f}",
