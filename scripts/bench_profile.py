@@ -11,7 +11,7 @@ database I/O:
 - ``process``: every pipeline stage, DKIM signing included
   (relay.pipeline.finish, else relay.pipeline.process);
 - ``archive``: hashing and compressing both bodies for the archive row
-  (relay.store.sqlite._prepare_bodies), when the relay has it.
+  (relay.store.common.prepare_bodies, or relay.store.sqlite._prepare_bodies before it), when the relay has it.
 
 First a pass that times each step (and each pipeline stage) with the
 thread's CPU clock (no profiler: these are the numbers to quote); then one
@@ -56,9 +56,12 @@ class Steps:
         self.relay_key = relay_key
         self.two_step = hasattr(pipeline, "begin") and hasattr(pipeline, "finish")
         try:
-            from relay.store.sqlite import _prepare_bodies
+            from relay.store.common import prepare_bodies as _prepare_bodies
         except ImportError:
-            _prepare_bodies = None
+            try:
+                from relay.store.sqlite import _prepare_bodies
+            except ImportError:
+                _prepare_bodies = None
         self.prepare_bodies = _prepare_bodies
         self.buyer = Party(1, "buyer", mix.BUYER, mix.BUYER_NAME)
         self.seller = Party(2, "seller", mix.SELLER, mix.SELLER_NAME)
@@ -152,6 +155,10 @@ class StageClock:
     def __init__(self):
         from relay import dkim, pipeline
 
+        try:  # where the steps look the stages up, since the stages moved there
+            from relay.pipeline import runner as pipeline
+        except ImportError:
+            pass
         self.kind = "text"
         self.spent: dict[str, dict[str, float]] = {}
         self.names: list[str] = []
