@@ -444,9 +444,12 @@ class RelayHandler:
         relay_id = addresses.new_message_id(self.config.domain)
         reserved: list[int] = []  # the daily-cap place this message took in the store (reservation id)
         accepted: list[str] = []  # what the upstream said when it took the message
+        bodies = None  # the archive's form of raw and delivered, made by the worker
         try:
-            reply, verdict, delivered, original_id = await self._process_and_forward(
+            reply, verdict, processed, original_id = await self._process_and_forward(
                 route, raw, relay_id, transaction_id, changes, session, envelope, reserved, accepted)
+            if processed is not None:
+                delivered, bodies = processed.result.delivered, processed.bodies
         except Exception:
             log.exception("unexpected error handling message %s", transaction_id)
             reply, verdict = replies.INTERNAL_ERROR, "deferred"
@@ -468,6 +471,7 @@ class RelayHandler:
             original_message_id=original_id,
             relay_message_id=relay_id,
             send_reservation=reserved[0] if reserved else None,
+            bodies=bodies if verdict == "delivered" else None,
         )
         archive_id = None
         try:
@@ -537,8 +541,9 @@ class RelayHandler:
     async def _process_and_forward(self, route: Route, raw: bytes, relay_id: str, transaction_id: str,
                                    changes: list[str], session, envelope, reserved: list[int],
                                    accepted: list[str]):
-        """Returns (reply, verdict, delivered bytes, original Message-ID);
-        appends the upstream's accepting reply to `accepted`."""
+        """Returns (reply, verdict, the worker's Processed once it made the
+        bytes to deliver, original Message-ID); appends the upstream's
+        accepting reply to `accepted`."""
         timeout = self.config.inbound.processing_timeout
         try:
             auth_results = await self._authenticate(session, envelope, raw, changes) if session else None
@@ -628,10 +633,10 @@ class RelayHandler:
             log.warning("delivery of message %s failed: %s", transaction_id, exc.detail)
             changes.append(f"upstream: {exc.detail}")
             verdict = "deferred" if exc.reply.transient else "failed"
-            return exc.reply, verdict, result.delivered, result.original_message_id
+            return exc.reply, verdict, processed, result.original_message_id
         self.metrics.upstream_seconds.observe(time.monotonic() - started)
         accepted.append(detail)
-        return replies.DELIVERED, "delivered", result.delivered, result.original_message_id
+        return replies.DELIVERED, "delivered", processed, result.original_message_id
 
     # --- shutdown -------------------------------------------------------------
 

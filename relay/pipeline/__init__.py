@@ -95,6 +95,9 @@ class Processed:
     result: Result | None
     refusal: Reply | None
     changes: ChangeLog
+    # The archive's form of the raw and the delivered message
+    # (store.common.PreparedBodies), made in the worker; None when refused.
+    bodies: object | None = None
 
 
 def __getattr__(name: str):

@@ -18,6 +18,7 @@ from relay.pipeline.changes import ChangeLog
 from relay.pipeline.message import parse, raised_by_email_package, referenced_ids, serialize
 from relay.pipeline.rewrite import trace_header
 from relay.replies import SmtpError
+from relay.store.common import prepare_bodies
 
 STAGES = (
     checks.loop_check,
@@ -78,15 +79,17 @@ def process(message: EmailMessage, context: Context, changes: list[str]) -> Resu
 
 # --- the two steps a worker process runs (relay/workers.py) -----------------
 
-# The message between begin() and finish(): a worker is leased to one
-# message for both calls, so it is never another message's.
+# The message between begin() and finish(), parsed and as received: a
+# worker is leased to one message for both calls, so it is never another
+# message's.
 _held: EmailMessage | None = None
+_held_raw: bytes | None = None
 
 
 def begin(raw: bytes) -> Begun:
     """Parse `raw` and keep it for `finish`; the ids the handler looks up."""
-    global _held
-    _held = None
+    global _held, _held_raw
+    _held = _held_raw = None
     try:
         message = parse(raw)
         ids = referenced_ids(message)
@@ -96,18 +99,22 @@ def begin(raw: bytes) -> Begun:
         if not raised_by_email_package(error):
             raise
         return Begun([], replies.UNPARSEABLE)
-    _held = message
+    _held, _held_raw = message, raw
     return Begun(ids)
 
 
 def finish(context: Context) -> Processed:
-    """Run the stages over the message `begin` kept."""
-    global _held
-    message, _held = _held, None
+    """Run the stages over the message `begin` kept; with the bytes to
+    deliver, their archive form (hashed, compressed), made here once the
+    parsed message is gone, where the memory the parse took is free again."""
+    global _held, _held_raw
+    message, raw, _held, _held_raw = _held, _held_raw, None, None
     if message is None:
         raise RuntimeError("finish() without begin() in this worker")
     changes = ChangeLog()
     try:
-        return Processed(process(message, context, changes), None, changes)
+        result = process(message, context, changes)
     except SmtpError as exc:
         return Processed(None, exc.reply, changes)
+    del message
+    return Processed(result, None, changes, prepare_bodies(raw, result.delivered))

@@ -119,6 +119,9 @@ class ArchiveEntry:
     # record() turns it into the message's seller_sends row when the message
     # was delivered, and gives it back otherwise (same transaction).
     send_reservation: int | None = None
+    # `raw` and `delivered` already hashed and compressed (common.PreparedBodies),
+    # by the worker that made `delivered`; None: record() does it.
+    bodies: object | None = None
 
     def metadata(self) -> dict:
         return {

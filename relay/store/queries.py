@@ -324,10 +324,13 @@ class SqlStore:
         # engines store, before the row is hashed: the chain covers what is stored.
         entry = common.storable_entry(entry)
         metadata = entry.metadata()
-        # Hashing and compressing a 10 MB message takes a while: off the loop,
-        # and before the chain lock is taken.
-        raw_sha, delivered_sha, raw_blob, delivered_blob, auto_reply = await asyncio.to_thread(
-            prepare_bodies, entry.raw, entry.delivered)
+        # Hashing and compressing a 10 MB message takes a while: done by the
+        # worker for a delivered message, else here off the loop; either way
+        # before the chain lock is taken.
+        bodies = entry.bodies
+        if bodies is None or not bodies.are_of(entry.raw, entry.delivered):
+            bodies = await asyncio.to_thread(prepare_bodies, entry.raw, entry.delivered)
+        raw_sha, delivered_sha, raw_blob, delivered_blob, auto_reply = bodies[:5]
         async with self._transaction() as tx:
             await tx.lock("chain")
             row = await tx.fetchone("SELECT row_sha256 FROM archive ORDER BY id DESC LIMIT 1")

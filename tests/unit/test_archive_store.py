@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import random
+from dataclasses import replace
 
 import pytest
 
@@ -57,6 +58,24 @@ async def test_bodies_are_compressed_and_read_back_exactly(store):
     # delta against raw: a few hundred bytes for a 2 MB message.
     assert stored_raw < 0.8 * len(raw)
     assert stored_delivered < 2000
+
+
+async def test_bodies_prepared_by_the_worker_are_stored_as_they_are(store):
+    """A delivered message's bodies come hashed and compressed from the
+    worker that made them; record() stores those and reads back the same.
+    Ones made for other bodies (other sizes) are not trusted: made again."""
+    from relay.store.common import prepare_bodies
+
+    raw, delivered = photo_message(300_000), b"Received: by relay\r\n" + photo_message(300_000)
+    prepared = prepare_bodies(raw, delivered)
+    first = await store.record(replace(entry(store, raw, delivered), bodies=prepared))
+    row = await store.archive_row(first)
+    assert (row["raw"], row["delivered"], row["raw_sha256"]) == (raw, delivered, prepared.raw_sha256)
+    stale = prepare_bodies(raw + b"x", None)
+    second = await store.record(replace(entry(store, raw, delivered, relay_id="<r2@m>"), bodies=stale))
+    row = await store.archive_row(second)
+    assert (row["raw"], row["delivered"], row["raw_sha256"]) == (raw, delivered, prepared.raw_sha256)
+    assert row["delivered_sha256"] == prepared.delivered_sha256
 
 
 async def test_auto_reply_flag_is_set_when_recorded(store):
