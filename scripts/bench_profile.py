@@ -110,15 +110,19 @@ class Steps:
             if processed.refusal is not None:
                 raise RuntimeError(f"the relay refuses the bench's message: {processed.refusal}")
             delivered = processed.result.delivered
+            # Made in the worker's finish() since issue 16: already in "process".
+            prepared_in_worker = getattr(processed, "bodies", None) is not None
         else:
+            prepared_in_worker = False
             from relay.pipeline.changes import ChangeLog
 
             message = self.pipeline.parse(raw)
             lap("parse")
             delivered = self.pipeline.process(message, self.context(auth_results, number), ChangeLog()).delivered
         lap("process")
-        if self.prepare_bodies:
+        if self.prepare_bodies and not prepared_in_worker:
             self.prepare_bodies(raw, delivered)
+        if self.prepare_bodies:
             lap("archive")
         return spent
 
@@ -168,6 +172,8 @@ class StageClock:
             self._patch(pipeline, "STAGES", tuple(self._timed(f.__name__, f) for f in stages))
         if callable(getattr(pipeline, "serialize", None)):
             self._patch(pipeline, "serialize", self._timed("serialize", pipeline.serialize))
+        if callable(getattr(pipeline, "prepare_bodies", None)):  # the archive's bodies, made in finish()
+            self._patch(pipeline, "prepare_bodies", self._timed("archive_bodies", pipeline.prepare_bodies))
         if callable(getattr(dkim, "sign", None)):
             self._patch(dkim, "sign", self._timed("dkim_sign", dkim.sign))
 
