@@ -90,9 +90,9 @@ class RelayServer:
                 # Every DNS lookup of the relay (libraries' too) goes through it.
                 self.resolver = relay_dns.make_resolver(config.dns.nameservers)
                 relay_dns.install(self.resolver)
-                if config.auth.inbound != "off":
-                    await asyncio.to_thread(mailauth.warm_up)
-            else:
+            if config.auth.inbound != "off":
+                await asyncio.to_thread(mailauth.warm_up)
+            else:  # whatever the upstream: an MX upstream needs the resolver, not the checks
                 log.warning("INBOUND MAIL AUTHENTICATION IS OFF: forged senders are not refused. "
                             "Set [auth] inbound = \"dmarc\" for real mail.")
             backend = make_upstream(config.upstream, config.greeting_hostname, self.resolver)

@@ -10,12 +10,12 @@ gets MemoryError in its worker instead of starving the machine).
 
 `WorkerPool.run(function, *args)` sends a picklable call to an idle worker
 (`function` a module-level function, or its "module:name" for one the
-relay's own process should not have to import)
-and awaits the answer; `WorkerPool.lease()` holds one worker for several
-calls about one message (the parsed message stays in the worker between
-them). A call that overruns `time_limit` gets its worker
-killed and replaced and raises `LimitExceeded` (CPU time: see `Lease`), as
-does one that ran out of memory; a worker that died for any other reason is replaced and the call
+relay's own process should not have to import) and awaits the answer;
+`WorkerPool.lease()` holds one worker for several calls about one message
+(the parsed message stays in the worker between them). A call that
+overruns `time_limit` gets its worker killed and replaced and raises
+`LimitExceeded` (CPU time: see `Lease`), as does one that ran out of
+memory; a worker that died for any other reason is replaced and the call
 raises `WorkerLost`. Waiting for an idle worker longer than `wait_timeout`
 raises `PoolBusy`. The event loop never blocks: a call's pipe I/O is the
 loop's own non-blocking socket I/O (no thread per call: each hand-off to
@@ -32,8 +32,8 @@ message (as multiprocessing's spawn does), so it imports the functions it is
 sent from where the relay found them. `-P` (safe path) keeps the working
 directory off its path: a folder named `relay` where `relay serve` was
 started must not be imported in place of the installed package. Starting
-one costs about 0.3 s of CPU (importing the pipeline); a worker is replaced
-only after it died or was killed over a limit.
+one costs about 0.3 s of CPU (importing the pipeline), spent only when
+messages wait for a worker (below) or one died or was killed over a limit.
 
 With `max_idle`, the pool is elastic, as postfix's daemons are (its
 `max_idle` is the same idea): one worker runs while the relay is idle;
@@ -60,7 +60,6 @@ import contextlib
 import logging
 import os
 import pickle
-import signal
 import socket
 import struct
 import subprocess

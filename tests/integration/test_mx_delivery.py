@@ -99,3 +99,24 @@ def test_dns_failure_is_451(mx_relay, dns_server):
     dns_server.fail("mx-test.example.", "servfail")
     _, (code, text) = seller_writes(mx_relay, "bea@mx-test.example")
     assert (code, text[:5]) == (451, b"4.4.3")
+
+
+@pytest.mark.parametrize("upstream, inbound, warned", [
+    ("mx", "off", True), ("smtp", "off", True), ("mx", "dmarc", False)])
+def test_authentication_off_is_warned_about_whatever_the_upstream(tmp_path, dns_server, caplog, upstream,
+                                                                   inbound, warned):
+    """The warning that forged senders get through is about the inbound
+    checks; an MX upstream (which needs the resolver too) must not hide it."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="relay.server")
+    config = make_config(tmp_path, "smtp://127.0.0.1:9", dns=DnsConfig((dns_server.address,)))
+    config = replace(config, auth=replace(config.auth, inbound=inbound))
+    if upstream == "mx":
+        config = replace(config, upstream=UpstreamConfig(url=UpstreamTarget("mx"), timeout=5.0))
+    relay = RunningRelay(config)
+    try:
+        said = [r.getMessage() for r in caplog.records if r.name == "relay.server"]
+        assert any(m.startswith("INBOUND MAIL AUTHENTICATION IS OFF") for m in said) is warned, said
+    finally:
+        relay.stop()
