@@ -157,9 +157,9 @@ dkimpy.RSASSA_PKCS1_v1_5_sign = openssl_rsassa_sign
 
 # The same for checking a sender's signature (relay/mailauth.py): dkimpy's
 # pure-Python verification was 4 % of the event loop's CPU under load.
-# OpenSSL is stricter than dkimpy's arithmetic in two ways RFC 8017 allows
-# (a signature shorter or longer than the modulus, one not below it); those
-# are left to dkimpy, so every verdict is dkimpy's own.
+# OpenSSL is stricter than dkimpy's arithmetic in ways RFC 8017 allows (a
+# signature shorter or longer than the modulus, one not below it) and in
+# the keys it takes; those are left to dkimpy, so every verdict is dkimpy's.
 _pure_python_verify = dkimpy.RSASSA_PKCS1_v1_5_verify
 
 
@@ -173,7 +173,11 @@ def openssl_rsassa_verify(digest_source, signature: bytes, public_key: dict) -> 
     n, e = public_key["modulus"], public_key["publicExponent"]
     digest = digest_source.digest()
     algorithm = _DIGESTS.get(len(digest))
-    if algorithm is None or len(signature) != (n.bit_length() + 7) // 8 or int.from_bytes(signature, "big") >= n:
+    # OpenSSL also refuses keys dkimpy takes: a modulus over 16384 bits, an
+    # exponent over 64 bits with a modulus over 3072 (reported as a bad
+    # signature); real keys have e = 65537 and 1024 to 4096 bits.
+    if (algorithm is None or e.bit_length() > 32 or n.bit_length() > 8192
+            or len(signature) != (n.bit_length() + 7) // 8 or int.from_bytes(signature, "big") >= n):
         return _pure_python_verify(digest_source, signature, public_key)
     try:
         key = _openssl_public_key(n, e)

@@ -55,39 +55,42 @@ _FAKE_END = re.compile(rb"(?:^|\n)\.\n|(?:^|[^\r])\n\.\r\n")
 
 
 class _LineMeter:
-    """The lengths of the lines of data arriving in chunks: `too_long(chunk)`
-    says whether the chunk ends a line over MAX_LINE_OCTETS (the LF
-    counted; a line that starts with a dot may be one longer, for the dot
-    added for transparency), or holds the start of one that already is."""
+    """The lengths of the lines of data arriving in chunks:
+    `first_too_long(chunk)` is where in the chunk the first line over
+    MAX_LINE_OCTETS ends (the LF counted; a line that starts with a dot may
+    be one longer, for the dot added for transparency), or -1."""
 
     def __init__(self):
         self.length = 0  # of the line in progress, so far
         self.first = None  # its first octet
 
-    def too_long(self, chunk: bytes) -> bool:
-        last_lf = chunk.rfind(b"\n")
+    def first_too_long(self, chunk: bytes) -> int:
+        """The offset just past the LF ending the first over-long line in
+        `chunk`, or -1; a line still in progress is judged once it ends."""
         if self.length + len(chunk) <= MAX_LINE_OCTETS:
             # No line in it can be too long; only the one in progress is tracked.
+            last_lf = chunk.rfind(b"\n")
             if last_lf < 0:
                 self._grow(chunk)
             else:
                 self.length, self.first = 0, None
                 self._grow(chunk[last_lf + 1:])
-            return False
+            return -1
         pieces = chunk.split(b"\n")
         ended, rest = pieces[:-1], pieces[-1]
         if ended:
             first_piece, *whole = ended
-            if self._over(self.length + len(first_piece) + 1,
-                          self.first if self.length else (first_piece[:1] or None)):
-                return True
+            end = len(first_piece) + 1
+            if self._over(self.length + end, self.first if self.length else (first_piece[:1] or None)):
+                return end
             if whole and max(map(len, whole)) >= MAX_LINE_OCTETS:  # rarely: then look closer
-                if any(self._over(len(piece) + 1, piece[:1]) for piece in whole):
-                    return True
+                for piece in whole:
+                    end += len(piece) + 1
+                    if self._over(len(piece) + 1, piece[:1]):
+                        return end
             self.length, self.first = 0, None
         self._grow(rest)
-        # Unfinished, but already too long for any line, dot or not.
-        return self.length > MAX_LINE_OCTETS + 1
+        return -1
 
     def _grow(self, piece: bytes) -> None:
         if piece and not self.length:
@@ -325,14 +328,23 @@ class RelaySMTP(SMTP):
                 before = (before + chunk)[-2:]
             self._reset_timeout()  # the idle timer measures silence, not the transfer
             if refusal is None and chunk:
-                size += len(chunk)
-                if limit and size > limit:
-                    refusal, buffer = replies.MESSAGE_TOO_BIG.with_text(
-                        f"Message size exceeds fixed maximum message size of {limit} bytes"), bytearray()
-                elif line.too_long(chunk):
+                too_long_end = line.first_too_long(chunk)
+                if limit and size + len(chunk) > limit:
+                    # Line reading counts the size as each line ends: the
+                    # refusal is the one whose line ends first (the size's
+                    # if both are the same line's).
+                    size_end = chunk.find(b"\n", limit - size)
+                    if too_long_end != -1 and (size_end == -1 or too_long_end <= size_end):
+                        refusal = replies.LINE_TOO_LONG
+                    else:
+                        refusal = replies.MESSAGE_TOO_BIG.with_text(
+                            f"Message size exceeds fixed maximum message size of {limit} bytes")
+                    buffer = bytearray()
+                elif too_long_end != -1:
                     refusal, buffer = replies.LINE_TOO_LONG, bytearray()
                 else:
                     buffer += chunk
+                size += len(chunk)
             if end:
                 break
         if refusal is not None:

@@ -323,10 +323,17 @@ class WorkerPool:
         return True
 
     async def _refill_pool(self) -> None:
-        """While workers cannot start: try again, backing off, until the
-        workers kept running are back."""
+        """While workers cannot start: try again, backing off, until one has
+        started and the workers kept running are back. Until then the pool
+        does not grow, and `problem` says why, so the retries must go on
+        even while enough workers run (an extra one that failed to start)."""
         delay = 0.5
-        while not self.closed and len(self._all) < self.minimum:
+        while not self.closed:
+            if len(self._all) + self._starting >= self.size:
+                self.start_failure = None  # a full pool has nothing left to start
+                return
+            if self.start_failure is None and len(self._all) >= self.minimum:
+                return
             await asyncio.sleep(delay)
             if self.closed:
                 return
@@ -366,7 +373,10 @@ class WorkerPool:
             for worker in dismissed:
                 log.debug("worker %s idle for %.0f s; told to exit (%d running)", worker.process.pid,
                           now - worker.idle_since, len(self._all))
-                await loop.run_in_executor(None, self._stop, worker)
+            if dismissed:
+                # One thread call for all: cancelled (by close()), it still
+                # stops every one of them; they are in no list any more.
+                await loop.run_in_executor(None, lambda: [self._stop(worker) for worker in dismissed])
 
     @staticmethod
     def _stop(worker: _Worker) -> None:
@@ -390,7 +400,15 @@ class WorkerPool:
 
     async def _replace(self, worker: _Worker) -> None:
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, self._retire, worker)
+        # Out of the count and its replacement in it at once, on the loop:
+        # a lease arriving while the dead one is reaped must not start
+        # another in its place too (the pool would outgrow `size`).
+        self._all.discard(worker)
+        self._starting += 1
+        try:
+            await loop.run_in_executor(None, self._retire, worker)
+        finally:
+            self._starting -= 1
         if self.closed:
             return
         self.replaced += 1
@@ -474,13 +492,25 @@ class WorkerPool:
             # worker that arrives after close() is stopped by _start_one.
             await asyncio.gather(self._growth, return_exceptions=True)
 
+        idle = [self._idle.get_nowait() for _ in range(self._idle.qsize())] if self._idle is not None else []
+        busy = [worker for worker in self._all if worker not in idle]
+
         def stop_all():
-            for worker in list(self._all):
+            for worker in idle:
                 with contextlib.suppress(OSError):
                     worker.pipe.send_blocking(None, 2)  # all told first, so they exit side by side
-            for worker in list(self._all):
+            for worker in idle:
                 self._stop(worker)
-            self._all.clear()
+            # A worker still in a call (the drain gave up on its message):
+            # its pipe is the event loop's until the call ends, so it is
+            # killed, not written to; the call sees the pipe close (451) and
+            # its lease retires it.
+            for worker in busy:
+                if worker.process.is_alive():
+                    worker.process.kill()
+
+        self._all.difference_update(idle)
+        await asyncio.get_running_loop().run_in_executor(None, stop_all)
 
         await asyncio.get_running_loop().run_in_executor(None, stop_all)
 

@@ -117,4 +117,8 @@ def finish(context: Context) -> Processed:
     except SmtpError as exc:
         return Processed(None, exc.reply, changes)
     del message
-    return Processed(result, None, changes, prepare_bodies(raw, result.delivered))
+    try:
+        bodies = prepare_bodies(raw, result.delivered)
+    except (MemoryError, Exception):  # noqa: BLE001 - a saving, never a reason to fail the message
+        bodies = None  # the archive makes them itself (store record())
+    return Processed(result, None, changes, bodies)

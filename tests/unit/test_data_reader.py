@@ -102,7 +102,8 @@ def test_chunked_reading_ends_and_refuses_exactly_where_line_reading_does(seed):
     checked = 0
     for _ in range(250):
         stream = random_stream(rng)
-        size_limit = rng.choice((0, 0, 50, 400, 10 * MAX_LINE_OCTETS))
+        size_limit = rng.choice((0, 0, 50, 400, 10 * MAX_LINE_OCTETS, MAX_LINE_OCTETS - 100,
+                                 MAX_LINE_OCTETS + 200))
         data, expected_refusal, expected_rest = outcome_of_reference(stream, size_limit)
         content, refusal, rest = read_in_chunks(stream, size_limit, rng)
         assert rest == expected_rest, stream  # the end of data found at the same octet
@@ -132,3 +133,24 @@ def test_a_500_kb_attachment_is_read_whole_and_the_next_command_stays():
 def test_an_empty_message_ends_at_once():
     content, refusal, rest = read_in_chunks(b".\r\n" + AFTER, 0, random.Random(1))
     assert (content, refusal, rest) == (b"", None, AFTER)
+
+
+@pytest.mark.parametrize("name, stream, size_limit", [
+    # The size is crossed inside a line too long as well: the size's refusal.
+    ("a 120,000-octet line over a 100,000 limit", b"x" * 120_000 + b"\r\n", 100_000),
+    # A line one over ends before the line that crosses the size: its refusal.
+    ("a line of MAX+1, then the size crossed", b"y" * MAX_LINE_OCTETS + b"\r\n" + b"z" * 5000 + b"\r\n",
+     MAX_LINE_OCTETS + 3000),
+    # The same line is over both: the size's, as line reading checks it first.
+    ("one line over both", b"w" * (MAX_LINE_OCTETS + 10) + b"\r\n", MAX_LINE_OCTETS + 5),
+])
+def test_the_refusal_is_line_reading_s_when_both_limits_apply(name, stream, size_limit):
+    stream = b"Subject: s\r\n\r\n" + stream + b".\r\n" + AFTER
+    _, expected, _ = outcome_of_reference(stream, size_limit)
+    for seed in range(4):
+        _, refusal, rest = read_in_chunks(stream, size_limit, random.Random(seed))
+        assert rest == AFTER
+        if expected == "too big":
+            assert refusal is not None and refusal.code == replies.MESSAGE_TOO_BIG.code, (name, seed)
+        else:
+            assert expected == "line too long" and refusal == replies.LINE_TOO_LONG, (name, seed)

@@ -237,3 +237,47 @@ async def test_an_elastic_pool_hands_out_the_most_recently_used_worker():
         assert len(set(last)) == 1, last  # one after the other: always the same one
     finally:
         await workers.close()
+
+
+async def test_an_extra_worker_that_cannot_start_does_not_stop_the_pool_from_growing_later():
+    """One growth start that fails (here for real: a memory limit too small
+    for the pipeline) must not leave the pool at one worker for good, nor
+    /healthz naming the failure once workers start again."""
+    workers = WorkerPool(3, time_limit=5.0, memory_limit_mb=512, wait_timeout=20.0, max_idle=60.0)
+    await workers.start()
+    try:
+        assert len(workers.pids) == 1
+        limit = workers.memory_limit_bytes
+        workers.memory_limit_bytes = 20 * 1024 * 1024  # under what Python and the pipeline need
+        await asyncio.gather(*(workers.run(sleep_pid, 0.4, n) for n in range(4)))
+        assert workers.problem is not None and "start-up" in workers.problem
+        workers.memory_limit_bytes = limit  # the cause passes
+        assert await wait_for(lambda: workers.problem is None, 15), workers.problem
+        answers = await asyncio.gather(*(workers.run(sleep_pid, 0.6, n) for n in range(6)))
+        assert len({pid for pid, _ in answers}) >= 2  # it grows again
+        assert len(workers.pids) <= 3
+    finally:
+        await workers.close()
+
+
+async def test_replacing_a_worker_under_load_never_makes_the_pool_larger_than_its_size():
+    """While a worker killed over the time limit is being reaped, leases
+    keep arriving: none may start a worker in its place besides its own
+    replacement."""
+    workers = WorkerPool(2, time_limit=1.0, memory_limit_mb=512, wait_timeout=30.0)
+    await workers.start()
+    most = 0
+    try:
+        tasks = [asyncio.ensure_future(workers.run(spin, 30))]
+        for n in range(3000):  # a steady trickle of short calls, some always waiting
+            tasks.append(asyncio.ensure_future(workers.run(sleep_then, 0.01, n)))
+            await asyncio.sleep(0.0005 if n % 2 else 0)
+            most = max(most, len(workers.pids))
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert isinstance(results[0], LimitExceeded)
+        assert workers.replaced == 1
+        most = max(most, len(workers.pids))
+        assert most <= 2, most
+        assert len(workers.pids) == 2
+    finally:
+        await workers.close()
