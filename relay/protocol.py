@@ -102,6 +102,12 @@ class _LineMeter:
         return length > MAX_LINE_OCTETS and (length > MAX_LINE_OCTETS + 1 or first != b".")
 
 
+def _last_two(before: bytes, data: bytes) -> bytes:
+    """The last two octets of the stream once `data` follows `before` (the
+    two before it), without copying `data`."""
+    return data[-2:] if len(data) >= 2 else (before + data)[-2:]
+
+
 def parse_ip(text: str):
     try:
         return ipaddress.ip_address(str(text).split("%", 1)[0])
@@ -321,11 +327,10 @@ class RelaySMTP(SMTP):
                 chunk, end = await reader.read(error.consumed), False
             else:
                 data = chunk[:-3]
-                end = (before + data if len(data) < 2 else data)[-2:] == b"\r\n"
+                end = _last_two(before, data) == b"\r\n"
                 if end:
                     chunk = data
-            if chunk:
-                before = (before + chunk)[-2:]
+            before = _last_two(before, chunk)
             self._reset_timeout()  # the idle timer measures silence, not the transfer
             if refusal is None and chunk:
                 too_long_end = line.first_too_long(chunk)

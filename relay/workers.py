@@ -512,8 +512,6 @@ class WorkerPool:
         self._all.difference_update(idle)
         await asyncio.get_running_loop().run_in_executor(None, stop_all)
 
-        await asyncio.get_running_loop().run_in_executor(None, stop_all)
-
 
 
 class Lease:

@@ -119,6 +119,6 @@ def finish(context: Context) -> Processed:
     del message
     try:
         bodies = prepare_bodies(raw, result.delivered)
-    except (MemoryError, Exception):  # noqa: BLE001 - a saving, never a reason to fail the message
+    except Exception:  # noqa: BLE001 - MemoryError too: a saving, never a reason to fail the message
         bodies = None  # the archive makes them itself (store record())
     return Processed(result, None, changes, bodies)
