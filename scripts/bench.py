@@ -161,27 +161,33 @@ def descendants(*roots: int) -> list[int]:
 def memory(pids: list[int]) -> tuple[int, int]:
     """(RSS, PSS) in bytes, summed over `pids`. RSS counts a page shared by
     two processes (a forked worker's inherited pages) twice, PSS halves it."""
-    rss = pss = 0
+    each = memory_by_pid(pids).values()
+    return sum(rss for rss, _ in each), sum(pss for _, pss in each)
+
+
+def memory_by_pid(pids: list[int]) -> dict[int, tuple[int, int]]:
+    """(RSS, PSS) in bytes of each of `pids` still running."""
+    found = {}
     for pid in pids:
+        rss = pss = 0
         try:
             with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
                 for line in f:
                     if line.startswith(b"Rss:"):
-                        rss += int(line.split()[1]) * 1024
+                        rss = int(line.split()[1]) * 1024
                     elif line.startswith(b"Pss:"):
-                        pss += int(line.split()[1]) * 1024
+                        pss = int(line.split()[1]) * 1024
                         break
         except FileNotFoundError:
             try:  # no smaps_rollup (old kernel): RSS only, PSS taken as RSS
                 with open(f"/proc/{pid}/statm", "rb") as f:
-                    value = int(f.read().split()[1]) * PAGE
-                rss += value
-                pss += value
+                    rss = pss = int(f.read().split()[1]) * PAGE
             except (OSError, IndexError, ValueError):
-                pass  # gone
+                continue  # gone
         except (OSError, IndexError, ValueError):
-            pass  # gone
-    return rss, pss
+            continue  # gone
+        found[pid] = (rss, pss)
+    return found
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -225,6 +231,7 @@ class RssSampler(threading.Thread):
         self.peak_pss: dict[str, int] = {}
         self.current: dict[str, tuple[int, int]] = {}
         self.processes: dict[str, int] = {}
+        self.pid_peak: dict[str, dict[int, int]] = {}  # each process's own peak RSS
         self._lock = threading.Lock()
         self._halt = threading.Event()
 
@@ -245,12 +252,19 @@ class RssSampler(threading.Thread):
         with self._lock:
             self.peak[name], self.peak_pss[name] = self.current.get(name, (0, 0))
             self.processes[name] = len(self.trees.get(name, ()))
+            self.pid_peak[name] = {}
 
     def measure(self, name: str) -> tuple[int, int]:
         """The tree's (RSS, PSS) now, outside the sampling rhythm."""
         with self._lock:
             pids = descendants(*self.roots[name])
         return memory(pids)
+
+    def measure_each(self, name: str) -> dict[int, int]:
+        """Each process's RSS now, outside the sampling rhythm."""
+        with self._lock:
+            pids = descendants(*self.roots[name])
+        return {pid: rss for pid, (rss, _) in memory_by_pid(pids).items()}
 
     def cpu(self, name: str) -> float:
         """CPU seconds of the tree so far (see cpu_seconds)."""
@@ -267,7 +281,11 @@ class RssSampler(threading.Thread):
                     if count % TREE_REFRESH == 0:
                         self.trees[name] = descendants(*roots)
                         self.processes[name] = max(self.processes.get(name, 0), len(self.trees[name]))
-                    value = memory(self.trees[name])
+                    each = memory_by_pid(self.trees[name])
+                    peaks = self.pid_peak.setdefault(name, {})
+                    for pid, (rss, _) in each.items():
+                        peaks[pid] = max(peaks.get(pid, 0), rss)
+                    value = (sum(rss for rss, _ in each.values()), sum(pss for _, pss in each.values()))
                     self.current[name] = value
                     self.peak[name] = max(self.peak.get(name, 0), value[0])
                     self.peak_pss[name] = max(self.peak_pss.get(name, 0), value[1])
@@ -729,6 +747,7 @@ class Bench:
         check_delivery(f"{sampler_name} warm-up", warm, self.sink.snapshot())
         time.sleep(0.5)
         baseline, baseline_pss = min(self.sampler.measure(sampler_name) for _ in range(3))
+        baseline_each = self.sampler.measure_each(sampler_name)
         processes_before = len(descendants(*self.sampler.roots[sampler_name]))
         self.sampler.interval = BIG_SAMPLE_INTERVAL
         self.sampler.reset(sampler_name)
@@ -743,7 +762,15 @@ class Bench:
         if server is self.relay:
             self.relay_sent += sink["count"]
         peak, peak_pss = self.sampler.peak[sampler_name], self.sampler.peak_pss[sampler_name]
-        return {"baseline_mb": baseline / MB, "peak_mb": peak / MB, "growth_mb": (peak - baseline) / MB,
+        # Each process's own peak growth (the tree's peak above is of the
+        # sum, which is less when the processes peak at different moments);
+        # the server's own process first, then its workers, new ones from 0.
+        root = server.process.pid
+        growth_each = sorted(((pid != root, (rss - baseline_each.get(pid, 0)) / MB)
+                              for pid, rss in self.sampler.pid_peak.get(sampler_name, {}).items()),
+                             key=lambda item: (item[0], -item[1]))
+        return {"growth_by_process_mb": [round(mb, 1) for _, mb in growth_each],
+                "baseline_mb": baseline / MB, "peak_mb": peak / MB, "growth_mb": (peak - baseline) / MB,
                 "pss_growth_mb": (peak_pss - baseline_pss) / MB,
                 "baseline_processes": processes_before,
                 "processes": self.sampler.processes[sampler_name],
@@ -892,6 +919,8 @@ class Bench:
             # Processes of the relay before the message, and the most while it ran.
             "big_message_relay_processes": [relay_big["baseline_processes"], relay_big["processes"]],
             "pss_10mb_attachment_mb": round(relay_big["pss_growth_mb"], 1),
+            # Each process's own peak growth: the event loop's, then its workers'.
+            "rss_10mb_attachment_by_process_mb": relay_big["growth_by_process_mb"],
             "big_message_relay_ms": round(relay_big["latency_ms"], 1),
             "passthrough_rss_10mb_attachment_mb": round(passthrough_big["growth_mb"], 1),
             "big_message_passthrough_ms": round(passthrough_big["latency_ms"], 1),
@@ -1278,6 +1307,8 @@ def table(r: dict) -> str:
         f"  relay RSS grows {r['rss_10mb_attachment_mb']:.1f} MB = {r['rss_10mb_attachment_x_wire']:.2f}x the wire "
         f"size (target <= {TARGETS['rss_growth_max_x_wire']:g}x: {yes(r['targets_met']['rss_10mb_attachment'])}; "
         f"PSS grows {r['pss_10mb_attachment_mb']:.1f} MB), answered in {r['big_message_relay_ms']:.0f} ms",
+        "  each process's own peak growth, event loop first: "
+        + ", ".join(f"{mb:.1f}" for mb in r["rss_10mb_attachment_by_process_mb"]) + " MB",
         f"  passthrough RSS grows {r['passthrough_rss_10mb_attachment_mb']:.1f} MB, answered in "
         f"{r['big_message_passthrough_ms']:.0f} ms",
     ]

@@ -79,7 +79,26 @@ def raised_by_email_package(error: BaseException) -> bool:
     return last is not None and last.tb_frame.f_code.co_filename.startswith(_EMAIL_PACKAGE)
 
 
-def parse(raw: bytes) -> EmailMessage:
+def parse(raw: bytes, lift: bool = False) -> EmailMessage:
+    """The parsed message. With `lift`, big base64 attachments stay out of
+    the parse (relay/pipeline/lifted.py); only `serialize` may then write
+    the message, since it puts their bytes back."""
+    if lift:
+        from relay.pipeline import lifted
+
+        skeleton, bodies = lifted.lift(raw)
+        if bodies:
+            try:
+                message = _parse(skeleton)
+            except SmtpError:
+                message = None  # the full parse below gives the refusal
+            if message is not None and lifted.place(message, bodies):
+                message.lifted_bodies = bodies
+                return message
+    return _parse(raw)
+
+
+def _parse(raw: bytes) -> EmailMessage:
     try:
         return BytesParser(policy=POLICY).parsebytes(raw)
     except RecursionError:
@@ -96,6 +115,11 @@ def serialize(message: EmailMessage, prepend: list[str] = ()) -> bytes:
     for line in prepend:
         out.write(line.encode("ascii") + b"\r\n")
     BytesGenerator(out, policy=POLICY).flatten(message)
+    bodies = getattr(message, "lifted_bodies", None)
+    if bodies:
+        from relay.pipeline import lifted
+
+        return lifted.splice(out.getvalue(), bodies)
     return out.getvalue()
 
 

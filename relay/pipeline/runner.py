@@ -91,7 +91,7 @@ def begin(raw: bytes) -> Begun:
     global _held, _held_raw
     _held = _held_raw = None
     try:
-        message = parse(raw)
+        message = parse(raw, lift=True)
         ids = referenced_ids(message)
     except SmtpError as exc:
         return Begun([], exc.reply)
