@@ -159,6 +159,7 @@ class RelationshipStats:
 
 BODY_ENCODING = "zstd"
 ZSTD_LEVEL = 3
+ZSTD_DELIVERED_LEVEL = 1
 _ZSTD_MAX_WINDOW_LOG = 27  # 128 MiB: what a default decompressor accepts
 
 
@@ -181,12 +182,16 @@ def _raw_decompressor() -> zstandard.ZstdDecompressor:
 
 def _delivered_parameters(raw_size: int, delivered_size: int) -> zstandard.ZstdCompressionParameters:
     # The window must reach back over the whole dictionary (raw) or the long
-    # matches into a big attachment are lost; level 3's default hash table is
-    # too small to find them in a multi-megabyte dictionary, so it grows with
-    # raw (bounded: 2^22 entries).
+    # matches into a big attachment are lost; the default hash table is too
+    # small to find them in a multi-megabyte dictionary, so it grows with
+    # raw (bounded: 2^22 entries). Level 1 (one hash table, not level 3's
+    # two): delivered is raw again in long runs, which level 1 finds as
+    # well, in a third of the time and two thirds of the memory
+    # (docs/archive.md).
     window_log = min(max((raw_size + delivered_size).bit_length(), 17), _ZSTD_MAX_WINDOW_LOG)
-    hash_log = min(max(raw_size.bit_length() - 2, 15), 22)
-    return zstandard.ZstdCompressionParameters.from_level(ZSTD_LEVEL, window_log=window_log, hash_log=hash_log)
+    hash_log = min(max(raw_size.bit_length() - 3, 15), 22)
+    return zstandard.ZstdCompressionParameters.from_level(ZSTD_DELIVERED_LEVEL, window_log=window_log,
+                                                          hash_log=hash_log)
 
 
 def encode_bodies(raw: bytes, delivered: bytes | None) -> tuple[bytes, bytes | None]:
