@@ -128,10 +128,47 @@ class DotStuffing:
         return self.pattern.sub(replacement, message, count)
 
 
+# The message is written in pieces of DATA_CHUNK octets, each once the
+# transport has sent most of the one before (its flow control), and the
+# final dot on its own: aiosmtplib's own DATA appends ".\r\n" to the
+# message (a whole copy) and hands all of it to the transport at once,
+# which copies what the socket does not take at once into its buffer (most
+# of a big message). For a 10 MB attachment those were two copies held in
+# the event loop's process while it waited for the upstream's reply.
+DATA_CHUNK = 1 << 20
+
+
+async def execute_data_command(self, message: bytes, timeout: float | None = None):
+    """aiosmtplib's SMTPProtocol.execute_data_command, the same dialogue and
+    bytes on the wire, without copying the message (above)."""
+    if self._command_lock is None:
+        raise aiosmtplib.SMTPServerDisconnected("Server not connected")
+    message = aiosmtplib.protocol.normalize_message_line_endings(message)
+    message = aiosmtplib.protocol.PERIOD_REGEX.sub(b"..", message)
+    async with self._command_lock:
+        self._response_pending = True
+        self.write(b"DATA\r\n")
+        start_response = await self.read_response(timeout=timeout)
+        if start_response.code != aiosmtplib.SMTPStatus.start_input:
+            raise aiosmtplib.SMTPDataError(start_response.code, start_response.message)
+        self._response_pending = True
+        view = memoryview(message)
+        for offset in range(0, len(view), DATA_CHUNK):
+            self.write(view[offset:offset + DATA_CHUNK])
+            # Bounded by the delivery's own timeout (SmtpUpstream._send).
+            await self._drain_helper()
+        self.write(b".\r\n")
+        response = await self.read_response(timeout=timeout)
+        if response.code != aiosmtplib.SMTPStatus.completed:
+            raise aiosmtplib.SMTPDataError(response.code, response.message)
+    return response
+
+
 aiosmtplib.protocol.normalize_message_line_endings = normalize_message_line_endings
 aiosmtplib.smtp.normalize_message_line_endings = normalize_message_line_endings
 if not isinstance(aiosmtplib.protocol.PERIOD_REGEX, DotStuffing):
     aiosmtplib.protocol.PERIOD_REGEX = DotStuffing(aiosmtplib.protocol.PERIOD_REGEX)
+aiosmtplib.protocol.SMTPProtocol.execute_data_command = execute_data_command
 
 
 class Goodbyes:

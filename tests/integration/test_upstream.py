@@ -150,3 +150,49 @@ def test_unwritable_maildir_is_451(start_relay, tmp_path):
     pair = relay.pair()
     code, text = data_reply(relay, pair)
     assert (code, text[:5]) == (451, b"4.4.1")
+
+
+def big_attachment_message(pair) -> tuple[bytes, bytes]:
+    """A message with a 3 MB attachment (several of the forwarder's pieces)
+    and text lines that start with a dot; and the attachment's lines."""
+    import base64
+    import random
+    encoded = base64.b64encode(b"%PDF-1.4\n" + random.Random(16).randbytes(3_000_000)).decode()
+    lines = "\r\n".join(encoded[i:i + 76] for i in range(0, len(encoded), 76))
+    raw = (f"From: Bea <{pair.buyer}>\r\nTo: {pair.seller_alias}\r\nSubject: the scan\r\n"
+           "Message-ID: <scan-1@mail.example>\r\nDate: Mon, 07 Dec 2026 10:00:00 +0000\r\n"
+           "MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=B\r\n\r\n"
+           "--B\r\nContent-Type: text/plain\r\n\r\nThe scan.\r\n.\r\n..two dots\r\n.one dot\r\n"
+           "--B\r\nContent-Type: application/pdf; name=scan.pdf\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+           f"{lines}\r\n--B--\r\n").encode()
+    return raw, lines.encode()
+
+
+@pytest.mark.parametrize("tls_upstream, scheme", [("starttls", "smtp+starttls"), ("implicit", "smtps")],
+                         indirect=["tls_upstream"], ids=["starttls", "smtps"])
+def test_a_big_message_reaches_a_tls_upstream_whole(start_relay, tls_upstream, scheme):
+    # The forwarder writes DATA in pieces under the transport's flow control
+    # (relay/forward.py): over TLS too, every octet arrives, dots unstuffed.
+    recorder, ca_file = tls_upstream
+    relay = start_relay(upstream_url(recorder, scheme, "relayuser:s3cret%2Fpass"), ca_file=ca_file)
+    pair = relay.pair()
+    raw, lines = big_attachment_message(pair)
+    assert data_reply(relay, pair, raw)[0] == 250
+    [got] = recorder.wait_for(1)
+    assert lines in got.data
+    assert b"\r\nThe scan.\r\n.\r\n..two dots\r\n.one dot\r\n--B\r\n" in got.data
+    assert got.data.endswith(b"--B--\r\n")
+    assert relay.archive_rows()[-1]["delivered"] == got.data
+
+
+def test_a_big_message_refused_at_the_end_of_data(relay, upstream):
+    # The upstream's reply to the last piece is the reply the client gets.
+    pair = relay.pair()
+    raw, _ = big_attachment_message(pair)
+    upstream.reply_code, upstream.reply_line = 552, "552 5.3.4 Message size exceeds fixed limit"
+    reply = data_reply(relay, pair, raw)
+    assert reply[0] == 552 and b"5.3.4" in reply[1]
+    upstream.reply_code, upstream.reply_line = 250, ""
+    assert data_reply(relay, pair, raw)[0] == 250
+    [got] = upstream.wait_for(1)
+    assert got.data.endswith(b"--B--\r\n")
