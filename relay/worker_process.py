@@ -4,7 +4,7 @@
 relay is the socket FD, its address space is capped at LIMIT bytes (0: no
 cap). It takes the relay's `sys.path`, imports the pipeline, runs
 `READY_CHECK` through its first step and says "ready", then answers calls
-(a function, or its "module:name", and the arguments; all pickled) until
+(a function, or its "module:name", and the arguments; relay/frames.py) until
 the pipe closes or it is told to stop. This module imports nothing of the
 pool's event-loop side (no asyncio): what a worker does not need, it does
 not hold in memory.
@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import importlib
 import signal
+import socket
 import sys
 import traceback
-from multiprocessing.connection import Connection
+
+from relay import frames
 
 # What a new worker runs before it says it is ready: the first step of every
 # message, so a worker that cannot import the pipeline or has no memory to
@@ -31,7 +33,20 @@ def named(reference: str):
     return getattr(importlib.import_module(module), name)
 
 
-def main(conn: Connection, memory_limit_bytes: int) -> None:
+class _Conn:
+    """The worker's end of its pipe (relay/frames.py)."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+
+    def recv(self):
+        return frames.recv_blocking(self.sock)
+
+    def send(self, value) -> None:
+        frames.send_blocking(self.sock, value)
+
+
+def main(conn: _Conn, memory_limit_bytes: int) -> None:
     """A worker's life: take the relay's sys.path, start, then answer calls
     until the pipe closes."""
     try:
@@ -65,6 +80,7 @@ def main(conn: Connection, memory_limit_bytes: int) -> None:
         if job is None:  # the parent is stopping
             return
         function, args = job
+        args = tuple(frames.unwrapped(arg) for arg in args)
         try:
             if isinstance(function, str):
                 function = named(function)
@@ -89,4 +105,4 @@ def main(conn: Connection, memory_limit_bytes: int) -> None:
 
 
 if __name__ == "__main__":
-    main(Connection(int(sys.argv[1])), int(sys.argv[2]))
+    main(_Conn(socket.socket(fileno=int(sys.argv[1]))), int(sys.argv[2]))

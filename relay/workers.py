@@ -25,9 +25,9 @@ Each worker is a fresh Python process (`python -P -m relay.worker_process`), not
 fork: it inherits none of the event loop's threads, sockets or memory, and
 the relay needs no fork server and no multiprocessing resource tracker
 beside it (together 56 MB of idle memory when it had them). Its pipe is a
-socket pair handed over as a file descriptor; the worker reads and writes
-it with multiprocessing's `Connection`, the relay in the same frames
-(`_Pipe`). The worker takes the relay's `sys.path` as its first
+socket pair handed over as a file descriptor; both ends speak the frames
+of relay/frames.py (the relay's end is `_Pipe`), in which the message and
+the delivered bytes cross without a pickled copy. The worker takes the relay's `sys.path` as its first
 message (as multiprocessing's spawn does), so it imports the functions it is
 sent from where the relay found them. `-P` (safe path) keeps the working
 directory off its path: a folder named `relay` where `relay serve` was
@@ -59,12 +59,12 @@ import asyncio
 import contextlib
 import logging
 import os
-import pickle
 import socket
-import struct
 import subprocess
 import sys
 from dataclasses import dataclass
+
+from relay import frames
 
 log = logging.getLogger("relay.workers")
 
@@ -117,52 +117,28 @@ def cpu_seconds(pid: int | None) -> float | None:
 
 class _Pipe:
     """The relay's end of a worker's socket pair, in the frames of
-    multiprocessing's `Connection` (the worker's end is one): a 4-octet
-    big-endian length (-1 and 8 octets past 2 GB), then the pickle. Blocking
-    while a worker starts and stops (in a thread); on the event loop for a
-    call, so a call costs no thread hand-off."""
+    relay/frames.py (the worker's end speaks them too). Blocking while a
+    worker starts and stops (in a thread); on the event loop for a call, so
+    a call costs no thread hand-off."""
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
 
-    @staticmethod
-    def _frames(value) -> list[bytes]:
-        payload = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-        size = len(payload)
-        header = struct.pack("!i", size) if size < 0x7FFFFFFF else struct.pack("!iQ", -1, size)
-        # A big payload is not copied once more to put its header in front.
-        return [header, payload] if size > 16384 else [header + payload]
-
     def send_blocking(self, value, timeout: float | None) -> None:
         self.sock.settimeout(timeout)
-        for frame in self._frames(value):
-            self.sock.sendall(frame)
+        frames.send_blocking(self.sock, value)
 
     def recv_blocking(self, timeout: float | None):
         """The next value; TimeoutError after `timeout` seconds of silence,
         EOFError when the worker closed its end."""
         self.sock.settimeout(timeout)
-
-        def exactly(count: int) -> bytearray:
-            buffer, got = bytearray(count), 0
-            view = memoryview(buffer)
-            while got < count:
-                received = self.sock.recv_into(view[got:])
-                if not received:
-                    raise EOFError
-                got += received
-            return buffer
-
-        (size,) = struct.unpack("!i", exactly(4))
-        if size == -1:
-            (size,) = struct.unpack("!Q", exactly(8))
-        return pickle.loads(exactly(size))
+        return frames.recv_blocking(self.sock)
 
     async def send(self, value) -> None:
         loop = asyncio.get_running_loop()
         if self.sock.gettimeout() != 0:
             self.sock.setblocking(False)
-        for frame in self._frames(value):
+        for frame in frames.encode(value):
             await loop.sock_sendall(self.sock, frame)
 
     async def recv(self):
@@ -180,10 +156,10 @@ class _Pipe:
                 got += received
             return buffer
 
-        (size,) = struct.unpack("!i", await exactly(4))
-        if size == -1:
-            (size,) = struct.unpack("!Q", await exactly(8))
-        return pickle.loads(await exactly(size))
+        size, count = frames.header(await exactly(frames.HEADER_OCTETS))
+        sizes = frames.lengths(await exactly(frames.LENGTH_OCTETS * count)) if count else []
+        pickled = await exactly(size)
+        return frames.decode(pickled, [await exactly(length) for length in sizes])
 
     def close(self) -> None:
         self.sock.close()
@@ -420,7 +396,7 @@ class WorkerPool:
     async def _round_trip(worker: _Worker, function, args):
         """The call and its answer over the pipe."""
         try:
-            await worker.pipe.send((function, args))
+            await worker.pipe.send((function, tuple(frames.big(arg) for arg in args)))
         except (BrokenPipeError, ConnectionResetError) as error:
             # A worker that could not hold the arguments says so and exits
             # before reading them all: its answer is still in the pipe.

@@ -260,3 +260,15 @@ def test_the_token_is_nowhere_in_the_message():
     # A message naming the word itself is no trouble.
     raw = attachment_message(PDF).replace(b"The file.", b"RelayLiftedBody RelayLiftedBody00x000000")
     assert same_either_way(raw, make_context()) == 1
+
+
+def test_the_worker_s_bytearray_gives_the_same_bytes():
+    # A worker gets the message as the buffer it was read into (relay/frames.py).
+    raw = attachment_message(PDF)
+    expected = outcome(raw, make_context(), lift=True)[0]
+    from relay.pipeline import runner
+    begun = runner.begin(bytearray(raw))
+    assert begun.refusal is None
+    processed = runner.finish(make_context())
+    assert processed.result.delivered == expected
+    assert processed.bodies.are_of(raw, expected)
