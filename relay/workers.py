@@ -165,6 +165,22 @@ class _Pipe:
         self.sock.close()
 
 
+# glibc raises its mmap threshold to the size of each big block freed (up
+# to 32 MB), after which blocks that size come from the heap and stay in
+# the process once freed: a worker that parsed one big message kept the
+# memory of it. Fixed at 128 KiB, every big buffer is mapped on its own and
+# returned when freed. (Other C libraries ignore the variable.)
+WORKER_MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=131072"
+
+
+def worker_environment() -> dict[str, str]:
+    env = dict(os.environ)
+    tunables = env.get("GLIBC_TUNABLES", "")
+    if "glibc.malloc.mmap_threshold" not in tunables:
+        env["GLIBC_TUNABLES"] = ":".join(filter(None, (tunables, WORKER_MALLOC_TUNABLES)))
+    return env
+
+
 class _Process(subprocess.Popen):
     """A worker's process, with the few names of multiprocessing's Process
     that the pool uses."""
@@ -246,7 +262,7 @@ class WorkerPool:
             # a supervisor); its output and errors go where the relay's go.
             process = _Process([sys.executable, "-P", "-m", "relay.worker_process", str(child_socket.fileno()),
                                 str(self.memory_limit_bytes)], pass_fds=(child_socket.fileno(),),
-                               stdin=subprocess.DEVNULL)
+                               stdin=subprocess.DEVNULL, env=worker_environment())
         except OSError as error:
             parent_socket.close()
             raise WorkerStartFailed(f"a worker could not be started ({error})") from None

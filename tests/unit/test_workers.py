@@ -281,3 +281,31 @@ async def test_replacing_a_worker_under_load_never_makes_the_pool_larger_than_it
         assert len(workers.pids) == 2
     finally:
         await workers.close()
+
+
+_pins: list[bytes] = []
+
+
+def hold_and_free(megabytes: int) -> tuple[int, int]:
+    """Allocate and free big buffers as a message's parse does, each
+    followed by a small buffer that lives on (as the parse leaves cached
+    headers behind); the worker's RSS in kB before and after."""
+    def rss() -> int:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmRSS"))
+    before = rss()
+    for size in (megabytes, 16, 12, 8):
+        held = b"\x01" * (size * 1024 * 1024)  # written: bytes(n) may map pages never touched
+        _pins.append(b"\x01" * (64 * 1024))  # after it in the heap, if it is there
+        del held
+    return before, rss()
+
+
+async def test_a_worker_gives_back_the_memory_of_a_big_message(pool):
+    # glibc's mmap threshold is fixed for workers (WORKER_MALLOC_TUNABLES):
+    # without it, freed buffers of a few MB stayed in the heap and a worker
+    # that had held one big message kept that memory until it exited.
+    with open(f"/proc/{pool.pids[0]}/environ", "rb") as environ:
+        assert b"GLIBC_TUNABLES=glibc.malloc.mmap_threshold=131072" in environ.read().split(b"\0")
+    before, after = await pool.run(hold_and_free, 24)
+    assert after - before < 4 * 1024, (before, after)  # 16 MB kept without the tunable
