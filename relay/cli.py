@@ -276,10 +276,11 @@ async def _with_store(config: Config, work):
 # --- commands -------------------------------------------------------------------
 
 def cmd_serve(args, config: Config) -> int:
-    from relay import private
+    from relay import private, workers
     from relay.server import serve
 
     private.warn_exposed(secret_files(config))
+    workers.return_big_blocks()
     try:
         asyncio.run(serve(config))
     except Locked as exc:

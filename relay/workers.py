@@ -173,6 +173,19 @@ class _Pipe:
 WORKER_MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=131072"
 
 
+def return_big_blocks() -> bool:
+    """The same for the process that calls it (the relay's event loop,
+    from `relay serve`), with mallopt: True if the C library took it."""
+    try:
+        import ctypes
+
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # no C library of that kind
+        return False
+    m_mmap_threshold = -3  # malloc.h
+    return mallopt(m_mmap_threshold, 131072) == 1
+
+
 def worker_environment() -> dict[str, str]:
     env = dict(os.environ)
     tunables = env.get("GLIBC_TUNABLES", "")
