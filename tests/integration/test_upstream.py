@@ -98,12 +98,17 @@ def tls_upstream(request, ca, tmp_path):
     recorder.stop()
 
 
+def relay_on_tls_upstream(start_relay, tls_upstream, scheme: str):
+    """A relay forwarding to the TLS upstream with its credentials, and a pair."""
+    recorder, ca_file = tls_upstream
+    relay = start_relay(upstream_url(recorder, scheme, "relayuser:s3cret%2Fpass"), ca_file=ca_file)
+    return relay, recorder, relay.pair()
+
+
 @pytest.mark.parametrize("tls_upstream, scheme", [("starttls", "smtp+starttls"), ("implicit", "smtps")],
                          indirect=["tls_upstream"], ids=["starttls", "smtps"])
 def test_tls_upstream_with_auth(start_relay, tls_upstream, scheme):
-    recorder, ca_file = tls_upstream
-    relay = start_relay(upstream_url(recorder, scheme, "relayuser:s3cret%2Fpass"), ca_file=ca_file)
-    pair = relay.pair()
+    relay, recorder, pair = relay_on_tls_upstream(start_relay, tls_upstream, scheme)
     assert data_reply(relay, pair)[0] == 250
     [got] = recorder.wait_for(1)
     assert got.rcpt_tos == [pair.seller]
@@ -173,9 +178,7 @@ def big_attachment_message(pair) -> tuple[bytes, bytes]:
 def test_a_big_message_reaches_a_tls_upstream_whole(start_relay, tls_upstream, scheme):
     # The forwarder writes DATA in pieces under the transport's flow control
     # (relay/forward.py): over TLS too, every octet arrives, dots unstuffed.
-    recorder, ca_file = tls_upstream
-    relay = start_relay(upstream_url(recorder, scheme, "relayuser:s3cret%2Fpass"), ca_file=ca_file)
-    pair = relay.pair()
+    relay, recorder, pair = relay_on_tls_upstream(start_relay, tls_upstream, scheme)
     raw, lines = big_attachment_message(pair)
     assert data_reply(relay, pair, raw)[0] == 250
     [got] = recorder.wait_for(1)
