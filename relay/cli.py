@@ -182,6 +182,20 @@ def _add_dispute_commands(commands) -> None:
     holds = sub.add_parser("holds", help="relationships on hold")
     holds.add_argument("--json", action="store_true", help=JSON_HELP)
 
+    tokens = commands.add_parser("api-token", help="tokens of the HTTP API ([api] listen)")
+    token_commands = tokens.add_subparsers(title="commands", dest="api_token_command", metavar="COMMAND",
+                                           parser_class=_Parser)
+    token_commands.required = True
+    token_add = token_commands.add_parser("add", help="make a token; it is printed once, stored hashed")
+    token_add.add_argument("name", metavar="NAME", help="who uses it (logged with each call)")
+    token_add.add_argument("--role", required=True, choices=("admin", "disputes", "provisioning"),
+                           help="provisioning: parties, orders, aliases; disputes: archive, holds; admin: all")
+    token_add.add_argument("--json", action="store_true", help=JSON_HELP)
+    token_revoke = token_commands.add_parser("revoke", help="revoke the live token of that name")
+    token_revoke.add_argument("name", metavar="NAME", help="the name it was made with")
+    token_list = token_commands.add_parser("list", help="every token made, live or revoked (never the tokens)")
+    token_list.add_argument("--json", action="store_true", help=JSON_HELP)
+
     purge = commands.add_parser("purge", help="purge archive rows past [archive] retention_days")
     purge.add_argument("--dry-run", action="store_true", help="count, change nothing")
     purge.add_argument("--json", action="store_true", help=JSON_HELP)
@@ -967,6 +981,45 @@ def cmd_dkim_keygen(args, config: Config) -> int:
     return 0
 
 
+def cmd_api_token_add(args, config: Config) -> int:
+    from relay import api
+
+    name = args.name.strip()
+    if not name or len(name) > 100 or any(ord(c) < 32 for c in name):
+        raise UsageError("NAME must be 1 to 100 printable characters")
+    token = api.new_token()
+    token_id = asyncio.run(_with_store(config, lambda store: store.add_api_token(name, args.role,
+                                                                               api.token_sha256(token))))
+    if args.json:
+        _print_json({"token_id": token_id, "name": name, "role": args.role, "token": token})
+    else:
+        print(f"API token {name!r} ({args.role}); it is shown only now:")
+        print(token)
+    return 0
+
+
+def cmd_api_token_revoke(args, config: Config) -> int:
+    if not asyncio.run(_with_store(config, lambda store: store.revoke_api_token(args.name))):
+        print(f"relay: no live API token named {args.name!r}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"API token {args.name!r} revoked")
+    return 0
+
+
+def cmd_api_token_list(args, config: Config) -> int:
+    tokens = asyncio.run(_with_store(config, lambda store: store.api_tokens()))
+    if args.json:
+        _print_json([{"token_id": t["id"], "name": t["name"], "role": t["role"], "created_at": t["created_at"],
+                      "revoked_at": t["revoked_at"]} for t in tokens])
+        return 0
+    if not tokens:
+        print("no API tokens; make one with `relay api-token add NAME --role ROLE`")
+    for t in tokens:
+        state = f"revoked {t['revoked_at']}" if t["revoked_at"] else "live"
+        print(f"{t['name']:<24} {t['role']:<13} made {t['created_at']}  {state}")
+    return 0
+
+
 COMMANDS = {
     "serve": cmd_serve,
     "db upgrade": cmd_db_upgrade,
@@ -989,6 +1042,9 @@ COMMANDS = {
     "archive release": cmd_archive_release,
     "archive holds": cmd_archive_holds,
     "purge": cmd_purge,
+    "api-token add": cmd_api_token_add,
+    "api-token revoke": cmd_api_token_revoke,
+    "api-token list": cmd_api_token_list,
     "dkim keygen": cmd_dkim_keygen,
     "postfix-config": postfix.run,
     "report response-time": cmd_report_response_time,

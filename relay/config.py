@@ -250,6 +250,13 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class ApiConfig:
+    # host:port of the HTTP API (relay/api.py, docs/api.md); "" → off.
+    # Tokens authenticate every call; keep it on loopback or behind TLS.
+    listen: Endpoint | None = None
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
 
@@ -268,6 +275,7 @@ class Config:
     dkim: DkimConfig = DkimConfig()
     bounce: BounceConfig = BounceConfig()
     metrics: MetricsConfig = MetricsConfig()
+    api: ApiConfig = ApiConfig()
     log: LogConfig = LogConfig()
     limits: LimitsConfig = LimitsConfig()
     workers: WorkersConfig = WorkersConfig()

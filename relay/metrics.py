@@ -44,6 +44,9 @@ class Metrics:
         self.messages = Counter(
             "relay_messages", "Messages after DATA, by direction and verdict",
             ["direction", "verdict"], registry=self.registry)
+        self.api_calls = Counter(
+            "relay_api_calls", "HTTP API calls, by route name and status",
+            ["route", "status"], registry=self.registry)
         self.rejections = Counter(
             "relay_rejections", "Refusals by SMTP stage and reply code",
             ["stage", "code", "enhanced"], registry=self.registry)
@@ -78,6 +81,9 @@ class Metrics:
             self.failed_logins.labels(reason)
         for kind in STORE_ERROR_KINDS:
             self.store_errors.labels(kind)
+
+    def api_call(self, route: str, status: int) -> None:
+        self.api_calls.labels(route, str(status)).inc()
 
     def refused(self, stage: str, reply) -> None:
         if reply.code >= 400:

@@ -56,6 +56,8 @@ class RelayServer:
         self.metrics = Metrics()
         self.metrics_server: MetricsServer | None = None
         self.metrics_address: tuple[str, int] | None = None
+        self.api_server = None
+        self.api_address: tuple[str, int] | None = None
         self.upstream = None
         self._purger: asyncio.Task | None = None
         self.workers: WorkerPool | None = None
@@ -125,6 +127,15 @@ class RelayServer:
                 self.metrics_server.start()
                 self.metrics_address = self.metrics_server.address
                 log.info("metrics on http://%s:%s/metrics", *self.metrics_address)
+            if config.api.listen is not None:
+                # Imported only when on: aiohttp is memory the relay does not
+                # spend unless the API is asked for.
+                from relay.api import Api, ApiServer
+
+                self.api_server = ApiServer(Api(self.store, config.domain, self.metrics), config.api.listen)
+                await self.api_server.start()
+                self.api_address = self.api_server.address
+                log.info("HTTP API on http://%s:%s/api/v1/ (docs: /api/openapi.json)", *self.api_address)
         except BaseException:
             await self.stop(drain_seconds=0)
             raise
@@ -247,6 +258,9 @@ class RelayServer:
         if self.metrics_server is not None:
             await asyncio.to_thread(self.metrics_server.stop)
             self.metrics_server = None
+        if self.api_server is not None:
+            await self.api_server.stop()
+            self.api_server = None
         in_flight = sum(handler.in_flight for handler in self.handlers)
         if in_flight:
             log.info("draining %d message(s) in flight", in_flight)

@@ -228,40 +228,170 @@ class SqlStore:
         adding the first orders of one pair at once get the same
         relationship: ``ON CONFLICT (seller_id, buyer_id) DO NOTHING``, and
         the loser reads the winner's row."""
+        seller_party, buyer_party = await self._order_parties(seller, buyer)
+        try:
+            async with self._transaction() as tx:
+                relationship_id, created = await self._insert_order(tx, order_ref, seller_party, buyer_party,
+                                                                    placed_at, domain)
+        except Exception as exc:
+            self._order_conflict(exc, order_ref)
+            raise
+        relationship = await self.relationship_by_id(relationship_id)
+        assert relationship is not None
+        return relationship, created
+
+    async def add_order_once(self, token_id: int, key: str, request_sha256: str, order_ref: str, seller: str,
+                             buyer: str, placed_at: str, domain: str, answer) -> tuple[int, str, bool]:
+        """`add_order` under an idempotency key of one API token, in one
+        transaction with the key's record: `answer(relationship, created)`
+        gives the (status, JSON text) to keep. Returns (status, JSON text,
+        whether it is a replay of the key's first answer). The same key
+        with another request is a Conflict; a failed call keeps no key."""
+        seller_party, buyer_party = await self._order_parties(seller, buyer)
+        try:
+            async with self._transaction() as tx:
+                kept = await tx.fetchone("SELECT request_sha256, status, response FROM api_idempotency"
+                                         " WHERE token_id = ? AND idem_key = ?", (token_id, key))
+                if kept is not None:
+                    if kept[0] != request_sha256:
+                        raise Conflict("this Idempotency-Key was used for another request")
+                    return kept[1], kept[2], True
+                relationship_id, created = await self._insert_order(tx, order_ref, seller_party, buyer_party,
+                                                                    placed_at, domain)
+                row = await tx.fetchone(RELATIONSHIP_SELECT + " WHERE r.id = ?", (relationship_id,))
+                status, response = answer(relationship_from_row(row), created)
+                await tx.execute("INSERT INTO api_idempotency (token_id, idem_key, request_sha256, status, response,"
+                                 " created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                                 (token_id, key, request_sha256, status, response, utc_now()))
+        except Exception as exc:
+            if not isinstance(exc, (NotFound, StoreUnavailable)) and self._is_constraint(exc):
+                # The same key at the same moment from another call, which
+                # committed first (its order or its key met ours): its answer.
+                kept = await self._fetchone("SELECT request_sha256, status, response FROM api_idempotency"
+                                            " WHERE token_id = ? AND idem_key = ?", (token_id, key))
+                if kept is not None:
+                    if kept[0] != request_sha256:
+                        raise Conflict("this Idempotency-Key was used for another request") from None
+                    return kept[1], kept[2], True
+            self._order_conflict(exc, order_ref)
+            raise
+        return status, response, False
+
+    async def idempotent_answer(self, token_id: int, key: str) -> tuple[str, int, str] | None:
+        """(request hash, status, JSON text) kept for an idempotency key."""
+        row = await self._fetchone("SELECT request_sha256, status, response FROM api_idempotency"
+                                   " WHERE token_id = ? AND idem_key = ?", (token_id, key))
+        return None if row is None else (row[0], row[1], row[2])
+
+    async def _order_parties(self, seller: str, buyer: str) -> tuple[Party, Party]:
         seller_party = await self.get_party("seller", seller)
         if seller_party is None:
             raise NotFound(f"no seller {addresses.normalize(seller)}; add it with `relay seller add`")
         buyer_party = await self.get_party("buyer", buyer)
         if buyer_party is None:
             raise NotFound(f"no buyer {addresses.normalize(buyer)}; add it with `relay buyer add`")
+        return seller_party, buyer_party
+
+    async def _insert_order(self, tx, order_ref: str, seller_party: Party, buyer_party: Party, placed_at: str,
+                            domain: str) -> tuple[int, bool]:
+        """The order's rows in `tx`: (the relationship's id, whether it is new)."""
         created = False
+        if await tx.fetchone("SELECT 1 FROM orders WHERE order_ref = ?", (order_ref,)) is not None:
+            raise Conflict(f"order {order_ref} is already recorded")
+        relationship_id = await tx.insert(
+            "INSERT INTO relationships (seller_id, buyer_id, seller_alias, buyer_alias, created_at)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (seller_id, buyer_id) DO NOTHING",
+            (seller_party.id, buyer_party.id, f"{addresses.new_alias_token()}@{domain}",
+             f"{addresses.new_alias_token()}@{domain}", utc_now()))
+        if relationship_id is None:  # it exists (maybe since a moment, from another node)
+            row = await tx.fetchone("SELECT id FROM relationships WHERE seller_id = ? AND buyer_id = ?",
+                                    (seller_party.id, buyer_party.id))
+            relationship_id = row[0]
+        else:
+            created = True
+        await tx.execute(
+            "INSERT INTO orders (order_ref, relationship_id, placed_at, created_at) VALUES (?, ?, ?, ?)",
+            (order_ref, relationship_id, placed_at, utc_now()))
+        return relationship_id, created
+
+    def _is_constraint(self, exc: Exception) -> bool:
+        return isinstance(exc, Conflict) or self._unique_violation(exc)
+
+    def _order_conflict(self, exc: Exception, order_ref: str) -> None:
+        """Raise what a constraint error of an order's insert means, if it is one."""
+        if isinstance(exc, (Conflict, NotFound)):
+            return
+        if self._unique_violation(exc, "orders", "order_ref"):  # recorded by another node just now
+            raise Conflict(f"order {order_ref} is already recorded") from None
+        if self._unique_violation(exc):  # two fresh aliases met an old one: try again
+            raise StoreUnavailable(f"database error: {exc}") from exc
+
+    async def relationship_by_order(self, order_ref: str) -> Relationship | None:
+        row = await self._fetchone(RELATIONSHIP_SELECT + " WHERE r.id = (SELECT relationship_id FROM orders"
+                                   " WHERE order_ref = ?)", (order_ref,))
+        return None if row is None else relationship_from_row(row)
+
+    # --- parties in one call (the HTTP API) ------------------------------------
+
+    async def save_party(self, role: str, address: str, *, create: bool, display_name: str | None = None,
+                         password_hash: str | None = None, daily_orders=..., opted_out: bool | None = None) -> Party:
+        """Create (`create`) or update one party with every given field, in
+        one transaction: Conflict if it exists (create), NotFound if not
+        (update). `daily_orders` None clears the override; left out, it is kept."""
+        address = addresses.normalize(address)
+        fields = {}
+        if display_name is not None:
+            fields["display_name"] = display_name
+        if password_hash is not None:
+            fields["password_hash"] = password_hash
+        if daily_orders is not ...:
+            fields["daily_orders"] = daily_orders
+        if opted_out is not None:
+            fields["opted_out"] = int(opted_out)
+        assert set(fields) <= {"display_name", "password_hash", "daily_orders", "opted_out"}  # never from input
         try:
             async with self._transaction() as tx:
-                if await tx.fetchone("SELECT 1 FROM orders WHERE order_ref = ?", (order_ref,)) is not None:
-                    raise Conflict(f"order {order_ref} is already recorded")
-                relationship_id = await tx.insert(
-                    "INSERT INTO relationships (seller_id, buyer_id, seller_alias, buyer_alias, created_at)"
-                    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (seller_id, buyer_id) DO NOTHING",
-                    (seller_party.id, buyer_party.id, f"{addresses.new_alias_token()}@{domain}",
-                     f"{addresses.new_alias_token()}@{domain}", utc_now()))
-                if relationship_id is None:  # it exists (maybe since a moment, from another node)
-                    row = await tx.fetchone("SELECT id FROM relationships WHERE seller_id = ? AND buyer_id = ?",
-                                            (seller_party.id, buyer_party.id))
-                    relationship_id = row[0]
-                else:
-                    created = True
-                await tx.execute(
-                    "INSERT INTO orders (order_ref, relationship_id, placed_at, created_at) VALUES (?, ?, ?, ?)",
-                    (order_ref, relationship_id, placed_at, utc_now()))
+                if create:
+                    await tx.insert("INSERT INTO parties (role, address, display_name, created_at) VALUES (?, ?, ?, ?)",
+                                    (role, address, fields.pop("display_name", ""), utc_now()))
+                elif await tx.fetchone("SELECT 1 FROM parties WHERE role = ? AND address = ?", (role, address)) is None:
+                    raise NotFound(f"no {role} {address}")
+                for column, value in fields.items():
+                    await tx.execute(f"UPDATE parties SET {column} = ? WHERE role = ? AND address = ?",
+                                     (value, role, address))
         except Exception as exc:
-            if self._unique_violation(exc, "orders", "order_ref"):  # recorded by another node just now
-                raise Conflict(f"order {order_ref} is already recorded") from None
-            if self._unique_violation(exc):  # two fresh aliases met an old one: try again
-                raise StoreUnavailable(f"database error: {exc}") from exc
+            if create and self._unique_violation(exc, "parties"):
+                raise Conflict(f"{role} {address} is already registered") from None
             raise
-        relationship = await self.relationship_by_id(relationship_id)
-        assert relationship is not None
-        return relationship, created
+        party = await self.get_party(role, address)
+        assert party is not None
+        return party
+
+    # --- API tokens --------------------------------------------------------------
+
+    async def add_api_token(self, name: str, role: str, token_sha256: str) -> int:
+        try:
+            async with self._transaction() as tx:
+                return await tx.insert("INSERT INTO api_tokens (name, role, token_sha256, created_at)"
+                                       " VALUES (?, ?, ?, ?)", (name, role, token_sha256, utc_now()))
+        except Exception as exc:
+            if self._unique_violation(exc, "api_tokens"):
+                raise Conflict(f"an API token named {name!r} exists; revoke it first") from None
+            raise
+
+    async def revoke_api_token(self, name: str) -> bool:
+        return await self._execute("UPDATE api_tokens SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL",
+                                   (utc_now(), name)) > 0
+
+    async def api_tokens(self) -> list[dict]:
+        rows = await self._fetchall("SELECT id, name, role, created_at, revoked_at FROM api_tokens ORDER BY id")
+        return [{"id": r[0], "name": r[1], "role": r[2], "created_at": r[3], "revoked_at": r[4]} for r in rows]
+
+    async def api_token(self, token_sha256: str) -> dict | None:
+        """The live token with this hash: {id, name, role}, or None."""
+        row = await self._fetchone("SELECT id, name, role FROM api_tokens WHERE token_sha256 = ?"
+                                   " AND revoked_at IS NULL", (token_sha256,))
+        return None if row is None else {"id": row[0], "name": row[1], "role": row[2]}
 
     async def relationship_by_id(self, relationship_id: int) -> Relationship | None:
         row = await self._fetchone(RELATIONSHIP_SELECT + " WHERE r.id = ?", (relationship_id,))

@@ -226,6 +226,32 @@ sqlite|CREATE INDEX seller_sends_by_seller ON seller_sends (seller_id, sent_at);
 -- nothing did. Reports recorded before this migration were all RFC 3464.
 ALTER TABLE bounces ADD COLUMN detector TEXT NOT NULL DEFAULT 'rfc3464';
 """),
+    (7, "api", """
+-- The HTTP API (relay/api.py, issue 17). A token is stored as the SHA-256
+-- of its text (shown once, when made); a revoked one keeps its row, and its
+-- name is free again. An idempotency key is kept per token with the
+-- request it came with and the answer it got, so a marketplace retrying
+-- after a timeout gets that answer again and never a second order.
+CREATE TABLE api_tokens (
+    id           {id},
+    name         TEXT NOT NULL,
+    role         TEXT NOT NULL CHECK (role IN ('admin', 'disputes', 'provisioning')),
+    token_sha256 TEXT NOT NULL UNIQUE,
+    created_at   {stamp} NOT NULL,
+    revoked_at   {stamp}
+);
+CREATE UNIQUE INDEX api_tokens_active_name ON api_tokens (name) WHERE revoked_at IS NULL;
+
+CREATE TABLE api_idempotency (
+    token_id       {ref} NOT NULL REFERENCES api_tokens (id),
+    idem_key       TEXT NOT NULL,
+    request_sha256 TEXT NOT NULL,
+    status         INTEGER NOT NULL,
+    response       TEXT NOT NULL,
+    created_at     {stamp} NOT NULL,
+    PRIMARY KEY (token_id, idem_key)
+);
+"""),
 ]
 
 

@@ -331,7 +331,7 @@ async def test_sqlite_migration_5_keeps_the_counted_sends(tmp_path):
     db.close()
     store = await open_store(str(path))
     try:
-        assert await store.upgrade() == [5, 6]  # and every later migration
+        assert await store.upgrade() == list(range(5, len(migrations()) + 1))  # and every later migration
         assert await store.seller_sends_since(1, "2026") == (1, "2026-11-26")
         reservation, count, _ = await store.reserve_send(1, "2026-11-27", "2026", 5)
         assert (reservation, count) == (4, 1)

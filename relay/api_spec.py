@@ -1,0 +1,190 @@
+"""The OpenAPI 3.1 document of the HTTP API (relay/api.py), served at
+/api/openapi.json. tests/integration/test_api.py checks every answer the
+tests get against the schema this document gives for its route and status,
+so the document cannot drift from what the relay answers."""
+
+from __future__ import annotations
+
+from relay import __version__
+
+
+def _ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict, description: str) -> dict:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+ERROR = _json(_ref("Error"), "an error; `code` says which (see the Error schema)")
+ERRORS = {"400": ERROR, "401": ERROR, "403": ERROR, "404": ERROR, "409": ERROR, "413": ERROR, "503": ERROR}
+
+ADDRESS = {"type": "string", "format": "email", "maxLength": 254}
+TIME = {"type": "string", "description": "UTC, ISO 8601 (2026-12-07T10:00:00.000000Z)"}
+
+SCHEMAS = {
+    "Error": {
+        "type": "object", "required": ["error"], "additionalProperties": False,
+        "properties": {"error": {
+            "type": "object", "required": ["code", "message"], "additionalProperties": False,
+            "properties": {
+                "code": {"type": "string", "enum": ["unauthorized", "forbidden", "not_found", "conflict",
+                                                    "invalid_json", "invalid_field", "too_large", "unavailable"]},
+                "message": {"type": "string"},
+                "field": {"type": "string", "description": "the field (or header) that is wrong"},
+            }}},
+    },
+    "Seller": {
+        "type": "object", "required": ["id", "role", "address", "name", "daily_orders"],
+        "additionalProperties": False,
+        "properties": {"id": {"type": "integer"}, "role": {"const": "seller"}, "address": ADDRESS,
+                       "name": {"type": "string"},
+                       "daily_orders": {"type": ["integer", "null"],
+                                        "description": "override of the orders counted in the daily cap; "
+                                                       "null: the real count"}},
+    },
+    "Buyer": {
+        "type": "object", "required": ["id", "role", "address", "name", "opted_out"], "additionalProperties": False,
+        "properties": {"id": {"type": "integer"}, "role": {"const": "buyer"}, "address": ADDRESS,
+                       "name": {"type": "string"}, "opted_out": {"type": "boolean"}},
+    },
+    "NewSeller": {
+        "type": "object", "required": ["address"], "additionalProperties": False,
+        "properties": {"address": ADDRESS, "name": {"type": "string", "maxLength": 200},
+                       "password": {"type": "string", "minLength": 8,
+                                    "description": "for submission (SMTP AUTH); stored as a scrypt hash"},
+                       "daily_orders": {"type": ["integer", "null"], "minimum": 0}},
+    },
+    "SellerChange": {
+        "type": "object", "additionalProperties": False,
+        "properties": {"name": {"type": "string", "maxLength": 200}, "password": {"type": "string", "minLength": 8},
+                       "daily_orders": {"type": ["integer", "null"], "minimum": 0}},
+    },
+    "NewBuyer": {
+        "type": "object", "required": ["address"], "additionalProperties": False,
+        "properties": {"address": ADDRESS, "name": {"type": "string", "maxLength": 200},
+                       "opted_out": {"type": "boolean"}},
+    },
+    "BuyerChange": {
+        "type": "object", "additionalProperties": False,
+        "properties": {"name": {"type": "string", "maxLength": 200}, "opted_out": {"type": "boolean"}},
+    },
+    "Relationship": {
+        "type": "object", "additionalProperties": False,
+        "required": ["id", "seller", "buyer", "seller_alias", "buyer_alias", "created_at"],
+        "properties": {"id": {"type": "integer"}, "seller": ADDRESS, "buyer": ADDRESS,
+                       "seller_alias": {**ADDRESS, "description": "the buyer writes here"},
+                       "buyer_alias": {**ADDRESS, "description": "the seller writes here"},
+                       "created_at": TIME},
+    },
+    "NewOrder": {
+        "type": "object", "required": ["order_id", "seller", "buyer"], "additionalProperties": False,
+        "properties": {"order_id": {"type": "string", "minLength": 1, "maxLength": 200}, "seller": ADDRESS,
+                       "buyer": ADDRESS, "placed_at": {**TIME, "description": "default: now"}},
+    },
+    "OrderCreated": {
+        "type": "object", "required": ["order_id", "relationship_created", "relationship"],
+        "additionalProperties": False,
+        "properties": {"order_id": {"type": "string"},
+                       "relationship_created": {"type": "boolean",
+                                                "description": "false: the pair's relationship existed"},
+                       "relationship": _ref("Relationship")},
+    },
+    "Hold": {
+        "type": "object", "required": ["relationship_id", "reason", "held_at", "seller", "buyer"],
+        "additionalProperties": False,
+        "properties": {"relationship_id": {"type": "integer"}, "reason": {"type": "string"}, "held_at": TIME,
+                       "seller": ADDRESS, "buyer": ADDRESS},
+    },
+    "HoldPlaced": {
+        "type": "object", "required": ["placed", "hold"], "additionalProperties": False,
+        "properties": {"placed": {"type": "boolean", "description": "false: it was held already"},
+                       "hold": _ref("Hold")},
+    },
+    "Holds": {
+        "type": "object", "required": ["holds"], "additionalProperties": False,
+        "properties": {"holds": {"type": "array", "items": _ref("Hold")}},
+    },
+}
+
+ADDRESS_PARAMETER = {"name": "address", "in": "path", "required": True, "schema": ADDRESS}
+ID_PARAMETER = {"name": "id", "in": "path", "required": True, "schema": {"type": "integer"}}
+
+
+def _operation(summary: str, roles: str, responses: dict, *, body: str | None = None,
+               parameters: list | None = None, headers: list | None = None) -> dict:
+    operation = {"summary": summary, "description": f"Roles: {roles}.", "responses": {**responses, **ERRORS}}
+    if body:
+        operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": _ref(body)}}}
+    if parameters or headers:
+        operation["parameters"] = (parameters or []) + (headers or [])
+    return operation
+
+
+PATHS = {
+    "/api/v1/sellers": {"post": _operation("Register a seller", "provisioning, admin",
+                                           {"201": _json(_ref("Seller"), "registered")}, body="NewSeller")},
+    "/api/v1/sellers/{address}": {
+        "get": _operation("A seller", "provisioning, admin", {"200": _json(_ref("Seller"), "the seller")},
+                          parameters=[ADDRESS_PARAMETER]),
+        "patch": _operation("Change a seller (only the fields given)", "provisioning, admin",
+                            {"200": _json(_ref("Seller"), "changed")}, body="SellerChange",
+                            parameters=[ADDRESS_PARAMETER]),
+    },
+    "/api/v1/buyers": {"post": _operation("Register a buyer", "provisioning, admin",
+                                          {"201": _json(_ref("Buyer"), "registered")}, body="NewBuyer")},
+    "/api/v1/buyers/{address}": {
+        "get": _operation("A buyer", "provisioning, admin", {"200": _json(_ref("Buyer"), "the buyer")},
+                          parameters=[ADDRESS_PARAMETER]),
+        "patch": _operation("Change a buyer (only the fields given)", "provisioning, admin",
+                            {"200": _json(_ref("Buyer"), "changed")}, body="BuyerChange",
+                            parameters=[ADDRESS_PARAMETER]),
+    },
+    "/api/v1/buyers/{address}/opt-out": {"post": _operation(
+        "The buyer refuses messages a seller starts", "provisioning, admin",
+        {"200": _json(_ref("Buyer"), "opted out")}, parameters=[ADDRESS_PARAMETER])},
+    "/api/v1/buyers/{address}/opt-in": {"post": _operation(
+        "The buyer takes messages a seller starts again", "provisioning, admin",
+        {"200": _json(_ref("Buyer"), "opted in")}, parameters=[ADDRESS_PARAMETER])},
+    "/api/v1/orders": {"post": _operation(
+        "Record an order; the pair's relationship (with both aliases) is made on its first order",
+        "provisioning, admin", {"201": {**_json(_ref("OrderCreated"), "recorded (or, with a known "
+                                                                       "Idempotency-Key, the first answer again)"),
+                                        "headers": {"Idempotent-Replayed": {"schema": {"enum": ["true", "false"]}}}}},
+        body="NewOrder",
+        headers=[{"name": "Idempotency-Key", "in": "header", "required": False,
+                  "schema": {"type": "string", "minLength": 1, "maxLength": 200},
+                  "description": "a retry with the same key and body gets the first answer, never a second "
+                                 "order; the same key with another body is a 409"}])},
+    "/api/v1/relationships": {"get": _operation(
+        "Look a relationship up: by alias, by order id, or by seller and buyer", "provisioning, admin",
+        {"200": _json(_ref("Relationship"), "the relationship")},
+        parameters=[{"name": name, "in": "query", "required": False, "schema": {"type": "string"}}
+                    for name in ("alias", "order_id", "seller", "buyer")])},
+    "/api/v1/relationships/{id}": {"get": _operation(
+        "A relationship by id", "provisioning, disputes, admin",
+        {"200": _json(_ref("Relationship"), "the relationship")}, parameters=[ID_PARAMETER])},
+    "/api/v1/relationships/{id}/hold": {
+        "put": _operation("Keep the relationship's archive from purge (a dispute)", "disputes, admin",
+                          {"201": _json(_ref("HoldPlaced"), "held now"),
+                           "200": _json(_ref("HoldPlaced"), "it was held already")},
+                          parameters=[ID_PARAMETER]),
+        "delete": _operation("End the hold", "disputes, admin", {"204": {"description": "released"}},
+                             parameters=[ID_PARAMETER]),
+    },
+    "/api/v1/holds": {"get": _operation("Relationships on hold", "disputes, admin",
+                                        {"200": _json(_ref("Holds"), "the holds")})},
+}
+
+
+def openapi_document() -> dict:
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "relay HTTP API", "version": __version__,
+                 "description": "Provisioning and disputes for an aliasing mail relay. Every call needs "
+                                "`Authorization: Bearer <token>` (`relay api-token add NAME --role ROLE`)."},
+        "servers": [{"url": "/"}],
+        "security": [{"bearer": []}],
+        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}, "schemas": SCHEMAS},
+        "paths": PATHS,
+    }
