@@ -991,7 +991,7 @@ def cmd_api_token_add(args, config: Config) -> int:
     token_id = asyncio.run(_with_store(config, lambda store: store.add_api_token(name, args.role,
                                                                                api.token_sha256(token))))
     if args.json:
-        _print_json({"token_id": token_id, "name": name, "role": args.role, "token": token})
+        _print_json({"token_id": token_id, "token_name": name, "role": args.role, "token": token})
     else:
         print(f"API token {name!r} ({args.role}); it is shown only now:")
         print(token)
@@ -1009,7 +1009,7 @@ def cmd_api_token_revoke(args, config: Config) -> int:
 def cmd_api_token_list(args, config: Config) -> int:
     tokens = asyncio.run(_with_store(config, lambda store: store.api_tokens()))
     if args.json:
-        _print_json([{"token_id": t["id"], "name": t["name"], "role": t["role"], "created_at": t["created_at"],
+        _print_json([{"token_id": t["id"], "token_name": t["name"], "role": t["role"], "created_at": t["created_at"],
                       "revoked_at": t["revoked_at"]} for t in tokens])
         return 0
     if not tokens:

@@ -337,3 +337,30 @@ def test_the_document_describes_every_route(client, tokens):
     documented = {(method.upper(), path) for path, operations in client.document["paths"].items()
                   for method in operations}
     assert app_routes - {("GET", "/api/openapi.json")} == documented
+
+
+def test_tokens_from_the_command_line(client, api_relay, tmp_path):
+    from archive_support import relay_cli
+
+    config = tmp_path / "cli.toml"
+    config.write_text(f'database = "{api_relay.config.database}"\n')
+    made = relay_cli(config, "api-token", "add", "dispute-desk", "--role", "disputes")
+    assert made.returncode == 0, made.stderr
+    token = made.stdout.decode().split()[-1]
+    assert token.startswith(api.TOKEN_PREFIX) and len(token) > 40
+    assert client.call("GET", "/api/v1/holds", token=token)[0] == 200
+    # Listed by name and role; the token itself is never shown again, nor stored.
+    listed = relay_cli(config, "api-token", "list")
+    assert b"dispute-desk" in listed.stdout and b"disputes" in listed.stdout and token.encode() not in listed.stdout
+    # (Never read the live SQLite file from this process: closing any handle
+    # on it drops the relay's own POSIX locks on it.)
+    rows = api_relay.call(api_relay.store._fetchall("SELECT * FROM api_tokens"))
+    assert rows and not any(token in str(value) for row in rows for value in row)
+    assert api.token_sha256(token) in {value for row in rows for value in row}
+    assert relay_cli(config, "api-token", "add", "dispute-desk", "--role", "admin").returncode != 0  # name taken
+    revoked = relay_cli(config, "api-token", "revoke", "dispute-desk")
+    assert revoked.returncode == 0, revoked.stderr
+    assert client.call("GET", "/api/v1/holds", token=token)[0] == 401
+    assert relay_cli(config, "api-token", "revoke", "dispute-desk").returncode == 1
+    # The name is free again once revoked.
+    assert relay_cli(config, "api-token", "add", "dispute-desk", "--role", "admin").returncode == 0

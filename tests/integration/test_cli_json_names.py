@@ -80,6 +80,8 @@ def test_every_json_output_has_the_documented_names(store, tmp_path):
         "purge": ["purge", "--dry-run", "--json"],
         "report response-time": ["report", "response-time", "--json"],
         "dkim keygen": ["dkim", "keygen", "--out", str(tmp_path / "new.pem"), "--json"],
+        "api-token add": ["api-token", "add", "shop-backend", "--role", "provisioning", "--json"],
+        "api-token list": ["api-token", "list", "--json"],
     }
     for command, argv in runs.items():
         result = relay_cli(config, *argv)
