@@ -81,6 +81,7 @@ def world(tmp_path_factory) -> Path:
         upstream.stop()
     config = write_config(folder, folder / "relay.sqlite3")
     run(config, "archive", "hold", "2", "--reason", "case 2026-118")
+    run(config, "api-token", "add", "shop-backend", "--role", "provisioning")
     assert json.loads(run(config, "purge", "--json"))["rows"] == 1  # Bea's old message
     return folder / "relay.sqlite3"
 
@@ -108,12 +109,15 @@ def test_migrate_to_copies_every_table_and_verifies_the_copy(migrated, postgres_
     assert lines[0] == f"copied {sqlite_config.parent / 'r.sqlite3'} into {postgres_url} (schema version {LATEST}):"
     counts = {line.split()[0]: int(line.split()[1]) for line in lines[1:-1]}
     assert counts == {"parties": 3, "relationships": 2, "orders": 2, "archive_purges": 1, "archive": 5,
-                      "archive_bodies": 4, "message_ids": 3, "seller_sends": 1, "archive_holds": 1, "bounces": 1}
+                      "archive_bodies": 4, "message_ids": 3, "seller_sends": 1, "archive_holds": 1, "bounces": 1,
+                      "api_tokens": 1, "api_idempotency": 0}
     assert lines[-1] == f"copy: archive chain verified: 5 row(s) (1 purged), head {head}"
     # The same, as JSON, from the command on the PostgreSQL side.
     verified = json.loads(run(postgres_config, "archive", "verify", "--json"))
     assert (verified["ok"], verified["rows"], verified["purged"], verified["head"]) == (True, 5, 1, head)
     assert run(postgres_config, "archive", "verify", "--head", head).startswith("archive chain verified")
+    # The API token came along (its hash, not a new one).
+    assert run(postgres_config, "api-token", "list", "--json") == run(sqlite_config, "api-token", "list", "--json")
 
 
 def test_every_dispute_tool_answers_the_same_on_postgresql(migrated, tmp_path):
