@@ -16,11 +16,11 @@ import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from relay import __version__, addresses, archive, auth, config as config_module, postfix, preflight
+from relay import __version__, addresses, archive, auth, config as config_module, disputes, postfix, preflight
 from relay.config import Config, ConfigError
 from relay.lock import DatabaseLock, Locked
 from relay.progress import Progress
-from relay.store import NotFound, StoreError, StoreUnavailable, iso, open_store, sha256_hex
+from relay.store import NotFound, StoreError, StoreUnavailable, iso, open_store
 from relay.store.url import is_postgres, redact
 
 EXIT_FAILURE = 1
@@ -652,14 +652,14 @@ def cmd_archive_list(args, config: Config) -> int:
         relationship_id = None
         if args.relationship:
             relationship_id = (await _relationship_of(store, args.relationship)).id
-        return await store.archive_list(
-            relationship_id=relationship_id, seller=args.seller, buyer=args.buyer, since=since, until=until,
+        return await disputes.search(
+            store, relationship_id=relationship_id, seller=args.seller, buyer=args.buyer, since=since, until=until,
             verdict=args.verdict, limit=args.limit + 1, offset=(args.page - 1) * args.limit)
 
     rows = asyncio.run(_with_store(config, work))
     more, rows = len(rows) > args.limit, rows[:args.limit]
     if args.json:
-        _print_json([{("archive_id" if key == "id" else key): value for key, value in row.items()} for row in rows])
+        _print_json(rows)
         return 0
     if not rows:
         print("no archived messages match" if args.page == 1 else f"no archived messages on page {args.page}")
@@ -667,7 +667,7 @@ def cmd_archive_list(args, config: Config) -> int:
     print(f"{'id':>8}  {'received (UTC)':<27}  {'rel':>5}  {'direction':<12}  {'verdict':<9}  {'bytes':>9}  reply")
     for row in rows:
         size = "purged" if row["purged_at"] else str(row["bytes"])
-        print(f"{row['id']:>8}  {row['received_at']:<27}  {row['relationship'] or '-':>5}  "
+        print(f"{row['archive_id']:>8}  {row['received_at']:<27}  {row['relationship'] or '-':>5}  "
               f"{_ARROWS.get(row['direction'], row['direction']):<12}  {row['verdict']:<9}  {size:>9}  "
               f"{(row['reply'] or '')[:60]}")
     if more:
@@ -675,74 +675,26 @@ def cmd_archive_list(args, config: Config) -> int:
     return 0
 
 
-def _show_summary(row: dict, relationship) -> dict:
-    purged = bool(row["purged_at"])
-    return {
-        "archive_id": row["id"],
-        "received_at": row["received_at"],
-        "relationship": row["relationship_id"],
-        "seller": relationship.seller.address if relationship else None,
-        "buyer": relationship.buyer.address if relationship else None,
-        "direction": row["direction"],
-        "client_address": row["client_address"],
-        "mail_from": row["mail_from"],
-        "rcpt_to": row["rcpt_to"],
-        "verdict": row["verdict"],
-        "reply": row["reply"],
-        "changes": row["changes"],
-        "bytes": None if purged else (len(row["raw"]) if row["raw"] is not None else row["raw_size"]),
-        "delivered_bytes": None if purged or row["delivered"] is None else len(row["delivered"]),
-        "raw_sha256": row["raw_sha256"],
-        "delivered_sha256": row["delivered_sha256"],
-        "prev_sha256": row["prev_sha256"],
-        "row_sha256": row["row_sha256"],
-        "auto_reply": None if row["auto_reply"] is None else bool(row["auto_reply"]),
-        "purged_at": row["purged_at"],
-        "decode_error": row["decode_error"],
-    }
-
-
 def cmd_archive_show(args, config: Config) -> int:
-    async def work(store):
-        row = await store.archive_row(args.id)
-        relationship = None
-        if row is not None and row["relationship_id"] is not None:
-            relationship = await store.relationship_by_id(row["relationship_id"])
-        reports = await store.bounces_for(args.id) if row is not None else []
-        return row, relationship, reports
-
-    row, relationship, reports = asyncio.run(_with_store(config, work))
-    if row is None:
+    found = asyncio.run(_with_store(config, lambda store: disputes.message(store, args.id)))
+    if found is None:
         raise NotFound(f"no archive row {args.id}")
+    row, summary, relationship = found
     if args.raw or args.delivered:
-        which = "raw" if args.raw else "delivered"
-        if row["purged_at"]:
-            raise NotFound(f"archive row {args.id} was purged at {row['purged_at']} (past retention); "
-                           "its bytes are gone")
-        if row["decode_error"]:
-            raise StoreError(f"archive row {args.id}: {row['decode_error']}; run `relay archive verify`")
-        data = row[which]
-        if data is None:
-            raise NotFound(f"archive row {args.id} has no delivered bytes (verdict {row['verdict']})")
-        if sha256_hex(data) != row[f"{which}_sha256"]:
-            raise StoreError(f"archive row {args.id}: its {which} bytes do not match {which}_sha256 (edited); "
-                             "run `relay archive verify`")
+        try:
+            data = disputes.body_bytes(row, "raw" if args.raw else "delivered")
+        except LookupError as exc:
+            raise NotFound(str(exc)) from None
+        except ValueError as exc:
+            raise StoreError(str(exc)) from None
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
         return 0
-    summary = _show_summary(row, relationship)
-    # The delivery reports that came back for this message: what failed,
-    # which reader understood the report, and whether the sender was told.
-    summary["bounces"] = [{"bounce_id": r["id"], "received_at": r["received_at"], "action": r["action"],
-                           "status": r["status"] or None, "detector": r["detector"] or None,
-                           "notified": bool(r["notified"])} for r in reports]
     if args.changes:
-        removed, added = ([], [])
-        if row["raw"] is not None and row["delivered"] is not None:
-            removed, added = archive.header_changes(row["raw"], row["delivered"])
+        shown = disputes.changes(row)
+        removed, added = shown["headers_removed"], shown["headers_added"]
         if args.json:
-            _print_json({"archive_id": row["id"], "verdict": row["verdict"], "reply": row["reply"],
-                         "changes": row["changes"], "headers_removed": removed, "headers_added": added})
+            _print_json(shown)
             return 0
         print(f"archive row {row['id']}: {row['verdict']} — {row['reply']}")
         print("what the relay did:" if row["changes"] else "what the relay did: nothing recorded")
@@ -831,34 +783,16 @@ def cmd_archive_export(args, config: Config) -> int:
 
 
 async def _verify_archive(store, head: str | None = None, *, quiet: bool = True, label: str = "verifying"):
-    """`relay archive verify`'s checks: (verifier, breaks in id order, the
-    row holding `head` or None). Progress on a terminal unless `quiet`."""
-    verifier = archive.ChainVerifier(purge_runs=await store.purge_runs())
+    """disputes.verify, with progress on a terminal unless `quiet`."""
     with Progress(label, quiet=quiet) as progress:
-        async for row in store.archive_chain():
-            verifier.feed(row)
-            progress.add()
-    for table, archive_id in await store.archive_dangling_references():
-        verifier.missing_referenced(table, archive_id)
-    breaks = sorted(verifier.breaks, key=lambda b: b.archive_id)
-    if breaks and breaks[0].kind == "link":
-        predecessor = await store.archive_id_by_row_hash(breaks[0].stored_prev)
-        breaks[0] = archive.explain_link_break(breaks[0], predecessor)
-    head_found = None
-    if head:
-        head_found = await store.archive_id_by_row_hash(head.strip().lower())
-    return verifier, breaks, head_found
+        return await disputes.verify(store, head, progress=progress.add)
 
 
 def cmd_archive_verify(args, config: Config) -> int:
     verifier, breaks, head_found = asyncio.run(_with_store(
         config, lambda store: _verify_archive(store, args.head, quiet=args.json)))
-    if args.head and head_found is None:
-        breaks.append(archive.ChainBreak(0, "head", f"the head {args.head} is no longer in the chain: "
-                                                     "rows after it were rewritten or deleted"))
     if args.json:
-        _print_json({"ok": not breaks, "rows": verifier.rows, "purged": verifier.purged, "head": verifier.head,
-                     "breaks": [{"archive_id": b.archive_id, "kind": b.kind, "detail": b.detail} for b in breaks]})
+        _print_json(disputes.verify_json(verifier, breaks))
         return EXIT_FAILURE if breaks else 0
     if breaks:
         first = breaks[0]
@@ -935,14 +869,12 @@ def cmd_report_response_time(args, config: Config) -> int:
     now = archive.parse_iso(until) if until else datetime.now(timezone.utc)
 
     async def work(store):
-        if args.seller and await store.get_party("seller", args.seller) is None:
-            raise NotFound(f"no seller {addresses.normalize(args.seller)}")
-        return await store.response_facts(since=since, until=until, seller=args.seller)
+        try:
+            return await disputes.response_report(store, now, since=since, until=until, seller=args.seller)
+        except LookupError as exc:
+            raise NotFound(str(exc)) from None
 
-    facts, names = asyncio.run(_with_store(config, work))
-    sellers = archive.response_times(
-        facts, now, since=archive.parse_iso(since) if since else None, names=names,
-        sellers=[addresses.normalize(args.seller)] if args.seller else ())
+    sellers = asyncio.run(_with_store(config, work))
     if fmt == "json":
         text = json.dumps(archive.report_json(sellers, now, since), indent=2, sort_keys=True) + "\n"
     elif fmt == "html":
