@@ -26,6 +26,7 @@ docs/api.md.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -35,7 +36,7 @@ from datetime import datetime, timezone
 
 from aiohttp import web
 
-from relay import addresses, auth
+from relay import addresses, archive, auth, disputes
 from relay.archive.times import iso
 from relay.store import Conflict, NotFound, StoreDataError, StoreUnavailable
 
@@ -59,6 +60,7 @@ ERRORS = {
     "invalid_field": 400,  # a field is missing, of the wrong type or not valid; `field` names it
     "too_large": 413,
     "unavailable": 503,    # the store did not answer: try again
+    "damaged": 500,        # an archive row fails its hashes: run `relay archive verify`
 }
 
 
@@ -196,6 +198,14 @@ class Api:
             ("GET", "/api/v1/holds", self.list_holds, DISPUTES),
             ("PUT", "/api/v1/relationships/{id}/hold", self.place_hold, DISPUTES),
             ("DELETE", "/api/v1/relationships/{id}/hold", self.release_hold, DISPUTES),
+            ("GET", "/api/v1/relationships/{id}/thread", self.thread, DISPUTES),
+            ("GET", "/api/v1/relationships/{id}/export", self.export, DISPUTES),
+            ("GET", "/api/v1/archive", self.search_archive, DISPUTES),
+            ("GET", "/api/v1/archive/verify", self.verify_archive, DISPUTES),
+            ("GET", "/api/v1/archive/{archive_id}", self.archive_message, DISPUTES),
+            ("GET", "/api/v1/archive/{archive_id}/raw", self.archive_raw, DISPUTES),
+            ("GET", "/api/v1/archive/{archive_id}/delivered", self.archive_delivered, DISPUTES),
+            ("GET", "/api/v1/reports/response-time", self.response_time_report, DISPUTES),
         ]
         for method, path, handler, roles in routes:
             resource = app.router.add_resource(path, name=handler.__name__)
@@ -405,14 +415,170 @@ class Api:
         return web.Response(status=204)
 
 
+    # --- the archive (disputes) ------------------------------------------------
+
+    async def search_archive(self, request: web.Request) -> web.Response:
+        query = request.query
+        no_other_fields(dict(query), {"relationship", "alias", "order_id", "seller", "buyer", "since", "until",
+                                      "verdict", "limit", "page"})
+        limit, page = _whole(query, "limit", 50, 1, 500), _whole(query, "page", 1, 1, 1_000_000)
+        relationship_id = None
+        named = [name for name in ("relationship", "alias", "order_id") if name in query]
+        if len(named) > 1 or (named and ("seller" in query or "buyer" in query)):
+            raise ApiError("invalid_field", "give one of relationship, alias, order_id, or seller and/or buyer",
+                           named[-1] if named else "seller")
+        if named:
+            name = named[0]
+            if name == "relationship":
+                relationship = await self.store.relationship_by_id(_whole(query, "relationship", 0, 1, 2**62))
+            elif name == "alias":
+                relationship = await self.store.relationship_by_alias(query["alias"])
+            else:
+                relationship = await self.store.relationship_by_order(query["order_id"])
+            if relationship is None:
+                raise ApiError("not_found", f"no relationship with this {name}")
+            relationship_id = relationship.id
+        verdict = query.get("verdict")
+        if verdict is not None and verdict not in VERDICTS:
+            raise ApiError("invalid_field", f"verdict must be one of {', '.join(VERDICTS)}", "verdict")
+        rows = await disputes.search(
+            self.store, relationship_id=relationship_id, seller=query.get("seller"), buyer=query.get("buyer"),
+            since=_when(query, "since"), until=_when(query, "until", end_of_day=True), verdict=verdict,
+            limit=limit + 1, offset=(page - 1) * limit)
+        return json_response({"messages": rows[:limit], "next_page": page + 1 if len(rows) > limit else None})
+
+    async def _archive_row(self, request: web.Request):
+        archive_id = _number(request.match_info["archive_id"], "archive_id")
+        found = await disputes.message(self.store, archive_id)
+        if found is None:
+            raise ApiError("not_found", f"no archive row {archive_id}")
+        return found
+
+    async def archive_message(self, request: web.Request) -> web.Response:
+        row, summary, _ = await self._archive_row(request)
+        shown = disputes.changes(row)
+        raw = None if row["purged_at"] or row["decode_error"] else row["raw"]
+        attachments = await asyncio.to_thread(disputes.attachments, raw)
+        return json_response({**summary, "headers_removed": shown["headers_removed"],
+                              "headers_added": shown["headers_added"], "attachments": attachments})
+
+    async def _archive_bytes(self, request: web.Request, which: str) -> web.Response:
+        row, _, _ = await self._archive_row(request)
+        try:
+            data = disputes.body_bytes(row, which)
+        except LookupError as exc:
+            raise ApiError("not_found", str(exc)) from None
+        except ValueError as exc:
+            raise ApiError("damaged", str(exc)) from None
+        # The bytes as archived, never rendered: a browser must not run them.
+        return web.Response(body=data, content_type="message/rfc822",
+                            headers={"Content-Disposition": f'attachment; filename="archive-{row["id"]}-{which}.eml"',
+                                     "X-Content-Type-Options": "nosniff",
+                                     "Relay-SHA256": row[f"{which}_sha256"]})
+
+    async def archive_raw(self, request):
+        return await self._archive_bytes(request, "raw")
+
+    async def archive_delivered(self, request):
+        return await self._archive_bytes(request, "delivered")
+
+    async def thread(self, request: web.Request) -> web.Response:
+        return json_response(await disputes.thread(self.store, await self._relationship(request)))
+
+    async def export(self, request: web.Request) -> web.Response:
+        """The mbox `relay archive export` writes, or its manifest
+        (`?part=manifest`): made by the same exporter, in a private
+        temporary folder, and sent as written."""
+        relationship = await self._relationship(request)
+        no_other_fields(dict(request.query), {"as", "part"})
+        as_ = request.query.get("as", "raw")
+        if as_ not in archive.AS_CHOICES:
+            raise ApiError("invalid_field", f"as must be one of {', '.join(archive.AS_CHOICES)}", "as")
+        part = request.query.get("part", "mbox")
+        if part not in ("mbox", "manifest"):
+            raise ApiError("invalid_field", "part must be mbox or manifest", "part")
+        rows = [row async for row in self.store.conversation(relationship.id)]
+        header = {"relationship": relationship.id, "seller": relationship.seller.address,
+                  "buyer": relationship.buyer.address, "seller_alias": relationship.seller_alias,
+                  "buyer_alias": relationship.buyer_alias, "exported_at": iso(datetime.now(timezone.utc))}
+        try:
+            mbox, manifest = await asyncio.to_thread(_export_mbox, rows, as_, header)
+        except archive.ExportError as exc:
+            raise ApiError("damaged", str(exc)) from None
+        if part == "manifest":
+            return web.Response(body=manifest, content_type="application/json")
+        return web.Response(body=mbox, content_type="application/mbox",
+                            headers={"Content-Disposition":
+                                     f'attachment; filename="relationship-{relationship.id}-{as_}.mbox"'})
+
+    async def verify_archive(self, request: web.Request) -> web.Response:
+        no_other_fields(dict(request.query), {"head"})
+        verifier, breaks, _ = await disputes.verify(self.store, request.query.get("head"))
+        return json_response(disputes.verify_json(verifier, breaks))
+
+    async def response_time_report(self, request: web.Request) -> web.Response:
+        query = request.query
+        no_other_fields(dict(query), {"since", "until", "seller"})
+        since, until = _when(query, "since"), _when(query, "until", end_of_day=True)
+        now = archive.parse_iso(until) if until else datetime.now(timezone.utc)
+        try:
+            sellers = await disputes.response_report(self.store, now, since=since, until=until,
+                                                     seller=query.get("seller"))
+        except LookupError as exc:
+            raise ApiError("not_found", str(exc)) from None
+        return json_response(archive.report_json(sellers, now, since))
+
+
+VERDICTS = ("delivered", "rejected", "deferred", "failed")
+
+
+def _number(text: str, field: str) -> int:
+    if not text.isdigit() or len(text) > 18:
+        raise ApiError("invalid_field", f"{field} must be a whole number", field)
+    return int(text)
+
+
+def _whole(query, name: str, default: int, low: int, high: int) -> int:
+    if name not in query:
+        return default
+    value = _number(query[name], name)
+    if not low <= value <= high:
+        raise ApiError("invalid_field", f"{name} must be from {low} to {high}", name)
+    return value
+
+
+def _when(query, name: str, end_of_day: bool = False) -> str | None:
+    if name not in query:
+        return None
+    try:
+        return archive.parse_when(query[name], end_of_day)
+    except ValueError as exc:
+        raise ApiError("invalid_field", f"{name}: {exc}", name) from None
+
+
+def _export_mbox(rows: list[dict], as_: str, header: dict) -> tuple[bytes, bytes]:
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory(prefix="relay-export-") as folder:
+        out = Path(folder) / "export.mbox"
+        exporter = archive.Exporter(out, "mbox", as_, header)
+        try:
+            for row in rows:
+                exporter.add(row)
+            exporter.finish()
+        except BaseException:
+            exporter.abort()
+            raise
+        return out.read_bytes(), exporter.manifest_path.read_bytes()
+
+
 def _hold_json(row: dict) -> dict:
     return {"relationship_id": row["relationship"], "reason": row["reason"], "held_at": row["held_at"],
             "seller": row["seller"], "buyer": row["buyer"]}
 
 
 async def _hash_password(password: str) -> str:
-    import asyncio
-
     # scrypt: CPU seconds' worth, off the loop.
     return await asyncio.to_thread(auth.hash_password, password)
 

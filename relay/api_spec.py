@@ -17,10 +17,45 @@ def _json(schema: dict, description: str) -> dict:
 
 
 ERROR = _json(_ref("Error"), "an error; `code` says which (see the Error schema)")
-ERRORS = {"400": ERROR, "401": ERROR, "403": ERROR, "404": ERROR, "409": ERROR, "413": ERROR, "503": ERROR}
+ERRORS = {"400": ERROR, "401": ERROR, "403": ERROR, "404": ERROR, "409": ERROR, "413": ERROR, "500": ERROR,
+          "503": ERROR}
 
 ADDRESS = {"type": "string", "format": "email", "maxLength": 254}
 TIME = {"type": "string", "description": "UTC, ISO 8601 (2026-12-07T10:00:00.000000Z)"}
+NULLABLE_TIME = {"type": ["string", "null"], "description": TIME["description"]}
+SHA256 = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
+VERDICT = {"type": "string", "enum": ["delivered", "rejected", "deferred", "failed"]}
+DIRECTION = {"type": ["string", "null"], "enum": ["buyer_to_seller", "seller_to_buyer", None]}
+COUNT = {"type": ["integer", "null"], "minimum": 0}
+
+
+def _object(properties: dict, optional: tuple = ()) -> dict:
+    """An object with exactly these fields (all required but `optional`)."""
+    return {"type": "object", "additionalProperties": False, "properties": properties,
+            "required": [name for name in properties if name not in optional]}
+
+
+# The archive's answers use the field names of the CLI's --json (docs/cli.md).
+ARCHIVE_ROW = {"archive_id": {"type": "integer"}, "received_at": TIME, "relationship": {"type": ["integer", "null"]},
+               "seller": {"type": ["string", "null"]}, "buyer": {"type": ["string", "null"]},
+               "direction": DIRECTION, "verdict": VERDICT, "reply": {"type": ["string", "null"]}, "bytes": COUNT,
+               "delivered_bytes": COUNT, "purged_at": NULLABLE_TIME}
+ARCHIVE_MESSAGE = {
+    "archive_id": {"type": "integer"}, "received_at": TIME, "relationship": {"type": ["integer", "null"]},
+    "seller": {"type": ["string", "null"]}, "buyer": {"type": ["string", "null"]}, "direction": DIRECTION,
+    "client_address": {"type": ["string", "null"]}, "mail_from": {"type": ["string", "null"]},
+    "rcpt_to": {"type": ["array", "null"], "items": {"type": "string"}}, "verdict": VERDICT,
+    "reply": {"type": ["string", "null"]},
+    "changes": {"type": ["array", "null"], "items": {"type": "string"},
+                "description": "what the rules did, or the refusal's reasons"},
+    "bytes": COUNT, "delivered_bytes": COUNT, "raw_sha256": SHA256, "delivered_sha256": {"type": ["string", "null"]},
+    "prev_sha256": SHA256, "row_sha256": SHA256, "auto_reply": {"type": ["boolean", "null"]},
+    "purged_at": NULLABLE_TIME, "decode_error": {"type": ["string", "null"]},
+    "bounces": {"type": "array", "items": _object({
+        "bounce_id": {"type": "integer"}, "received_at": TIME, "action": {"type": "string"},
+        "status": {"type": ["string", "null"]}, "detector": {"type": ["string", "null"]},
+        "notified": {"type": "boolean"}})},
+}
 
 SCHEMAS = {
     "Error": {
@@ -29,7 +64,8 @@ SCHEMAS = {
             "type": "object", "required": ["code", "message"], "additionalProperties": False,
             "properties": {
                 "code": {"type": "string", "enum": ["unauthorized", "forbidden", "not_found", "conflict",
-                                                    "invalid_json", "invalid_field", "too_large", "unavailable"]},
+                                                    "invalid_json", "invalid_field", "too_large", "unavailable",
+                                                    "damaged"]},
                 "message": {"type": "string"},
                 "field": {"type": "string", "description": "the field (or header) that is wrong"},
             }}},
@@ -101,6 +137,30 @@ SCHEMAS = {
         "properties": {"placed": {"type": "boolean", "description": "false: it was held already"},
                        "hold": _ref("Hold")},
     },
+    "ArchivePage": _object({"messages": {"type": "array", "items": _object(ARCHIVE_ROW)},
+                            "next_page": {"type": ["integer", "null"],
+                                          "description": "the next page's number, or null: this was the last"}}),
+    "ArchiveMessage": _object({
+        **ARCHIVE_MESSAGE,
+        "headers_removed": {"type": "array", "items": {"type": "string"}},
+        "headers_added": {"type": "array", "items": {"type": "string"}},
+        "attachments": {"type": "array", "items": _object({
+            "filename": {"type": ["string", "null"]}, "content_type": {"type": "string"},
+            "bytes": COUNT})}}),
+    "Thread": _object({"relationship": {"type": "integer"}, "seller": ADDRESS, "buyer": ADDRESS,
+                       "seller_alias": ADDRESS, "buyer_alias": ADDRESS,
+                       "messages": {"type": "array", "items": _object(ARCHIVE_MESSAGE)}}),
+    "Verification": _object({"ok": {"type": "boolean"}, "rows": {"type": "integer"},
+                             "purged": {"type": "integer"}, "head": {"type": ["string", "null"]},
+                             "breaks": {"type": "array", "items": _object({
+                                 "archive_id": {"type": "integer"}, "kind": {"type": "string"},
+                                 "detail": {"type": "string"}})}}),
+    "ExportManifest": {"type": "object", "required": ["relationship", "format", "as", "messages", "omitted",
+                                                      "exported_at", "note"],
+                       "description": "as `relay archive export` writes it beside the mbox"},
+    "ResponseTimeReport": {"type": "object", "required": ["as_of", "since", "answer_within_hours", "sellers"],
+                           "properties": {"sellers": {"type": "array", "items": {"type": "object"}}},
+                           "description": "as `relay report response-time --json` prints it"},
     "Holds": {
         "type": "object", "required": ["holds"], "additionalProperties": False,
         "properties": {"holds": {"type": "array", "items": _ref("Hold")}},
@@ -109,6 +169,9 @@ SCHEMAS = {
 
 ADDRESS_PARAMETER = {"name": "address", "in": "path", "required": True, "schema": ADDRESS}
 ID_PARAMETER = {"name": "id", "in": "path", "required": True, "schema": {"type": "integer"}}
+ARCHIVE_ID_PARAMETER = {"name": "archive_id", "in": "path", "required": True, "schema": {"type": "integer"}}
+RFC822 = {"description": "the bytes (Relay-SHA256 gives their hash)",
+          "content": {"message/rfc822": {"schema": {"type": "string", "contentMediaType": "message/rfc822"}}}}
 
 
 def _operation(summary: str, roles: str, responses: dict, *, body: str | None = None,
@@ -172,6 +235,53 @@ PATHS = {
         "delete": _operation("End the hold", "disputes, admin", {"204": {"description": "released"}},
                              parameters=[ID_PARAMETER]),
     },
+    "/api/v1/relationships/{id}/thread": {"get": _operation(
+        "The relationship's messages in order, both directions, with what the relay did to each",
+        "disputes, admin", {"200": _json(_ref("Thread"), "the thread")}, parameters=[ID_PARAMETER])},
+    "/api/v1/relationships/{id}/export": {"get": _operation(
+        "The export `relay archive export --format mbox` writes: the mbox, or (part=manifest) its manifest",
+        "disputes, admin",
+        {"200": {"description": "the mbox (mboxrd), or the manifest",
+                 "content": {"application/mbox": {"schema": {"type": "string", "contentMediaType": "application/mbox"}},
+                             "application/json": {"schema": _ref("ExportManifest")}}}},
+        parameters=[ID_PARAMETER,
+                    {"name": "as", "in": "query", "required": False, "schema": {"enum": ["raw", "delivered"]}},
+                    {"name": "part", "in": "query", "required": False, "schema": {"enum": ["mbox", "manifest"]}}])},
+    "/api/v1/archive": {"get": _operation(
+        "Search the archive, newest first: by relationship (id, alias or order id), party, time, verdict",
+        "disputes, admin", {"200": _json(_ref("ArchivePage"), "one page")},
+        parameters=[{"name": name, "in": "query", "required": False, "schema": schema, "description": text}
+                    for name, schema, text in (
+                        ("relationship", {"type": "integer"}, "a relationship id"),
+                        ("alias", {"type": "string"}, "either alias of the relationship"),
+                        ("order_id", {"type": "string"}, "an order of the relationship"),
+                        ("seller", ADDRESS, "the seller's real address"),
+                        ("buyer", ADDRESS, "the buyer's real address"),
+                        ("since", {"type": "string"}, "a date or date-time (UTC unless zoned), inclusive"),
+                        ("until", {"type": "string"}, "a date (its whole day) or date-time, exclusive"),
+                        ("verdict", VERDICT, ""),
+                        ("limit", {"type": "integer", "minimum": 1, "maximum": 500}, "default 50"),
+                        ("page", {"type": "integer", "minimum": 1}, "default 1"))])},
+    "/api/v1/archive/verify": {"get": _operation(
+        "Verify the archive's hash chain (`relay archive verify`); ok is false if any row was changed",
+        "disputes, admin", {"200": _json(_ref("Verification"), "the verification")},
+        parameters=[{"name": "head", "in": "query", "required": False, "schema": SHA256,
+                     "description": "a head noted earlier: is it still in the chain?"}])},
+    "/api/v1/archive/{archive_id}": {"get": _operation(
+        "One archived message: envelope, verdict and reply, every change or refusal reason, the header "
+        "changes, attachments, delivery reports and hashes", "disputes, admin",
+        {"200": _json(_ref("ArchiveMessage"), "the message")}, parameters=[ARCHIVE_ID_PARAMETER])},
+    "/api/v1/archive/{archive_id}/raw": {"get": _operation(
+        "The message as received, byte for byte (checked against its hash)", "disputes, admin",
+        {"200": RFC822}, parameters=[ARCHIVE_ID_PARAMETER])},
+    "/api/v1/archive/{archive_id}/delivered": {"get": _operation(
+        "The message as delivered, byte for byte (checked against its hash)", "disputes, admin",
+        {"200": RFC822}, parameters=[ARCHIVE_ID_PARAMETER])},
+    "/api/v1/reports/response-time": {"get": _operation(
+        "The response-time report (`relay report response-time --json`)", "disputes, admin",
+        {"200": _json(_ref("ResponseTimeReport"), "the report")},
+        parameters=[{"name": name, "in": "query", "required": False, "schema": {"type": "string"}}
+                    for name in ("since", "until", "seller")])},
     "/api/v1/holds": {"get": _operation("Relationships on hold", "disputes, admin",
                                         {"200": _json(_ref("Holds"), "the holds")})},
 }
