@@ -175,10 +175,11 @@ def relationship_json(relationship) -> dict:
 class Api:
     """The routes, over one store; `app()` is the aiohttp application."""
 
-    def __init__(self, store, domain: str, metrics=None):
+    def __init__(self, store, domain: str, metrics=None, console=None):
         self.store = store
         self.domain = domain
         self.metrics = metrics
+        self.console = console  # relay.console.Console, mounted at /console
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._middleware], client_max_size=MAX_BODY_OCTETS)
@@ -211,10 +212,14 @@ class Api:
             resource = app.router.add_resource(path, name=handler.__name__)
             route = resource.add_route(method, handler)
             route.roles = roles  # read by the middleware
+        if self.console is not None:
+            app.add_subapp("/console", self.console.app())
         return app
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler):
+        if request.path == "/console" or request.path.startswith("/console/"):
+            return await handler(request)  # pages and sessions of their own (relay/console.py)
         started = time.monotonic()
         route = request.match_info.route
         name = getattr(route.resource, "name", None) or "unknown"

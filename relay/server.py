@@ -130,12 +130,17 @@ class RelayServer:
             if config.api.listen is not None:
                 # Imported only when on: aiohttp is memory the relay does not
                 # spend unless the API is asked for.
-                from relay.api import Api, ApiServer
+                from relay.api import Api, ApiServer, token_sha256
+                from relay.console import Console
 
-                self.api_server = ApiServer(Api(self.store, config.domain, self.metrics), config.api.listen)
+                sub = config.submission
+                console = Console(self.store, Throttle(sub.failure_delay, sub.max_failure_delay, sub.max_failures,
+                                                       sub.failure_window), token_sha256)
+                self.api_server = ApiServer(Api(self.store, config.domain, self.metrics, console), config.api.listen)
                 await self.api_server.start()
                 self.api_address = self.api_server.address
-                log.info("HTTP API on http://%s:%s/api/v1/ (docs: /api/openapi.json)", *self.api_address)
+                log.info("HTTP API on http://%s:%s/api/v1/ (docs: /api/openapi.json), dispute console on /console/",
+                         *self.api_address)
         except BaseException:
             await self.stop(drain_seconds=0)
             raise
