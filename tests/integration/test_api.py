@@ -86,6 +86,18 @@ class Client:
         return None
 
 
+def cli_config(relay: RunningRelay, folder):
+    """A config for the CLI on the relay's own store, either engine."""
+    from archive_support import write_config
+    from test_postgres_cli import write_postgres_config
+
+    database = relay.config.database
+    if database.startswith("postgres"):
+        return write_postgres_config(folder, database)
+    folder.mkdir()
+    return write_config(folder, database)
+
+
 def make_token(relay: RunningRelay, name: str, role: str) -> str:
     token = api.new_token()
     relay.call(relay.store.add_api_token(name, role, api.token_sha256(token)))
@@ -350,8 +362,7 @@ def test_the_document_describes_every_route(client, tokens):
 def test_tokens_from_the_command_line(client, api_relay, tmp_path):
     from archive_support import relay_cli
 
-    config = tmp_path / "cli.toml"
-    config.write_text(f'database = "{api_relay.config.database}"\n')
+    config = cli_config(api_relay, tmp_path / "cli")
     made = relay_cli(config, "api-token", "add", "dispute-desk", "--role", "disputes")
     assert made.returncode == 0, made.stderr
     token = made.stdout.decode().split()[-1]

@@ -13,19 +13,9 @@ from email.message import EmailMessage
 
 import pytest
 
-from archive_support import relay_cli, send, write_config
-from test_api import Client, api_relay, make_token, tokens  # noqa: F401 (fixtures)
+from archive_support import relay_cli, send
+from test_api import Client, api_relay, cli_config, make_token, tokens  # noqa: F401 (fixtures)
 from support import message
-from test_postgres_cli import write_postgres_config
-
-def cli_config(relay, folder):
-    """A config for the CLI on the relay's own store, either engine."""
-    database = relay.config.database
-    if database.startswith("postgres"):
-        return write_postgres_config(folder, database)
-    folder.mkdir()
-    return write_config(folder, database)
-
 
 PDF = b"%PDF-1.4\n" + b"0" * 3000 + b"\n%%EOF\n"
 
