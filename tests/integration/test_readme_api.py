@@ -55,12 +55,13 @@ def test_the_readme_curl_examples_run_as_written(tmp_path, upstream):
         result = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, result.stderr
         answers = json_values(result.stdout)
-        seller, buyer, order, retried, looked_up, opted_out, raised, hold = answers
+        seller, buyer, order, retried, looked_up, opted_out, raised, hold, archived = answers
         assert seller["address"] == "sam@shop.example" and seller["name"] == "Sam's Shop"
         assert buyer["address"] == "bea@mail.example"
         assert retried == order and order["relationship"] == looked_up
         assert opted_out["opted_out"] is True and raised["daily_orders"] == 500
         assert hold["placed"] is True and hold["hold"]["reason"] == "case 4711"
+        assert archived == {"messages": [], "next_page": None}  # no mail has passed yet
         # What the README promised happened in the store: one order, a
         # seller with a submission password, the hold.
         store = relay.store
