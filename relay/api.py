@@ -462,8 +462,7 @@ class Api:
     async def archive_message(self, request: web.Request) -> web.Response:
         row, summary, _ = await self._archive_row(request)
         shown = disputes.changes(row)
-        raw = None if row["purged_at"] or row["decode_error"] else row["raw"]
-        attachments = await asyncio.to_thread(disputes.attachments, raw)
+        attachments = await asyncio.to_thread(disputes.attachments, row)
         return json_response({**summary, "headers_removed": shown["headers_removed"],
                               "headers_added": shown["headers_added"], "attachments": attachments})
 
@@ -503,9 +502,7 @@ class Api:
         if part not in ("mbox", "manifest"):
             raise ApiError("invalid_field", "part must be mbox or manifest", "part")
         rows = [row async for row in self.store.conversation(relationship.id)]
-        header = {"relationship": relationship.id, "seller": relationship.seller.address,
-                  "buyer": relationship.buyer.address, "seller_alias": relationship.seller_alias,
-                  "buyer_alias": relationship.buyer_alias, "exported_at": iso(datetime.now(timezone.utc))}
+        header = disputes.export_header(relationship, datetime.now(timezone.utc))
         try:
             mbox, manifest = await asyncio.to_thread(_export_mbox, rows, as_, header)
         except archive.ExportError as exc:

@@ -753,9 +753,7 @@ def cmd_archive_export(args, config: Config) -> int:
 
     async def work(store):
         relationship = await _relationship_of(store, args.relationship, args.seller, args.buyer)
-        header = {"relationship": relationship.id, "seller": relationship.seller.address,
-                  "buyer": relationship.buyer.address, "seller_alias": relationship.seller_alias,
-                  "buyer_alias": relationship.buyer_alias, "exported_at": iso(datetime.now(timezone.utc))}
+        header = disputes.export_header(relationship, datetime.now(timezone.utc))
         try:
             exporter = archive.Exporter(Path(args.out), args.format, args.as_, header)
         except archive.ExportError as exc:

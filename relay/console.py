@@ -174,9 +174,7 @@ class Console:
                 relationship_id = None
                 q = query["q"]
                 if q:
-                    relationship = (await self.store.relationship_by_alias(q) if "@" in q
-                                    else await self.store.relationship_by_id(int(q)) if q.isdigit() and len(q) < 18
-                                    else None) or await self.store.relationship_by_order(q)
+                    relationship = await disputes.find_relationship(self.store, q)
                     if relationship is None:
                         raise LookupError(f"No relationship has the order, alias or id “{q}”.")
                     relationship_id = relationship.id
@@ -190,8 +188,8 @@ class Console:
                           relationship=relationship, searched=any(query.values()))
 
     async def _relationship(self, request):
-        text = request.match_info["id"]
-        relationship = await self.store.relationship_by_id(int(text)) if text.isdigit() and len(text) < 18 else None
+        relationship_id = _path_id(request, "id")
+        relationship = await self.store.relationship_by_id(relationship_id) if relationship_id else None
         if relationship is None:
             raise web.HTTPNotFound(text="no such relationship")
         return relationship
@@ -215,8 +213,8 @@ class Console:
         raise web.HTTPSeeOther(f"/console/relationships/{relationship.id}")
 
     async def _row(self, request):
-        text = request.match_info["archive_id"]
-        found = await disputes.message(self.store, int(text)) if text.isdigit() and len(text) < 18 else None
+        archive_id = _path_id(request, "archive_id")
+        found = await disputes.message(self.store, archive_id) if archive_id else None
         if found is None:
             raise web.HTTPNotFound(text="no such archived message")
         return found
@@ -227,9 +225,10 @@ class Console:
         shown = disputes.changes(row)
         readable = not row["purged_at"] and not row["decode_error"]
         raw = row["raw"] if readable else None
-        attachments = await asyncio.to_thread(disputes.attachments, raw)
+        attachments = await asyncio.to_thread(disputes.attachments, row)
         which = "delivered" if readable and row["delivered"] is not None else "raw"
-        has_html = readable and _html_part(row[which]) is not None
+        # Parsed off the loop, as the frame's own route does.
+        has_html = readable and await asyncio.to_thread(_html_part, row[which]) is not None
         raw_text = raw[:MAX_SHOWN_RAW].decode("utf-8", "replace") if raw is not None else None
         return self._page("message.html", session=session, m=summary, shown=shown, attachments=attachments,
                           which=which, has_html=has_html, raw_text=raw_text,
@@ -267,6 +266,12 @@ class Console:
         if name not in kinds:
             raise web.HTTPNotFound()
         return web.Response(body=(STATIC / name).read_bytes(), content_type=kinds[name])
+
+
+def _path_id(request: web.Request, name: str) -> int | None:
+    """A numeric id from the URL, or None (the page is then a 404)."""
+    text = request.match_info[name]
+    return int(text) if text.isdigit() and len(text) < 18 else None
 
 
 def _html_part(data: bytes | None) -> str | None:

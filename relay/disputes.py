@@ -82,11 +82,12 @@ def changes(row: dict) -> dict:
             "changes": row["changes"], "headers_removed": removed, "headers_added": added}
 
 
-def attachments(data: bytes | None) -> list[dict]:
-    """The attachments of a message's bytes: file name, type and decoded
-    size, in order. The archive's bytes were accepted once, but a hostile
-    message is still read defensively: a part that cannot be decoded is
-    listed with a null size."""
+def attachments(row: dict) -> list[dict]:
+    """The attachments of a row's raw message: file name, type and decoded
+    size, in order ([] once purged or unreadable). The archive's bytes were
+    accepted once, but a hostile message is still read defensively: a part
+    that cannot be decoded is listed with a null size."""
+    data = None if row["purged_at"] or row["decode_error"] else row["raw"]
     if not data:
         return []
     found = []
@@ -120,6 +121,24 @@ def body_bytes(row: dict, which: str) -> bytes:
         raise ValueError(f"archive row {row['id']}: its {which} bytes do not match {which}_sha256 (edited); "
                          "run `relay archive verify`")
     return data
+
+
+async def find_relationship(store, text: str):
+    """The relationship a person typed: either alias, a relationship id, or
+    an order id (an order id may look like either, so it is tried last)."""
+    found = None
+    if "@" in text:
+        found = await store.relationship_by_alias(text)
+    elif text.isdigit() and len(text) < 18:
+        found = await store.relationship_by_id(int(text))
+    return found or await store.relationship_by_order(text)
+
+
+def export_header(relationship, now: datetime) -> dict:
+    """The manifest's head of `relay archive export` (CLI and API alike)."""
+    return {"relationship": relationship.id, "seller": relationship.seller.address,
+            "buyer": relationship.buyer.address, "seller_alias": relationship.seller_alias,
+            "buyer_alias": relationship.buyer_alias, "exported_at": archive.iso(now)}
 
 
 async def thread(store, relationship) -> dict:
