@@ -312,6 +312,10 @@ def secret_files(config: Config) -> list[Path]:
 
     paths = [] if is_postgres(config.database) else [Path(config.database + s) for s in ("", "-wal", "-shm")]
     paths += [dkim.key_path(config), bounces.secret_path(config)]
+    if config.webhooks.url:
+        from relay import webhooks
+
+        paths.append(webhooks.secret_path(config))
     paths.append(Path(config.submission.tls_key) if config.submission.tls_key
                  else tls.self_signed_paths(config.state_dir / "tls")[1])
     return paths

@@ -256,6 +256,24 @@ class ApiConfig:
     listen: Endpoint | None = None
 
 
+WEBHOOK_EVENTS = ("message.delivered", "message.refused", "message.bounced")
+
+
+@dataclass(frozen=True)
+class WebhooksConfig:
+    """Events POSTed to the marketplace (relay/webhooks.py, docs/webhooks.md)."""
+
+    url: str = ""  # http(s)://… the relay POSTs each event to; "" → off
+    secret_file: str = ""  # the HMAC-SHA256 key; empty → made as var/webhook.key at first start
+    events: tuple[str, ...] = WEBHOOK_EVENTS  # which of them to send
+    timeout: float = 10.0  # seconds for one POST, connecting included
+    # Seconds before the first retry of a failed POST; each further retry
+    # waits twice as long, up to `max_retry_seconds`.
+    retry_seconds: float = 30.0
+    max_retry_seconds: float = 3600.0
+    max_age_hours: int = 72  # an event not sent by then is given up (and logged)
+
+
 @dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
@@ -276,6 +294,7 @@ class Config:
     bounce: BounceConfig = BounceConfig()
     metrics: MetricsConfig = MetricsConfig()
     api: ApiConfig = ApiConfig()
+    webhooks: WebhooksConfig = WebhooksConfig()
     log: LogConfig = LogConfig()
     limits: LimitsConfig = LimitsConfig()
     workers: WorkersConfig = WorkersConfig()
@@ -376,6 +395,8 @@ def _check_database_url(config: "Config") -> None:
         missing.append("[bounce] secret_file")
     if not config.dkim.key_file:
         missing.append("[dkim] key_file")
+    if config.webhooks.url and not config.webhooks.secret_file:
+        missing.append("[webhooks] secret_file")
     submission = config.submission
     if (submission.listen is not None or submission.listen_tls is not None) and not submission.tls_cert:
         missing.append("[submission] tls_cert and tls_key")
@@ -451,6 +472,18 @@ def _check(section, prefix: str) -> None:
             raise ConfigError(f"{prefix}bare_newline: expected one of normal, reject, got {section.bare_newline!r}")
         if section.max_received < 1 or section.max_relay_hops < 1:
             raise ConfigError(f"{prefix}max_received, {prefix}max_relay_hops: must be at least 1")
+    elif isinstance(section, WebhooksConfig):
+        if section.url:
+            parts = urllib.parse.urlsplit(section.url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ConfigError(f"{prefix}url: expected an http:// or https:// URL, got {section.url!r}")
+        for event in section.events:
+            if event not in WEBHOOK_EVENTS:
+                raise ConfigError(f"{prefix}events: expected some of {', '.join(WEBHOOK_EVENTS)}, got {event!r}")
+        if section.max_retry_seconds < section.retry_seconds:
+            raise ConfigError(f"{prefix}max_retry_seconds: must be at least retry_seconds")
+        if section.max_age_hours < 1:
+            raise ConfigError(f"{prefix}max_age_hours: must be at least 1")
     elif isinstance(section, PolicyConfig):
         for domain in section.allowed_link_domains:
             if not _HOSTNAME_RE.match(domain):
@@ -605,4 +638,5 @@ def effective(config: Config) -> dict:
     from relay.store.url import redact
 
     settings["database"] = redact(config.database)
+    settings["webhooks"]["url"] = redact(config.webhooks.url)
     return settings

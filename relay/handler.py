@@ -30,7 +30,7 @@ from datetime import datetime, timedelta, timezone
 
 from aiosmtpd.smtp import MISSING, AuthResult
 
-from relay import addresses, auth, bounces, dkim, mailauth, pipeline, replies
+from relay import addresses, auth, bounces, dkim, events, mailauth, pipeline, replies
 from relay.auth import Throttle
 from relay.config import Config
 from relay.forward import DeliveryError, Upstream, queue_id
@@ -112,7 +112,7 @@ class RelayHandler:
     def __init__(self, config: Config, store, upstream: Upstream, protocol: str = "ESMTP",
                  submission: bool = False, throttle: Throttle | None = None, clock=utc_clock,
                  metrics: Metrics | None = None, dkim_key=None, bounce_secret: bytes = b"",
-                 resolver=None, workers: WorkerPool | None = None):
+                 resolver=None, workers: WorkerPool | None = None, webhook_wake=None):
         self.config = config
         self.store = store
         self.upstream = upstream
@@ -127,6 +127,8 @@ class RelayHandler:
         self.bounce_secret = bounce_secret or secrets.token_bytes(32)
         self._in_flight: set[asyncio.Task] = set()
         self.closing = False
+        # Called once an event for the marketplace is written (relay/webhooks.py).
+        self.webhook_wake = webhook_wake or (lambda: None)
 
     # --- aiosmtpd hooks -------------------------------------------------------
 
@@ -353,9 +355,12 @@ class RelayHandler:
                         return replies.UPSTREAM_UNAVAILABLE
                     # Refused for good: record the report anyway, unnotified.
                     log.warning("bounce notice for %s refused: %s", relay_id, exc.detail)
+            event = self._webhook_event(events.BOUNCED)
             await self.store.record_bounce(iso(self.clock()), relay_id, original["archive_id"],
                                            original["relationship_id"], action, status, notified, raw,
-                                           detector=detector)
+                                           detector=detector, webhook_event=event)
+            if event:
+                self.webhook_wake()
         except StoreUnavailable as exc:
             log.warning("bounce for %s not recorded: %s", relay_id, exc)
             self.metrics.store_error(exc)
@@ -373,6 +378,11 @@ class RelayHandler:
                  original["relationship_id"], original["archive_id"], action, status or "-", detector or "-",
                  notified)
         return replies.BOUNCE_ACCEPTED
+
+    def _webhook_event(self, event: str | None) -> str | None:
+        """`event`, if [webhooks] is on and sends it; else None."""
+        webhooks = self.config.webhooks
+        return event if event and webhooks.url and event in webhooks.events else None
 
     async def _notify(self, original: dict, status: str) -> bool:
         """Send the notice; False when there is nobody to tell (an automatic
@@ -472,10 +482,13 @@ class RelayHandler:
             relay_message_id=relay_id,
             send_reservation=reserved[0] if reserved else None,
             bodies=bodies if verdict == "delivered" else None,
+            webhook_event=self._webhook_event(events.for_verdict(verdict)),
         )
         archive_id = None
         try:
             archive_id = await self.store.record(entry)
+            if entry.webhook_event:
+                self.webhook_wake()
         except StoreDataError as exc:
             self.metrics.store_error(exc)
             log.exception("archive refused a value of message %s", transaction_id)

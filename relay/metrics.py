@@ -69,6 +69,9 @@ class Metrics:
             "relay_failed_logins", "Failed AUTH attempts on the submission listeners, by reason: credentials "
             "(wrong account or password), malformed (bad AUTH data), blocked (the client address is "
             "throttled: 421)", ["reason"], registry=self.registry)
+        self.webhooks = Counter(
+            "relay_webhook_attempts", "Webhook POSTs, by event type and outcome: sent (2xx), failed (tried "
+            "again later), given_up (the event's last attempt failed)", ["event", "outcome"], registry=self.registry)
         self.store_errors = Counter(
             "relay_store_errors", "Store failures the handler answered for, by kind: state (the database is "
             "locked, full or unreachable: 451) or value (it refused a value of a message: 554)",

@@ -67,6 +67,8 @@ def check(config: Config, now: datetime | None = None) -> tuple[list[Problem], l
         _check_ca_file(config.upstream.ca_file, problems)
     _check_dkim_key(config, problems)
     _check_bounce_secret(config, problems)
+    if config.webhooks.url:
+        _check_webhook_secret(config, problems)
     return problems, warnings
 
 
@@ -190,3 +192,16 @@ def _check_bounce_secret(config: Config, problems: list[Problem]) -> None:
     if data is not None and len(data) < MIN_BOUNCE_SECRET_BYTES:
         problems.append(Problem(key, str(path), f"{len(data)} bytes; the secret needs at least "
                                                 f"{MIN_BOUNCE_SECRET_BYTES} (head -c 32 /dev/urandom > FILE)"))
+
+
+def _check_webhook_secret(config: Config, problems: list[Problem]) -> None:
+    from relay import webhooks
+
+    key = "[webhooks] secret_file"
+    path = webhooks.secret_path(config)
+    if not path.exists() and not path.is_symlink():
+        return  # made at start (relay.webhooks.load_secret)
+    data = _read(key, str(path), problems)
+    if data is not None and len(data.strip()) < MIN_BOUNCE_SECRET_BYTES:
+        problems.append(Problem(key, str(path), f"{len(data.strip())} bytes; the secret needs at least "
+                                                f"{MIN_BOUNCE_SECRET_BYTES} (openssl rand -hex 32 > FILE)"))

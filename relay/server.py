@@ -40,6 +40,7 @@ log = logging.getLogger("relay.server")
 IDENT = f"relay {__version__}"
 DRAIN_SECONDS = 60.0
 PURGE_INTERVAL = 24 * 3600.0
+WEBHOOK_EVENTS_KEPT = timedelta(days=30)  # finished (sent or given up) events, then deleted
 
 
 class RelayServer:
@@ -60,6 +61,7 @@ class RelayServer:
         self.api_address: tuple[str, int] | None = None
         self.upstream = None
         self._purger: asyncio.Task | None = None
+        self.webhooks = None  # relay.webhooks.WebhookSender, with [webhooks] url set
         self.workers: WorkerPool | None = None
         self._lock: DatabaseLock | None = None
         self._tls_context = None
@@ -112,9 +114,17 @@ class RelayServer:
             self.bounce_secret = await asyncio.to_thread(bounces.load_secret, config)
             # Made (a self-signed pair) and loaded before any listener opens.
             self._tls_context = await asyncio.to_thread(self._submission_context)
+            if config.webhooks.url:
+                # Imported only when on, like the API: aiohttp's client.
+                from relay import webhooks
+
+                secret = await asyncio.to_thread(webhooks.load_secret, config)
+                self.webhooks = webhooks.WebhookSender(self.store, config.webhooks, secret, self.metrics, self.clock)
+                await self.webhooks.start()
+                log.info("webhooks: %s to %s", ", ".join(config.webhooks.events), redact(config.webhooks.url))
             inbound = RelayHandler(config, self.store, upstream, clock=self.clock, metrics=self.metrics,
                                    dkim_key=self.dkim_key, bounce_secret=self.bounce_secret,
-                                   resolver=self.resolver, workers=self.workers)
+                                   resolver=self.resolver, workers=self.workers, webhook_wake=self._wake_webhooks)
             self.handlers.append(inbound)
             server = await self._listen(config.inbound.listen, inbound, self._inbound_session, "inbound")
             self.inbound_address = server.sockets[0].getsockname()[:2]
@@ -145,6 +155,10 @@ class RelayServer:
             await self.stop(drain_seconds=0)
             raise
 
+    def _wake_webhooks(self) -> None:
+        if self.webhooks is not None:
+            self.webhooks.wake()
+
     async def _purge_daily(self) -> None:
         """Archive retention: purge once at start-up, then once a day. A
         failure is logged and tried again the next day; it never stops the
@@ -158,6 +172,8 @@ class RelayServer:
                 # The daily cap looks back one window; keep two, drop the rest.
                 window = timedelta(hours=2 * self.config.policy.daily_window_hours)
                 await self.store.prune_seller_sends(iso(self.clock() - window))
+                # Finished events are the marketplace's now; kept a while for an operator's look.
+                await self.store.prune_webhook_events(iso(self.clock() - WEBHOOK_EVENTS_KEPT))
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -183,7 +199,7 @@ class RelayServer:
         handler = RelayHandler(self.config, self.store, upstream, protocol="ESMTPSA", submission=True,
                                throttle=throttle, clock=self.clock, metrics=self.metrics,
                                dkim_key=self.dkim_key, bounce_secret=self.bounce_secret,
-                               workers=self.workers)
+                               workers=self.workers, webhook_wake=self._wake_webhooks)
         self.handlers.append(handler)
         if sub.listen is not None:
             server = await self._listen(sub.listen, handler, lambda h: self._submission_session(h, context),
@@ -275,6 +291,9 @@ class RelayServer:
         for session in list(self._sessions):
             if session.transport is not None:
                 session.transport.close()
+        if self.webhooks is not None:
+            await self.webhooks.stop()
+            self.webhooks = None
         if self.upstream is not None:
             await self.upstream.close()
         for server in self._servers:

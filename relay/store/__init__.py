@@ -122,6 +122,9 @@ class ArchiveEntry:
     # `raw` and `delivered` already hashed and compressed (common.PreparedBodies),
     # by the worker that made `delivered`; None: record() does it.
     bodies: object | None = None
+    # The marketplace event to write with the row (relay/events.py), when
+    # [webhooks] asks for it; None: none.
+    webhook_event: str | None = None
 
     def metadata(self) -> dict:
         return {

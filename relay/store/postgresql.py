@@ -94,7 +94,8 @@ SELLER_LOCKS = RELAY_LOCKS + 1  # object: the seller's party id (mod 2^31)
 
 # The tables of the store, in an order that satisfies every foreign key.
 TABLES = ("parties", "relationships", "orders", "archive_purges", "archive", "archive_bodies",
-          "message_ids", "seller_sends", "archive_holds", "bounces", "api_tokens", "api_idempotency")
+          "message_ids", "seller_sends", "archive_holds", "bounces", "api_tokens", "api_idempotency",
+          "webhook_events")
 
 
 

@@ -37,6 +37,7 @@ import json
 
 from relay import addresses
 from relay import archive as archive_logic
+from relay import events
 from relay.store import (
     BODY_ENCODING,
     GENESIS_HASH,
@@ -494,6 +495,9 @@ class SqlStore:
                     " created_at) VALUES (?, ?, ?, ?, ?, ?)",
                     (entry.relationship_id, entry.sender_id, entry.original_message_id,
                      entry.relay_message_id, archive_id, entry.received_at))
+            if entry.webhook_event:
+                await self._add_webhook_event(tx, entry.webhook_event, archive_id,
+                                              events.message_data(archive_id, metadata), entry.received_at)
         return archive_id
 
     async def archive_row(self, archive_id: int) -> dict | None:
@@ -827,15 +831,21 @@ class SqlStore:
 
     async def record_bounce(self, received_at: str, relay_message_id: str, archive_id: int | None,
                             relationship_id: int | None, action: str, status: str, notified: bool,
-                            raw: bytes, detector: str = "rfc3464") -> int:
+                            raw: bytes, detector: str = "rfc3464", webhook_event: str | None = None) -> int:
+        """Record a delivery report (and, with `webhook_event`, its event) in one transaction."""
         # A report's fields are message-borne text (8-bit bytes as surrogates).
         action, status, detector = (common.storable_text(v) for v in (action, status, detector))
         async with self._transaction() as tx:
-            return await tx.insert(
+            bounce_id = await tx.insert(
                 "INSERT INTO bounces (received_at, relay_message_id, archive_id, relationship_id,"
                 " action, status, notified, raw, detector) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (received_at, relay_message_id, archive_id, relationship_id, action, status, int(notified), raw,
                  detector))
+            if webhook_event:
+                data = events.bounce_data(bounce_id, archive_id, relationship_id, received_at, action, status,
+                                          detector, notified)
+                await self._add_webhook_event(tx, webhook_event, archive_id, data, received_at)
+            return bounce_id
 
     async def bounces_for(self, archive_id: int) -> list[dict]:
         rows = await self._fetchall(
@@ -843,6 +853,76 @@ class SqlStore:
             " WHERE archive_id = ? ORDER BY id", (archive_id,))
         return [dict(zip(("id", "received_at", "action", "status", "notified", "detector"), row))
                 for row in rows]
+
+    # --- webhook events (relay/events.py, relay/webhooks.py) -----------------
+
+    @staticmethod
+    async def _add_webhook_event(tx, event: str, archive_id: int | None, data: dict, at: str) -> None:
+        await tx.execute(
+            "INSERT INTO webhook_events (event, archive_id, data, created_at, next_attempt_at)"
+            " VALUES (?, ?, ?, ?, ?)", (event, archive_id, json.dumps(data, ensure_ascii=False), at, at))
+
+    async def claim_webhook_events(self, now: str, lease_until: str, limit: int) -> list[dict]:
+        """Take up to `limit` events due by `now` for one attempt each: their
+        next attempt moves to `lease_until` (past the POST's timeout, so an
+        event whose sender died is due again then) and the attempt is
+        counted. The UPDATE names the due time it read, so of two nodes
+        claiming at once each event goes to one."""
+        async with self._transaction() as tx:
+            claimed: list[int] = []
+            lost = True
+            while lost and len(claimed) < limit:
+                # Rows another node took meanwhile are lost to us; look again
+                # (each statement sees what has been committed since).
+                due = await tx.fetchall(
+                    "SELECT id, next_attempt_at FROM webhook_events WHERE next_attempt_at IS NOT NULL"
+                    " AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT ?", (now, limit - len(claimed)))
+                lost = False
+                for event_id, due_at in due:
+                    if await tx.execute("UPDATE webhook_events SET next_attempt_at = ?, attempts = attempts + 1"
+                                        " WHERE id = ? AND next_attempt_at = ?", (lease_until, event_id, due_at)) == 1:
+                        claimed.append(event_id)
+                    else:
+                        lost = True
+            if not claimed:
+                return []
+            among, params = self._among("id", claimed, "bigint")
+            rows = await tx.fetchall(
+                f"SELECT id, event, archive_id, data, created_at, attempts FROM webhook_events WHERE {among}"
+                " ORDER BY id", params)
+        return [dict(zip(("id", "event", "archive_id", "data", "created_at", "attempts"), row)) for row in rows]
+
+    async def finish_webhook_attempt(self, event_id: int, *, sent_at: str | None = None, error: str = "",
+                                     next_attempt_at: str | None = None) -> None:
+        """An attempt's outcome: sent (`sent_at`), failed and due again at
+        `next_attempt_at`, or failed for the last time (neither)."""
+        await self._execute(
+            "UPDATE webhook_events SET sent_at = ?, last_error = ?, next_attempt_at = ? WHERE id = ?",
+            (sent_at, common.storable_text(error)[:500], next_attempt_at, event_id))
+
+    async def release_webhook_events(self, event_ids: list[int], at: str) -> None:
+        """Claimed events not attempted after all (the relay is stopping):
+        due again at `at`, their claim not counted as an attempt."""
+        if not event_ids:
+            return
+        among, params = self._among("id", event_ids, "bigint")
+        await self._execute(
+            f"UPDATE webhook_events SET next_attempt_at = ?, attempts = attempts - 1 WHERE {among}"
+            " AND sent_at IS NULL AND next_attempt_at IS NOT NULL", [at, *params])
+
+    async def webhook_events(self, limit: int = 100) -> list[dict]:
+        """The latest events, newest first, as stored (tests, an operator)."""
+        rows = await self._fetchall(
+            "SELECT id, event, archive_id, data, created_at, attempts, next_attempt_at, sent_at, last_error"
+            " FROM webhook_events ORDER BY id DESC LIMIT ?", (limit,))
+        names = ("id", "event", "archive_id", "data", "created_at", "attempts", "next_attempt_at", "sent_at",
+                 "last_error")
+        return [dict(zip(names, row)) for row in rows]
+
+    async def prune_webhook_events(self, before: str) -> int:
+        """Drop finished events (sent or given up) made before `before`."""
+        return await self._execute(
+            "DELETE FROM webhook_events WHERE next_attempt_at IS NULL AND created_at < ?", (before,))
 
     # --- health and metrics --------------------------------------------------
 

@@ -252,6 +252,31 @@ CREATE TABLE api_idempotency (
     PRIMARY KEY (token_id, idem_key)
 );
 """),
+    (8, "webhooks", """
+-- The events the relay POSTs to the marketplace (relay/webhooks.py, issue
+-- 17): written in the same transaction as the archive row or delivery
+-- report they tell of, so an event exists exactly when its fact does, and
+-- sent from here by a task that never holds up mail. `data` is the event's
+-- JSON object as it is sent every time (the body is made from this row
+-- alone, so each retry is the same bytes apart from its signature's time).
+-- next_attempt_at NULL: finished (sent_at says whether it was sent or given
+-- up). A node takes a due event by moving next_attempt_at past the time
+-- its POST can take, in an UPDATE that names the old value: two nodes
+-- never send the same attempt.
+CREATE TABLE webhook_events (
+    id              {id},
+    event           TEXT NOT NULL,       -- message.delivered | message.refused | message.bounced
+    archive_id      {ref} REFERENCES archive (id),
+    data            TEXT NOT NULL,
+    created_at      {stamp} NOT NULL,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at {stamp},
+    sent_at         {stamp},
+    last_error      TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX webhook_events_due ON webhook_events (next_attempt_at) WHERE next_attempt_at IS NOT NULL;
+CREATE INDEX webhook_events_by_created_at ON webhook_events (created_at);
+"""),
 ]
 
 

@@ -548,3 +548,43 @@ def test_the_classification_of_driver_errors():
     assert pg_store.classify(asyncpg.UniqueViolationError("dup")) is None
     assert pg_store.classify(ConnectionRefusedError()) is StoreUnavailable
     assert pg_store.classify(KeyError("bug")) is None
+
+
+async def test_webhook_events_are_written_with_their_row_and_claimed_once(database):
+    """Two nodes claiming at once take each due event once; a claim that
+    runs out makes the event due again; a released claim is no attempt;
+    finished events are pruned, pending ones never."""
+    first, second = await open_two(database)
+    try:
+        relationship, _ = await seed(first)
+        ids = [await first.record(replace(entry(relationship.id, n), webhook_event="message.delivered"))
+               for n in range(6)]
+        await first.record(entry(relationship.id, 7))  # no event asked for
+        stored = await first.webhook_events()
+        assert sorted(e["archive_id"] for e in stored) == ids
+        assert all(e["next_attempt_at"] == e["created_at"] and e["attempts"] == 0 for e in stored)
+        now, lease = "2026-11-27T00:01:00.000000Z", "2026-11-27T00:02:00.000000Z"
+        taken = await asyncio.gather(*(store.claim_webhook_events(now, lease, 3)
+                                       for store in (first, second, first, second)))
+        claimed = [e["id"] for batch in taken for e in batch]
+        assert sorted(claimed) == sorted(e["id"] for e in stored)  # every event, each once
+        assert {e["attempts"] for batch in taken for e in batch} == {1}
+        assert await second.claim_webhook_events(now, lease, 10) == []  # all leased
+        one, two, three = sorted(claimed)[:3]
+        await first.finish_webhook_attempt(one, sent_at=now)
+        await first.finish_webhook_attempt(two, error="HTTP 500", next_attempt_at="2026-11-27T00:01:30.000000Z")
+        await first.release_webhook_events([three, one], now)  # `one` was sent: left alone
+        again = await second.claim_webhook_events("2026-11-27T00:01:30.000000Z", "2026-11-27T00:05:00.000000Z", 10)
+        assert sorted((e["id"], e["attempts"]) for e in again) == [(two, 2), (three, 1)]
+        # The leases of the rest run out: due again.
+        late = await first.claim_webhook_events("2026-11-27T00:02:00.000000Z", "2026-11-27T00:03:00.000000Z", 10)
+        assert sorted(e["id"] for e in late) == sorted(claimed)[3:] and {e["attempts"] for e in late} == {2}
+        await first.finish_webhook_attempt(two, error="HTTP 500")  # given up: finished, never sent
+        rows = {e["id"]: e for e in await first.webhook_events()}
+        assert (rows[one]["sent_at"], rows[one]["next_attempt_at"]) == (now, None)
+        assert (rows[two]["sent_at"], rows[two]["next_attempt_at"], rows[two]["last_error"]) == (None, None, "HTTP 500")
+        assert await first.prune_webhook_events("2026-11-28T00:00:00Z") == 2
+        assert sorted(e["id"] for e in await first.webhook_events()) == sorted(set(claimed) - {one, two})
+    finally:
+        await first.close()
+        await second.close()
