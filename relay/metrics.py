@@ -28,6 +28,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from relay.config import WEBHOOK_EVENTS
+
 log = logging.getLogger("relay.metrics")
 
 HEALTH_TIMEOUT = 5.0  # the archive gauges' queries
@@ -36,6 +38,7 @@ PROBE_CACHE_SECONDS = 5.0
 BOUNCE_OUTCOMES = ("notified", "recorded", "unknown")
 LOGIN_FAILURES = ("credentials", "malformed", "blocked")
 STORE_ERROR_KINDS = ("state", "value")
+WEBHOOK_OUTCOMES = ("sent", "failed", "given_up")
 
 
 class Metrics:
@@ -84,6 +87,9 @@ class Metrics:
             self.failed_logins.labels(reason)
         for kind in STORE_ERROR_KINDS:
             self.store_errors.labels(kind)
+        for event in WEBHOOK_EVENTS:
+            for outcome in WEBHOOK_OUTCOMES:
+                self.webhooks.labels(event, outcome)
 
     def api_call(self, route: str, status: int) -> None:
         self.api_calls.labels(route, str(status)).inc()

@@ -75,7 +75,8 @@ def world(tmp_path_factory) -> Path:
         upstream.wait_for(4)
         answer = relay.archive(4)
         relay.call(relay.store.record_bounce(answer["received_at"], "<x@marketplace.example>", 4, bea.relationship_id,
-                                             "failed", "5.1.1", True, b"Reporting-MTA: dns; mx.example\r\n"))
+                                             "failed", "5.1.1", True, b"Reporting-MTA: dns; mx.example\r\n",
+                                             webhook_event="message.bounced"))
     finally:
         relay.stop()
         upstream.stop()
@@ -110,7 +111,7 @@ def test_migrate_to_copies_every_table_and_verifies_the_copy(migrated, postgres_
     counts = {line.split()[0]: int(line.split()[1]) for line in lines[1:-1]}
     assert counts == {"parties": 3, "relationships": 2, "orders": 2, "archive_purges": 1, "archive": 5,
                       "archive_bodies": 4, "message_ids": 3, "seller_sends": 1, "archive_holds": 1, "bounces": 1,
-                      "api_tokens": 1, "api_idempotency": 0}
+                      "api_tokens": 1, "api_idempotency": 0, "webhook_events": 1}
     assert lines[-1] == f"copy: archive chain verified: 5 row(s) (1 purged), head {head}"
     # The same, as JSON, from the command on the PostgreSQL side.
     verified = json.loads(run(postgres_config, "archive", "verify", "--json"))

@@ -108,3 +108,11 @@ def test_default_worker_count_follows_the_cores_the_relay_may_use():
     assert pinned.stdout.split() == ["1", "3"]
     free = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert free.stdout.split() == [str(len(os.sched_getaffinity(0))), "3"]
+
+
+def test_webhook_url_password_is_masked_in_effective_settings():
+    config = config_module.from_mapping({"webhooks": {"url": "https://relay:s3cret@marketplace.example/events"}})
+    settings = config_module.effective(config)
+    assert settings["webhooks"]["url"] == "https://relay:***@marketplace.example/events"
+    assert "s3cret" not in repr(settings)
+    assert settings["webhooks"]["events"] == ["message.delivered", "message.refused", "message.bounced"]
