@@ -36,7 +36,7 @@ from datetime import datetime, timezone
 
 from aiohttp import web
 
-from relay import addresses, archive, auth, disputes
+from relay import addresses, archive, auth, disputes, provisioning
 from relay.archive.times import iso
 from relay.store import Conflict, NotFound, StoreDataError, StoreUnavailable
 
@@ -153,21 +153,11 @@ def placed_at_field(body: dict) -> str:
     return iso(moment)
 
 
-# --- answers ------------------------------------------------------------------------
+# --- what a request may say of a party -----------------------------------------------
 
-def party_json(party) -> dict:
-    out = {"id": party.id, "role": party.role, "address": party.address, "name": party.display_name}
-    if party.role == "seller":
-        out["daily_orders"] = party.daily_orders
-    else:
-        out["opted_out"] = party.opted_out
-    return out
-
-
-def relationship_json(relationship) -> dict:
-    return {"id": relationship.id, "seller": relationship.seller.address, "buyer": relationship.buyer.address,
-            "seller_alias": relationship.seller_alias, "buyer_alias": relationship.buyer_alias,
-            "created_at": relationship.created_at}
+def _party_fields(role: str) -> set[str]:
+    """What a request may change of a party of `role` (its address is its key)."""
+    return {f"{role}_name"} | ({"password", "daily_orders_override"} if role == "seller" else {"opted_out"})
 
 
 # --- the application ------------------------------------------------------------------
@@ -271,13 +261,12 @@ class Api:
 
     async def _create_party(self, request: web.Request, role: str) -> web.Response:
         body = await json_object(request)
-        allowed = {"address", "name"} | ({"password", "daily_orders"} if role == "seller" else {"opted_out"})
-        no_other_fields(body, allowed)
-        address = address_field(body, "address", self.domain)
-        name = text_field(body, "name", required=False) or ""
+        no_other_fields(body, {role} | _party_fields(role))
+        address = address_field(body, role, self.domain)
+        name = text_field(body, f"{role}_name", required=False) or ""
         changes = await self._party_changes(body, role)
         party = await self.store.save_party(role, address, create=True, display_name=name, **changes)
-        return json_response(party_json(party), 201)
+        return json_response(provisioning.party_json(party), 201)
 
     async def _party_changes(self, body: dict, role: str) -> dict:
         changes = {}
@@ -287,11 +276,11 @@ class Api:
                 if len(password) < 8:
                     raise ApiError("invalid_field", "password must have at least 8 characters", "password")
                 changes["password_hash"] = await _hash_password(password)
-            if "daily_orders" in body:
-                value = body["daily_orders"]
+            if "daily_orders_override" in body:
+                value = body["daily_orders_override"]
                 if value is not None and (type(value) is not int or value < 0):
-                    raise ApiError("invalid_field", "daily_orders must be a whole number >= 0, or null",
-                                   "daily_orders")
+                    raise ApiError("invalid_field", "daily_orders_override must be a whole number >= 0, or null",
+                                   "daily_orders_override")
                 changes["daily_orders"] = value
         elif "opted_out" in body:
             if type(body["opted_out"]) is not bool:
@@ -302,19 +291,18 @@ class Api:
     async def _update_party(self, request: web.Request, role: str) -> web.Response:
         address = path_address(request, self.domain)
         body = await json_object(request)
-        allowed = {"name"} | ({"password", "daily_orders"} if role == "seller" else {"opted_out"})
-        no_other_fields(body, allowed)
-        name = text_field(body, "name", required=False)
+        no_other_fields(body, _party_fields(role))
+        name = text_field(body, f"{role}_name", required=False)
         changes = await self._party_changes(body, role)
         party = await self.store.save_party(role, address, create=False, display_name=name, **changes)
-        return json_response(party_json(party))
+        return json_response(provisioning.party_json(party))
 
     async def _get_party(self, request: web.Request, role: str) -> web.Response:
         address = path_address(request, self.domain)
         party = await self.store.get_party(role, address)
         if party is None:
             raise ApiError("not_found", f"no {role} {address}")
-        return json_response(party_json(party))
+        return json_response(provisioning.party_json(party))
 
     async def create_seller(self, request):
         return await self._create_party(request, "seller")
@@ -337,27 +325,26 @@ class Api:
     async def opt_out(self, request):
         party = await self.store.save_party("buyer", path_address(request, self.domain), create=False,
                                             opted_out=True)
-        return json_response(party_json(party))
+        return json_response(provisioning.party_json(party))
 
     async def opt_in(self, request):
         party = await self.store.save_party("buyer", path_address(request, self.domain), create=False,
                                             opted_out=False)
-        return json_response(party_json(party))
+        return json_response(provisioning.party_json(party))
 
     async def create_order(self, request: web.Request) -> web.Response:
         body = await json_object(request)
-        no_other_fields(body, {"order_id", "seller", "buyer", "placed_at"})
-        order_id = (text_field(body, "order_id", required=True) or "").strip()
+        no_other_fields(body, {"order", "seller", "buyer", "placed_at"})
+        order_id = (text_field(body, "order", required=True) or "").strip()
         if not order_id:
-            raise ApiError("invalid_field", "order_id must not be empty", "order_id")
+            raise ApiError("invalid_field", "order must not be empty", "order")
         seller = address_field(body, "seller", self.domain)
         buyer = address_field(body, "buyer", self.domain)
         placed_at = placed_at_field(body)
         key = request.headers.get("Idempotency-Key")
 
         def answer(relationship, created: bool) -> tuple[int, str]:
-            return 201, json.dumps({"order_id": order_id, "relationship_created": created,
-                                    "relationship": relationship_json(relationship)}, ensure_ascii=False)
+            return 201, json.dumps(provisioning.order_json(relationship, order_id, created), ensure_ascii=False)
 
         if key is None:
             relationship, created = await self.store.add_order(order_id, seller, buyer, placed_at, self.domain)
@@ -375,18 +362,18 @@ class Api:
 
     async def find_relationship(self, request: web.Request) -> web.Response:
         query = request.query
-        given = [name for name in ("alias", "order_id", "seller", "buyer") if name in query]
+        given = [name for name in ("alias", "order", "seller", "buyer") if name in query]
         if given == ["alias"]:
             relationship = await self.store.relationship_by_alias(query["alias"])
-        elif given == ["order_id"]:
-            relationship = await self.store.relationship_by_order(query["order_id"])
+        elif given == ["order"]:
+            relationship = await self.store.relationship_by_order(query["order"])
         elif sorted(given) == ["buyer", "seller"]:
             relationship = await self.store.relationship_for_pair(query["seller"], query["buyer"])
         else:
-            raise ApiError("invalid_field", "give alias, or order_id, or seller and buyer", "query")
+            raise ApiError("invalid_field", "give alias, or order, or seller and buyer", "query")
         if relationship is None:
             raise ApiError("not_found", "no such relationship")
-        return json_response(relationship_json(relationship))
+        return json_response(await provisioning.relationship_json(self.store, relationship))
 
     async def _relationship(self, request: web.Request):
         try:
@@ -399,7 +386,7 @@ class Api:
         return relationship
 
     async def get_relationship(self, request):
-        return json_response(relationship_json(await self._relationship(request)))
+        return json_response(await provisioning.relationship_json(self.store, await self._relationship(request)))
 
     async def list_holds(self, request):
         return json_response({"holds": [_hold_json(row) for row in await self.store.holds()]})
@@ -424,13 +411,13 @@ class Api:
 
     async def search_archive(self, request: web.Request) -> web.Response:
         query = request.query
-        no_other_fields(dict(query), {"relationship", "alias", "order_id", "seller", "buyer", "since", "until",
+        no_other_fields(dict(query), {"relationship", "alias", "order", "seller", "buyer", "since", "until",
                                       "verdict", "limit", "page"})
         limit, page = _whole(query, "limit", 50, 1, 500), _whole(query, "page", 1, 1, 1_000_000)
         relationship_id = None
-        named = [name for name in ("relationship", "alias", "order_id") if name in query]
+        named = [name for name in ("relationship", "alias", "order") if name in query]
         if len(named) > 1 or (named and ("seller" in query or "buyer" in query)):
-            raise ApiError("invalid_field", "give one of relationship, alias, order_id, or seller and/or buyer",
+            raise ApiError("invalid_field", "give one of relationship, alias, order, or seller and/or buyer",
                            named[-1] if named else "seller")
         if named:
             name = named[0]
@@ -439,7 +426,7 @@ class Api:
             elif name == "alias":
                 relationship = await self.store.relationship_by_alias(query["alias"])
             else:
-                relationship = await self.store.relationship_by_order(query["order_id"])
+                relationship = await self.store.relationship_by_order(query["order"])
             if relationship is None:
                 raise ApiError("not_found", f"no relationship with this {name}")
             relationship_id = relationship.id
@@ -576,8 +563,8 @@ def _export_mbox(rows: list[dict], as_: str, header: dict) -> tuple[bytes, bytes
 
 
 def _hold_json(row: dict) -> dict:
-    return {"relationship_id": row["relationship"], "reason": row["reason"], "held_at": row["held_at"],
-            "seller": row["seller"], "buyer": row["buyer"]}
+    # `relay archive holds --json`'s fields.
+    return {name: row[name] for name in ("relationship", "seller", "buyer", "held_at", "reason")}
 
 
 async def _hash_password(password: str) -> str:

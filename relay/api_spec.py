@@ -57,6 +57,16 @@ ARCHIVE_MESSAGE = {
         "notified": {"type": "boolean"}})},
 }
 
+SELLER_FIELDS = {"seller_name": {"type": "string", "maxLength": 200},
+                 "password": {"type": "string", "minLength": 8,
+                              "description": "for submission (SMTP AUTH); stored as a scrypt hash"},
+                 "daily_orders_override": {"type": ["integer", "null"], "minimum": 0}}
+BUYER_FIELDS = {"buyer_name": {"type": "string", "maxLength": 200}, "opted_out": {"type": "boolean"}}
+RELATIONSHIP = {"relationship": {"type": "integer"}, "seller": ADDRESS, "buyer": ADDRESS,
+                "seller_alias": {**ADDRESS, "description": "the buyer writes here"},
+                "buyer_alias": {**ADDRESS, "description": "the seller writes here"},
+                "created_at": TIME}
+
 SCHEMAS = {
     "Error": {
         "type": "object", "required": ["error"], "additionalProperties": False,
@@ -70,68 +80,32 @@ SCHEMAS = {
                 "field": {"type": "string", "description": "the field (or header) that is wrong"},
             }}},
     },
-    "Seller": {
-        "type": "object", "required": ["id", "role", "address", "name", "daily_orders"],
-        "additionalProperties": False,
-        "properties": {"id": {"type": "integer"}, "role": {"const": "seller"}, "address": ADDRESS,
-                       "name": {"type": "string"},
-                       "daily_orders": {"type": ["integer", "null"],
-                                        "description": "override of the orders counted in the daily cap; "
-                                                       "null: the real count"}},
-    },
-    "Buyer": {
-        "type": "object", "required": ["id", "role", "address", "name", "opted_out"], "additionalProperties": False,
-        "properties": {"id": {"type": "integer"}, "role": {"const": "buyer"}, "address": ADDRESS,
-                       "name": {"type": "string"}, "opted_out": {"type": "boolean"}},
-    },
-    "NewSeller": {
-        "type": "object", "required": ["address"], "additionalProperties": False,
-        "properties": {"address": ADDRESS, "name": {"type": "string", "maxLength": 200},
-                       "password": {"type": "string", "minLength": 8,
-                                    "description": "for submission (SMTP AUTH); stored as a scrypt hash"},
-                       "daily_orders": {"type": ["integer", "null"], "minimum": 0}},
-    },
-    "SellerChange": {
-        "type": "object", "additionalProperties": False,
-        "properties": {"name": {"type": "string", "maxLength": 200}, "password": {"type": "string", "minLength": 8},
-                       "daily_orders": {"type": ["integer", "null"], "minimum": 0}},
-    },
-    "NewBuyer": {
-        "type": "object", "required": ["address"], "additionalProperties": False,
-        "properties": {"address": ADDRESS, "name": {"type": "string", "maxLength": 200},
-                       "opted_out": {"type": "boolean"}},
-    },
-    "BuyerChange": {
-        "type": "object", "additionalProperties": False,
-        "properties": {"name": {"type": "string", "maxLength": 200}, "opted_out": {"type": "boolean"}},
-    },
-    "Relationship": {
-        "type": "object", "additionalProperties": False,
-        "required": ["id", "seller", "buyer", "seller_alias", "buyer_alias", "created_at"],
-        "properties": {"id": {"type": "integer"}, "seller": ADDRESS, "buyer": ADDRESS,
-                       "seller_alias": {**ADDRESS, "description": "the buyer writes here"},
-                       "buyer_alias": {**ADDRESS, "description": "the seller writes here"},
-                       "created_at": TIME},
-    },
-    "NewOrder": {
-        "type": "object", "required": ["order_id", "seller", "buyer"], "additionalProperties": False,
-        "properties": {"order_id": {"type": "string", "minLength": 1, "maxLength": 200}, "seller": ADDRESS,
-                       "buyer": ADDRESS, "placed_at": {**TIME, "description": "default: now"}},
-    },
-    "OrderCreated": {
-        "type": "object", "required": ["order_id", "relationship_created", "relationship"],
-        "additionalProperties": False,
-        "properties": {"order_id": {"type": "string"},
-                       "relationship_created": {"type": "boolean",
-                                                "description": "false: the pair's relationship existed"},
-                       "relationship": _ref("Relationship")},
-    },
-    "Hold": {
-        "type": "object", "required": ["relationship_id", "reason", "held_at", "seller", "buyer"],
-        "additionalProperties": False,
-        "properties": {"relationship_id": {"type": "integer"}, "reason": {"type": "string"}, "held_at": TIME,
-                       "seller": ADDRESS, "buyer": ADDRESS},
-    },
+    # Provisioning's answers are the CLI's --json (relay/provisioning.py, docs/cli.md).
+    "Seller": _object({"party_id": {"type": "integer"}, "seller": ADDRESS, "seller_name": {"type": "string"},
+                       "daily_orders_override": {"type": ["integer", "null"],
+                                                 "description": "the orders the daily cap counts instead of the "
+                                                                "real count; null: the real count"}}),
+    "Buyer": _object({"party_id": {"type": "integer"}, "buyer": ADDRESS, "buyer_name": {"type": "string"},
+                      "opted_out": {"type": "boolean",
+                                    "description": "refuses messages a seller starts (replies still pass)"}}),
+    "NewSeller": _object({"seller": ADDRESS, **SELLER_FIELDS}, optional=tuple(SELLER_FIELDS)),
+    "SellerChange": _object(SELLER_FIELDS, optional=tuple(SELLER_FIELDS)),
+    "NewBuyer": _object({"buyer": ADDRESS, **BUYER_FIELDS}, optional=tuple(BUYER_FIELDS)),
+    "BuyerChange": _object(BUYER_FIELDS, optional=tuple(BUYER_FIELDS)),
+    "Relationship": _object({
+        **RELATIONSHIP, "seller_name": {"type": "string"}, "buyer_name": {"type": "string"},
+        "orders": {"type": "integer", "minimum": 0},
+        "messages": _object({"buyer_to_seller": {"type": "integer"}, "seller_to_buyer": {"type": "integer"}},),
+        "last_message_at": NULLABLE_TIME}),
+    "NewOrder": _object({"order": {"type": "string", "minLength": 1, "maxLength": 200,
+                                   "description": "the marketplace's own order id"},
+                         "seller": ADDRESS, "buyer": ADDRESS, "placed_at": {**TIME, "description": "default: now"}},
+                        optional=("placed_at",)),
+    "OrderCreated": _object({**RELATIONSHIP, "order": {"type": "string"},
+                             "created": {"type": "boolean",
+                                         "description": "this order made the relationship (false: it existed)"}}),
+    "Hold": _object({"relationship": {"type": "integer"}, "seller": ADDRESS, "buyer": ADDRESS, "held_at": TIME,
+                     "reason": {"type": "string"}}),
     "HoldPlaced": {
         "type": "object", "required": ["placed", "hold"], "additionalProperties": False,
         "properties": {"placed": {"type": "boolean", "description": "false: it was held already"},
@@ -220,10 +194,10 @@ PATHS = {
                   "description": "a retry with the same key and body gets the first answer, never a second "
                                  "order; the same key with another body is a 409"}])},
     "/api/v1/relationships": {"get": _operation(
-        "Look a relationship up: by alias, by order id, or by seller and buyer", "provisioning, admin",
+        "Look a relationship up: by alias, by order, or by seller and buyer", "provisioning, admin",
         {"200": _json(_ref("Relationship"), "the relationship")},
         parameters=[{"name": name, "in": "query", "required": False, "schema": {"type": "string"}}
-                    for name in ("alias", "order_id", "seller", "buyer")])},
+                    for name in ("alias", "order", "seller", "buyer")])},
     "/api/v1/relationships/{id}": {"get": _operation(
         "A relationship by id", "provisioning, disputes, admin",
         {"200": _json(_ref("Relationship"), "the relationship")}, parameters=[ID_PARAMETER])},
@@ -248,13 +222,13 @@ PATHS = {
                     {"name": "as", "in": "query", "required": False, "schema": {"enum": ["raw", "delivered"]}},
                     {"name": "part", "in": "query", "required": False, "schema": {"enum": ["mbox", "manifest"]}}])},
     "/api/v1/archive": {"get": _operation(
-        "Search the archive, newest first: by relationship (id, alias or order id), party, time, verdict",
+        "Search the archive, newest first: by relationship (id, alias or order), party, time, verdict",
         "disputes, admin", {"200": _json(_ref("ArchivePage"), "one page")},
         parameters=[{"name": name, "in": "query", "required": False, "schema": schema, "description": text}
                     for name, schema, text in (
                         ("relationship", {"type": "integer"}, "a relationship id"),
                         ("alias", {"type": "string"}, "either alias of the relationship"),
-                        ("order_id", {"type": "string"}, "an order of the relationship"),
+                        ("order", {"type": "string"}, "an order of the relationship (the marketplace's id)"),
                         ("seller", ADDRESS, "the seller's real address"),
                         ("buyer", ADDRESS, "the buyer's real address"),
                         ("since", {"type": "string"}, "a date or date-time (UTC unless zoned), inclusive"),

@@ -16,7 +16,7 @@ import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from relay import __version__, addresses, archive, auth, config as config_module, disputes, postfix, preflight
+from relay import __version__, addresses, archive, auth, config as config_module, disputes, postfix, preflight, provisioning
 from relay.config import Config, ConfigError
 from relay.lock import DatabaseLock, Locked
 from relay.progress import Progress
@@ -460,7 +460,7 @@ def _add_party(role: str):
 
         party = asyncio.run(_with_store(config, work))
         if args.json:
-            _print_json({"party_id": party.id, role: party.address, f"{role}_name": party.display_name})
+            _print_json(provisioning.party_json(party))
         else:
             print(f"{role} {party.address} registered")
         return 0
@@ -566,7 +566,7 @@ def cmd_order_add(args, config: Config) -> int:
     relationship, created = asyncio.run(_with_store(
         config, lambda store: store.add_order(order_id, args.seller, args.buyer, placed_at, config.domain)))
     if args.json:
-        _print_json({**relationship.to_json(), "order": order_id, "created": created})
+        _print_json(provisioning.order_json(relationship, order_id, created))
     else:
         print(f"order {order_id} recorded for relationship {relationship.id}"
               + (" (new)" if created else ""))
@@ -587,29 +587,23 @@ def cmd_relationship_show(args, config: Config) -> int:
         else:
             relationship = await store.relationship_for_pair(args.seller, args.buyer)
         if relationship is None:
-            return None, None
-        return relationship, await store.relationship_stats(relationship.id)
+            return None
+        return await provisioning.relationship_json(store, relationship)
 
-    relationship, stats = asyncio.run(_with_store(config, work))
-    if relationship is None:
+    data = asyncio.run(_with_store(config, work))
+    if data is None:
         print("relay: no such relationship", file=sys.stderr)
         return EXIT_FAILURE
-    data = {
-        **relationship.to_json(),
-        "seller_name": relationship.seller.display_name,
-        "buyer_name": relationship.buyer.display_name,
-        "orders": stats.orders,
-        "messages": {"buyer_to_seller": stats.buyer_to_seller, "seller_to_buyer": stats.seller_to_buyer},
-        "last_message_at": stats.last_message_at,
-    }
     if args.json:
         _print_json(data)
     else:
-        print(f"relationship {relationship.id} (since {relationship.created_at})")
-        print(f"seller: {relationship.seller.address}  alias {relationship.seller_alias}")
-        print(f"buyer:  {relationship.buyer.address}  alias {relationship.buyer_alias}")
-        print(f"orders: {stats.orders}")
-        print(f"messages delivered: buyer→seller {stats.buyer_to_seller}, seller→buyer {stats.seller_to_buyer}")
+        messages = data["messages"]
+        print(f"relationship {data['relationship']} (since {data['created_at']})")
+        print(f"seller: {data['seller']}  alias {data['seller_alias']}")
+        print(f"buyer:  {data['buyer']}  alias {data['buyer_alias']}")
+        print(f"orders: {data['orders']}")
+        print(f"messages delivered: buyer→seller {messages['buyer_to_seller']}, "
+              f"seller→buyer {messages['seller_to_buyer']}")
     return 0
 
 

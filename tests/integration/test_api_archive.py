@@ -62,7 +62,7 @@ def test_a_provisioning_token_cannot_read_the_archive(world, tokens):  # noqa: F
 def test_search_the_archive(world, tokens):  # noqa: F811
     client, pair, ids = world
     token = tokens["disputes"]
-    status, page, _ = client.call("GET", "/api/v1/archive?order_id=ORDER-1", token=token)
+    status, page, _ = client.call("GET", "/api/v1/archive?order=ORDER-1", token=token)
     assert status == 200
     assert [row["archive_id"] for row in page["messages"]] == ids[::-1]  # newest first
     assert [row["verdict"] for row in page["messages"]] == ["rejected", "delivered", "delivered"]
@@ -87,7 +87,7 @@ def test_search_the_archive(world, tokens):  # noqa: F811
                          (f"alias={pair.buyer_alias}&seller={pair.seller}", "alias")):
         status, body, _ = client.call("GET", f"/api/v1/archive?{query}", token=token)
         assert (status, body["error"]["code"], body["error"].get("field")) == (400, "invalid_field", field), query
-    assert client.call("GET", "/api/v1/archive?order_id=NO-SUCH", token=token)[0] == 404
+    assert client.call("GET", "/api/v1/archive?order=NO-SUCH", token=token)[0] == 404
 
 
 def test_one_message_as_received_and_as_delivered(world, tokens, upstream, api_relay):  # noqa: F811

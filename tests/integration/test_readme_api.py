@@ -56,16 +56,17 @@ def test_the_readme_curl_examples_run_as_written(tmp_path, upstream):
         assert result.returncode == 0, result.stderr
         answers = json_values(result.stdout)
         seller, buyer, order, retried, looked_up, opted_out, raised, hold, archived = answers
-        assert seller["address"] == "sam@shop.example" and seller["name"] == "Sam's Shop"
-        assert buyer["address"] == "bea@mail.example"
-        assert retried == order and order["relationship"] == looked_up
-        assert opted_out["opted_out"] is True and raised["daily_orders"] == 500
+        assert seller["seller"] == "sam@shop.example" and seller["seller_name"] == "Sam's Shop"
+        assert buyer["buyer"] == "bea@mail.example"
+        assert retried == order and order["relationship"] == looked_up["relationship"] == 1
+        assert (order["seller_alias"], order["buyer_alias"]) == (looked_up["seller_alias"], looked_up["buyer_alias"])
+        assert opted_out["opted_out"] is True and raised["daily_orders_override"] == 500
         assert hold["placed"] is True and hold["hold"]["reason"] == "case 4711"
         assert archived == {"messages": [], "next_page": None}  # no mail has passed yet
         # What the README promised happened in the store: one order, a
         # seller with a submission password, the hold.
         store = relay.store
-        assert relay.call(store.relationship_by_order("112-4567890")).id == hold["hold"]["relationship_id"] == 1
+        assert relay.call(store.relationship_by_order("112-4567890")).id == hold["hold"]["relationship"] == 1
         assert relay.call(store.password_hash("sam@shop.example")) is not None
         assert relay.call(store.get_party("buyer", "bea@mail.example")).opted_out is True
         assert [row["relationship"] for row in relay.call(store.holds())] == [1]
