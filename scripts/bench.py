@@ -49,6 +49,7 @@ PostgreSQL in one run (a fresh store each, the same shared files).
     scripts/bench --profile    # where the relay's CPU goes, per message kind
     scripts/bench --nodes 2 [--database postgresql] [--quick] [--json]
     scripts/bench --compare-nodes [--quick] [--json]
+    scripts/bench --api [--quick] [--json]   # the HTTP API's order call (scripts/bench_api.py)
 """
 
 from __future__ import annotations
@@ -1357,10 +1358,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="run the servers under test on CPUs 0..N-1 only (taskset; the relay then "
                              "starts one worker per core it may use); the load client and the sink are "
                              "not pinned")
+    parser.add_argument("--api", action="store_true",
+                        help="instead of the mail load: the HTTP API's order call, open loop at 200 calls/s on "
+                             "SQLite, p50/p99 from when each call was due (scripts/bench_api.py)")
     parser.add_argument("--seed", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.cores and args.cores > (os.cpu_count() or 1):
         parser.error(f"--cores {args.cores}: this machine has {os.cpu_count()}")
+    if args.api and (args.profile or args.nodes or args.database or args.compare_nodes or args.cores):
+        parser.error("--api measures the HTTP API alone: no --profile, --nodes, --database, --compare-nodes "
+                     "or --cores")
     if args.cores and args.profile:
         parser.error("--profile runs in-process: no --cores")
     if args.cores and not shutil.which("taskset"):
@@ -1395,6 +1402,14 @@ def main(argv: list[str] | None = None) -> int:
         import bench_profile
 
         return bench_profile.main(args)
+    if args.api:
+        import bench_api
+
+        try:
+            return bench_api.main(args)
+        except BenchError as exc:
+            print(f"bench: {exc}", file=sys.stderr)
+            return 1
     sizes = dict(QUICK if args.quick else DEFAULTS)
     if args.cores:
         Server.cpus = f"0-{args.cores - 1}"
