@@ -196,6 +196,18 @@ def _add_dispute_commands(commands) -> None:
     token_list = token_commands.add_parser("list", help="every token made, live or revoked (never the tokens)")
     token_list.add_argument("--json", action="store_true", help=JSON_HELP)
 
+    hooks = commands.add_parser("webhooks", help="the events POSTed to the marketplace ([webhooks] url)")
+    hook_commands = hooks.add_subparsers(title="commands", dest="webhooks_command", metavar="COMMAND",
+                                         parser_class=_Parser)
+    hook_commands.required = True
+    hook_list = hook_commands.add_parser("list", help="the latest events, newest first: sent, pending, given up")
+    hook_list.add_argument("--unsent", action="store_true", help="only events not sent (pending or given up)")
+    hook_list.add_argument("--limit", type=int, default=50, metavar="N", help="at most N events (default 50)")
+    hook_list.add_argument("--json", action="store_true", help=JSON_HELP)
+    hook_retry = hook_commands.add_parser(
+        "retry", help="send an unsent event again now (after the marketplace's endpoint is fixed)")
+    hook_retry.add_argument("event_id", type=int, metavar="EVENT_ID", help="as `relay webhooks list` shows it")
+
     purge = commands.add_parser("purge", help="purge archive rows past [archive] retention_days")
     purge.add_argument("--dry-run", action="store_true", help="count, change nothing")
     purge.add_argument("--json", action="store_true", help=JSON_HELP)
@@ -948,6 +960,43 @@ def cmd_api_token_list(args, config: Config) -> int:
     return 0
 
 
+def _webhook_state(event: dict) -> str:
+    if event["sent_at"]:
+        return "sent"
+    return "pending" if event["next_attempt_at"] else "given_up"
+
+
+def cmd_webhooks_list(args, config: Config) -> int:
+    if args.limit < 1:
+        raise UsageError("--limit must be at least 1")
+    found = asyncio.run(_with_store(config, lambda store: store.webhook_events(args.limit, unsent=args.unsent)))
+    events = [{"event_id": e["id"], "event_type": e["event"], "archive_id": e["archive_id"],
+               "state": _webhook_state(e), "created_at": e["created_at"], "attempts": e["attempts"],
+               "next_attempt_at": e["next_attempt_at"], "sent_at": e["sent_at"], "last_error": e["last_error"]}
+              for e in found]
+    if args.json:
+        _print_json(events)
+        return 0
+    if not events:
+        print("no webhook events" + (" unsent" if args.unsent else "")
+              + ("" if config.webhooks.url else "; [webhooks] url is not set"))
+    for e in events:
+        when = {"sent": f"sent {e['sent_at']}", "pending": f"next attempt {e['next_attempt_at']}",
+                "given_up": "given up"}[e["state"]]
+        print(f"{e['event_id']:>6} {e['event_type']:<18} archive {e['archive_id'] or '-':<6} "
+              f"attempts {e['attempts']:<3} {when}" + (f"  ({e['last_error']})" if e["last_error"] else ""))
+    return 0
+
+
+def cmd_webhooks_retry(args, config: Config) -> int:
+    now = iso(datetime.now(timezone.utc))
+    if not asyncio.run(_with_store(config, lambda store: store.retry_webhook_event(args.event_id, now))):
+        print(f"relay: no unsent webhook event {args.event_id}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"webhook event {args.event_id} is due now; a running relay sends it within seconds")
+    return 0
+
+
 COMMANDS = {
     "serve": cmd_serve,
     "db upgrade": cmd_db_upgrade,
@@ -973,6 +1022,8 @@ COMMANDS = {
     "api-token add": cmd_api_token_add,
     "api-token revoke": cmd_api_token_revoke,
     "api-token list": cmd_api_token_list,
+    "webhooks list": cmd_webhooks_list,
+    "webhooks retry": cmd_webhooks_retry,
     "dkim keygen": cmd_dkim_keygen,
     "postfix-config": postfix.run,
     "report response-time": cmd_report_response_time,

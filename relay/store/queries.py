@@ -910,14 +910,23 @@ class SqlStore:
             f"UPDATE webhook_events SET next_attempt_at = ?, attempts = attempts - 1 WHERE {among}"
             " AND sent_at IS NULL AND next_attempt_at IS NOT NULL", [at, *params])
 
-    async def webhook_events(self, limit: int = 100) -> list[dict]:
-        """The latest events, newest first, as stored (tests, an operator)."""
+    async def webhook_events(self, limit: int = 100, unsent: bool = False) -> list[dict]:
+        """The latest events, newest first, as stored (`relay webhooks list`,
+        tests); with `unsent`, only those not sent (pending or given up)."""
+        where = " WHERE sent_at IS NULL" if unsent else ""
         rows = await self._fetchall(
             "SELECT id, event, archive_id, data, created_at, attempts, next_attempt_at, sent_at, last_error"
-            " FROM webhook_events ORDER BY id DESC LIMIT ?", (limit,))
+            f" FROM webhook_events{where} ORDER BY id DESC LIMIT ?", (limit,))
         names = ("id", "event", "archive_id", "data", "created_at", "attempts", "next_attempt_at", "sent_at",
                  "last_error")
         return [dict(zip(names, row)) for row in rows]
+
+    async def retry_webhook_event(self, event_id: int, at: str) -> bool:
+        """An unsent event (given up, or waiting for its next attempt) due
+        again at `at`; False if there is no such unsent event."""
+        return await self._execute(
+            "UPDATE webhook_events SET next_attempt_at = ? WHERE id = ? AND sent_at IS NULL",
+            (at, event_id)) == 1
 
     async def prune_webhook_events(self, before: str) -> int:
         """Drop finished events (sent or given up) made before `before`."""

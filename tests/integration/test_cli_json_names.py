@@ -14,7 +14,8 @@ import pytest
 from archive_support import relay_cli
 from json_names import check, documented
 from relay import cli
-from support import message, shared_dkim_key_file
+from relay.config import WebhooksConfig
+from support import closed_port, message, shared_dkim_key_file, upstream_url
 
 def json_commands(parser: argparse.ArgumentParser, prefix: str = "") -> set[str]:
     """Every (sub)command of the parser that has a --json flag."""
@@ -36,9 +37,14 @@ DSN = ("From: MAILER-DAEMON@mx.shop.example\r\nTo: {verp}\r\nSubject: Undelivere
 
 
 @pytest.fixture
-def store(relay, upstream, tmp_path):
+def store(start_relay, upstream, tmp_path):
     """The relay's store after a delivered message (bounced) and a refused
-    one, and a CLI config on it."""
+    one, with their webhook events (for an endpoint that is down), and a
+    CLI config on it."""
+    secret = tmp_path / "webhook.key"
+    secret.write_text("0" * 64)
+    relay = start_relay(upstream_url(upstream), webhooks=WebhooksConfig(
+        url=f"http://127.0.0.1:{closed_port()}/events", secret_file=str(secret)))
     pair = relay.pair()
     with smtplib.SMTP(relay.host, relay.port) as client:
         client.sendmail(pair.buyer, [pair.seller_alias], message(pair.buyer, pair.seller_alias))
@@ -82,6 +88,7 @@ def test_every_json_output_has_the_documented_names(store, tmp_path):
         "dkim keygen": ["dkim", "keygen", "--out", str(tmp_path / "new.pem"), "--json"],
         "api-token add": ["api-token", "add", "shop-backend", "--role", "provisioning", "--json"],
         "api-token list": ["api-token", "list", "--json"],
+        "webhooks list": ["webhooks", "list", "--json"],
     }
     for command, argv in runs.items():
         result = relay_cli(config, *argv)
@@ -91,6 +98,8 @@ def test_every_json_output_has_the_documented_names(store, tmp_path):
     archived = [json.loads(relay_cli(config, "archive", "show", str(n), "--json").stdout) for n in (1, 2)]
     assert [row["verdict"] for row in archived] == ["delivered", "failed"]
     assert archived[0]["bounces"]  # the bounce's fields were checked above
+    events = json.loads(relay_cli(config, "webhooks", "list", "--json").stdout)
+    assert [e["event_type"] for e in events] == ["message.refused", "message.bounced", "message.delivered"]
 
 
 def test_every_command_with_json_is_documented():

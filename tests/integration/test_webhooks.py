@@ -15,14 +15,17 @@ import re
 import smtplib
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from datetime import timedelta
 
 import pytest
 from aiohttp import web
 
 from relay import events
 from relay.config import WebhooksConfig
-from support import RunningRelay, closed_port, make_config, message, upstream_url
+from archive_support import relay_cli
+from support import Clock, RunningRelay, closed_port, make_config, message, upstream_url
+from test_api import cli_config
 from test_bounces import dsn, send_dsn
 
 SECRET = b"9f2c4e6a8b0d1f3e5a7c9b1d3f5e7a9c0b2d4f6e8a0c2e4f6a8b0d2f4e6a8c0e"
@@ -294,6 +297,35 @@ def test_a_bounce_makes_a_bounced_event(tmp_path, upstream, receiver, make_relay
         "received_at": bounce["received_at"], "action": "failed", "status": "5.1.1", "detector": "rfc3464",
         "notified": True}
     assert [e["event"] for e in stored_events(relay)] == ["message.bounced"]
+
+
+def test_an_event_is_given_up_at_its_age_and_sent_again_by_the_operator(tmp_path, upstream, receiver):
+    clock = Clock()
+    relay = RunningRelay(webhook_config(tmp_path, upstream, receiver.url, max_age_hours=1), clock=clock)
+    try:
+        pair = relay.pair()
+        receiver.statuses = [500, 500]
+        archive_id = deliver(relay, pair.buyer, pair.seller_alias, message(pair.buyer, pair.seller_alias))
+        wait_until(lambda: [e for e in stored_events(relay) if e["attempts"] == 1 and e["last_error"]])
+        clock.now += timedelta(hours=2)  # the retry comes due past the event's max age: the last attempt
+        [event] = wait_until(lambda: [e for e in stored_events(relay)
+                                      if e["attempts"] == 2 and e["next_attempt_at"] is None])
+        assert (event["sent_at"], event["last_error"]) == (None, "HTTP 500 Internal Server Error")
+        assert relay.threaded.server.metrics.webhooks.labels("message.delivered", "given_up")._value.get() == 1
+        # The operator sees it and, the endpoint fixed, sends it again.
+        config = cli_config(relay, tmp_path / "cli")
+        [listed] = json.loads(relay_cli(config, "webhooks", "list", "--unsent", "--json").stdout)
+        assert (listed["event_id"], listed["archive_id"], listed["state"], listed["attempts"]) == (
+            event["id"], archive_id, "given_up", 2)
+        retried = relay_cli(config, "webhooks", "retry", str(event["id"]))
+        assert retried.returncode == 0, retried.stderr
+        [sent] = wait_until(lambda: [e for e in stored_events(relay) if e["sent_at"]])
+        assert sent["attempts"] == 3 and len(receiver.posts) == 3
+        assert json.loads(relay_cli(config, "webhooks", "list", "--unsent", "--json").stdout) == []
+        missing = relay_cli(config, "webhooks", "retry", str(event["id"]))  # sent: nothing to retry
+        assert missing.returncode == 1 and "no unsent webhook event" in missing.stderr
+    finally:
+        relay.stop()
 
 
 def test_without_a_url_no_event_is_written(relay, upstream):
