@@ -23,7 +23,7 @@ from relay.config import Config
 
 # RFC 2104 §3: an HMAC key shorter than the hash's output (32 bytes for
 # SHA-256) weakens it; the relay's own secret is 32 random bytes.
-MIN_BOUNCE_SECRET_BYTES = 32
+MIN_SECRET_BYTES = 32
 # RFC 8301 §3.2: signers must use RSA keys of at least 1024 bits.
 MIN_DKIM_BITS = 1024
 
@@ -184,24 +184,29 @@ def _check_dkim_key(config: Config, problems: list[Problem]) -> None:
 def _check_bounce_secret(config: Config, problems: list[Problem]) -> None:
     from relay import bounces
 
-    key = "[bounce] secret_file"
-    path = bounces.secret_path(config)
-    if not path.exists() and not path.is_symlink():
-        return  # made at start (relay.bounces.load_secret)
-    data = _read(key, str(path), problems)
-    if data is not None and len(data) < MIN_BOUNCE_SECRET_BYTES:
-        problems.append(Problem(key, str(path), f"{len(data)} bytes; the secret needs at least "
-                                                f"{MIN_BOUNCE_SECRET_BYTES} (head -c 32 /dev/urandom > FILE)"))
+    # made at start when missing (relay.bounces.load_secret); its bytes are the key
+    _check_secret("[bounce] secret_file", bounces.secret_path(config), problems, text=False)
 
 
 def _check_webhook_secret(config: Config, problems: list[Problem]) -> None:
     from relay import webhooks
 
-    key = "[webhooks] secret_file"
-    path = webhooks.secret_path(config)
+    # made at start when missing (relay.webhooks.load_secret); its text is the key
+    _check_secret("[webhooks] secret_file", webhooks.secret_path(config), problems, text=True)
+
+
+def _check_secret(key: str, path: Path, problems: list[Problem], *, text: bool) -> None:
+    """An HMAC key file: readable and long enough (a missing one is made at
+    start). A `text` key is the file's text without surrounding whitespace,
+    so that is what is counted."""
     if not path.exists() and not path.is_symlink():
-        return  # made at start (relay.webhooks.load_secret)
+        return
     data = _read(key, str(path), problems)
-    if data is not None and len(data.strip()) < MIN_BOUNCE_SECRET_BYTES:
-        problems.append(Problem(key, str(path), f"{len(data.strip())} bytes; the secret needs at least "
-                                                f"{MIN_BOUNCE_SECRET_BYTES} (openssl rand -hex 32 > FILE)"))
+    if data is None:
+        return
+    if text:
+        data = data.strip()
+    if len(data) < MIN_SECRET_BYTES:
+        make = "openssl rand -hex 32 > FILE" if text else "head -c 32 /dev/urandom > FILE"
+        problems.append(Problem(key, str(path), f"{len(data)} bytes; the secret needs at least "
+                                                f"{MIN_SECRET_BYTES} ({make})"))

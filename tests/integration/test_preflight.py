@@ -127,7 +127,17 @@ CASES = [
      "secret_file", "0 bytes; the secret needs at least 32 (head -c 32 /dev/urandom > FILE)"),
     ("bounce secret a folder", lambda f: {"secret_file": f.directory("secrets")}, "[bounce] secret_file",
      "secret_file", IS_DIR),
+    # The webhook key is the file's text: a short one with a newline is counted without it.
+    ("webhook secret short", lambda f: {"webhook_url": "https://marketplace.example/events",
+                                        "webhook_secret_file": f.write("hook.key", b"0123456789abcdef\n")},
+     "[webhooks] secret_file", "webhook_secret_file",
+     "16 bytes; the secret needs at least 32 (openssl rand -hex 32 > FILE)"),
 ]
+
+
+# The section of each setting the cases name (two sections have a secret_file).
+SECTIONS = {"tls_cert": "submission", "tls_key": "submission", "ca_file": "upstream", "key_file": "dkim",
+            "secret_file": "bounce", "webhook_url": "webhooks", "webhook_secret_file": "webhooks"}
 
 
 def write_config(workdir: Path, files: Files, ports: dict[str, int], **values) -> dict[str, str]:
@@ -138,8 +148,11 @@ def write_config(workdir: Path, files: Files, ports: dict[str, int], **values) -
     settings = {name: str(value) for name, value in settings.items()}
     text = (ROOT / "config" / "relay.toml").read_text()
     for name, value in settings.items():
-        assert text.count(f'\n{name} = ""') == 1, name
-        text = text.replace(f'\n{name} = ""', f'\n{name} = "{value}"')
+        head, _, rest = text.partition(f"\n[{SECTIONS[name]}]")
+        body, bracket, tail = rest.partition("\n[")
+        key = name.removeprefix("webhook_")
+        assert body.count(f'\n{key} = ""') == 1, name
+        text = head + f"\n[{SECTIONS[name]}]" + body.replace(f'\n{key} = ""', f'\n{key} = "{value}"') + bracket + tail
     for shipped, port in (("2525", ports["inbound"]), ("5870", ports["submission"]), ("4650", ports["tls"])):
         text = text.replace(f'"127.0.0.1:{shipped}"', f'"127.0.0.1:{port}"')
     (workdir / "config").mkdir(exist_ok=True)
