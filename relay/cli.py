@@ -16,7 +16,8 @@ import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from relay import __version__, addresses, archive, auth, config as config_module, disputes, postfix, preflight, provisioning
+from relay import __version__, addresses, archive, auth, config as config_module, disputes, postfix, preflight
+from relay import provisioning
 from relay.config import Config, ConfigError
 from relay.lock import DatabaseLock, Locked
 from relay.progress import Progress
@@ -65,9 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("serve", help="run the listeners until SIGTERM/SIGINT")
 
-    db = commands.add_parser("db", help="database maintenance")
-    db_commands = db.add_subparsers(title="commands", dest="db_command", metavar="COMMAND", parser_class=_Parser)
-    db_commands.required = True
+    db_commands = _command_group(commands, "db", "database maintenance")
     db_commands.add_parser("upgrade", help="create or migrate the database")
     migrate = db_commands.add_parser(
         "migrate-to", help="copy this SQLite store into an empty PostgreSQL database, then verify the copy")
@@ -78,9 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help=JSON_HELP)
 
     for role in ("seller", "buyer"):
-        group = commands.add_parser(role, help=f"manage {role}s")
-        sub = group.add_subparsers(title="commands", dest=f"{role}_command", metavar="COMMAND", parser_class=_Parser)
-        sub.required = True
+        sub = _command_group(commands, role, f"manage {role}s")
         add = sub.add_parser("add", help=f"register a {role}")
         add.add_argument("email", help=f"the {role}'s real address")
         add.add_argument("--name", default="", help="display name shown to the counterpart")
@@ -106,9 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                 choice = sub.add_parser(verb, help=text)
                 choice.add_argument("email", help="the buyer's registered address")
 
-    order = commands.add_parser("order", help="record orders")
-    order_commands = order.add_subparsers(title="commands", dest="order_command", metavar="COMMAND", parser_class=_Parser)
-    order_commands.required = True
+    order_commands = _command_group(commands, "order", "record orders")
     order_add = order_commands.add_parser("add", help="record an order; creates the relationship on the first one")
     order_add.add_argument("order_id", help="the marketplace's own order id (once per order)")
     order_add.add_argument("--seller", required=True, metavar="EMAIL", help="the seller's registered address")
@@ -116,10 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     order_add.add_argument("--placed-at", metavar="ISO", help="when the order was placed (default: now)")
     order_add.add_argument("--json", action="store_true", help=JSON_HELP)
 
-    relationship = commands.add_parser("relationship", help="inspect relationships")
-    rel_commands = relationship.add_subparsers(title="commands", dest="relationship_command", metavar="COMMAND",
-                                               parser_class=_Parser)
-    rel_commands.required = True
+    rel_commands = _command_group(commands, "relationship", "inspect relationships")
     show = rel_commands.add_parser("show", help="a pair, its aliases and its counts")
     show.add_argument("--seller", metavar="EMAIL", help="the seller's address (with --buyer)")
     show.add_argument("--buyer", metavar="EMAIL", help="the buyer's address (with --seller)")
@@ -135,9 +127,7 @@ VERDICTS = ("delivered", "rejected", "deferred", "failed")
 
 def _add_dispute_commands(commands) -> None:
     """relay archive …, relay purge, relay report … (issue 6)."""
-    archive_parser = commands.add_parser("archive", help="dispute tools: find, show, export and verify messages")
-    sub = archive_parser.add_subparsers(title="commands", dest="archive_command", metavar="COMMAND", parser_class=_Parser)
-    sub.required = True
+    sub = _command_group(commands, "archive", "dispute tools: find, show, export and verify messages")
 
     listing = sub.add_parser("list", help="archived messages, newest first")
     listing.add_argument("--relationship", metavar="R", help="relationship id or either alias")
@@ -182,10 +172,7 @@ def _add_dispute_commands(commands) -> None:
     holds = sub.add_parser("holds", help="relationships on hold")
     holds.add_argument("--json", action="store_true", help=JSON_HELP)
 
-    tokens = commands.add_parser("api-token", help="tokens of the HTTP API ([api] listen)")
-    token_commands = tokens.add_subparsers(title="commands", dest="api_token_command", metavar="COMMAND",
-                                           parser_class=_Parser)
-    token_commands.required = True
+    token_commands = _command_group(commands, "api-token", "tokens of the HTTP API ([api] listen)")
     token_add = token_commands.add_parser("add", help="make a token; it is printed once, stored hashed")
     token_add.add_argument("name", metavar="NAME", help="who uses it (logged with each call)")
     token_add.add_argument("--role", required=True, choices=("admin", "disputes", "provisioning"),
@@ -196,10 +183,7 @@ def _add_dispute_commands(commands) -> None:
     token_list = token_commands.add_parser("list", help="every token made, live or revoked (never the tokens)")
     token_list.add_argument("--json", action="store_true", help=JSON_HELP)
 
-    hooks = commands.add_parser("webhooks", help="the events POSTed to the marketplace ([webhooks] url)")
-    hook_commands = hooks.add_subparsers(title="commands", dest="webhooks_command", metavar="COMMAND",
-                                         parser_class=_Parser)
-    hook_commands.required = True
+    hook_commands = _command_group(commands, "webhooks", "the events POSTed to the marketplace ([webhooks] url)")
     hook_list = hook_commands.add_parser("list", help="the latest events, newest first: sent, pending, given up")
     hook_list.add_argument("--unsent", action="store_true", help="only events not sent (pending or given up)")
     hook_list.add_argument("--limit", type=int, default=50, metavar="N", help="at most N events (default 50)")
@@ -214,9 +198,7 @@ def _add_dispute_commands(commands) -> None:
 
     postfix.add_arguments(commands.add_parser("postfix-config", help=postfix.HELP))
 
-    dkim_group = commands.add_parser("dkim", help="DKIM signing keys")
-    dkim_commands = dkim_group.add_subparsers(title="commands", dest="dkim_command", metavar="COMMAND", parser_class=_Parser)
-    dkim_commands.required = True
+    dkim_commands = _command_group(commands, "dkim", "DKIM signing keys")
     keygen = dkim_commands.add_parser("keygen", help="write a new RSA key and print the DNS record to publish")
     keygen.add_argument("--out", required=True, metavar="FILE", help="where to write the private key (PEM)")
     keygen.add_argument("--bits", type=int, default=2048, choices=(1024, 2048, 3072, 4096),
@@ -225,9 +207,7 @@ def _add_dispute_commands(commands) -> None:
     keygen.add_argument("--json", action="store_true",
                         help="the record as JSON: its value, its TXT strings and the zone-file form")
 
-    report = commands.add_parser("report", help="reports")
-    reports = report.add_subparsers(title="commands", dest="report_command", metavar="REPORT", parser_class=_Parser)
-    reports.required = True
+    reports = _command_group(commands, "report", "reports", metavar="REPORT")
     response = reports.add_parser("response-time", help="share of buyer messages answered within 24 h, per seller")
     response.add_argument("--seller", metavar="EMAIL", help="this seller only")
     response.add_argument("--since", metavar="D", help="buyer messages received at or after D")
@@ -281,8 +261,21 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILURE
 
 
+def _command_group(commands, name: str, help: str, metavar: str = "COMMAND"):
+    """A command with subcommands (`relay db upgrade`): the subparsers, whose
+    choice `_command_name` finds under the dest named after the command."""
+    group = commands.add_parser(name, help=help)
+    sub = group.add_subparsers(title="commands", dest=_group_dest(name), metavar=metavar, parser_class=_Parser)
+    sub.required = True
+    return sub
+
+
+def _group_dest(command: str) -> str:
+    return f"{command.replace('-', '_')}_command"
+
+
 def _command_name(args) -> str:
-    sub = getattr(args, f"{args.command.replace('-', '_')}_command", None)
+    sub = getattr(args, _group_dest(args.command), None)
     return f"{args.command} {sub}" if sub else args.command
 
 

@@ -124,7 +124,7 @@ class RelayServer:
                 log.info("webhooks: %s to %s", ", ".join(config.webhooks.events), redact(config.webhooks.url))
             inbound = RelayHandler(config, self.store, upstream, clock=self.clock, metrics=self.metrics,
                                    dkim_key=self.dkim_key, bounce_secret=self.bounce_secret,
-                                   resolver=self.resolver, workers=self.workers, webhook_wake=self._wake_webhooks)
+                                   resolver=self.resolver, workers=self.workers, webhook_wake=self._webhook_wake())
             self.handlers.append(inbound)
             server = await self._listen(config.inbound.listen, inbound, self._inbound_session, "inbound")
             self.inbound_address = server.sockets[0].getsockname()[:2]
@@ -155,9 +155,9 @@ class RelayServer:
             await self.stop(drain_seconds=0)
             raise
 
-    def _wake_webhooks(self) -> None:
-        if self.webhooks is not None:
-            self.webhooks.wake()
+    def _webhook_wake(self):
+        """What a handler calls once it wrote an event: the sender's wake, if it runs."""
+        return self.webhooks.wake if self.webhooks is not None else None
 
     async def _purge_daily(self) -> None:
         """Archive retention: purge once at start-up, then once a day. A
@@ -199,7 +199,7 @@ class RelayServer:
         handler = RelayHandler(self.config, self.store, upstream, protocol="ESMTPSA", submission=True,
                                throttle=throttle, clock=self.clock, metrics=self.metrics,
                                dkim_key=self.dkim_key, bounce_secret=self.bounce_secret,
-                               workers=self.workers, webhook_wake=self._wake_webhooks)
+                               workers=self.workers, webhook_wake=self._webhook_wake())
         self.handlers.append(handler)
         if sub.listen is not None:
             server = await self._listen(sub.listen, handler, lambda h: self._submission_session(h, context),

@@ -30,6 +30,7 @@ from relay import __version__, events
 from relay.archive.times import iso, parse_iso
 from relay import private
 from relay.config import Config, WebhooksConfig
+from relay.store import StoreUnavailable
 
 log = logging.getLogger("relay.webhooks")
 
@@ -104,7 +105,7 @@ class WebhookSender:
                 raise
             except Exception as exc:
                 # The store is down, say: mail goes on, events wait in the table.
-                log.warning("webhook events not sent now: %s", exc, exc_info=not _is_store_outage(exc))
+                log.warning("webhook events not sent now: %s", exc, exc_info=not isinstance(exc, StoreUnavailable))
             wait = POLL_SECONDS
             if self._soonest is not None:  # a retry of ours comes due before the next poll
                 wait = min(wait, max((self._soonest - self.clock()).total_seconds(), 0.0))
@@ -173,9 +174,3 @@ class WebhookSender:
             self.metrics.webhooks.labels(event["event"], "failed").inc()
             log.warning("webhook event=%s type=%s attempt %d failed: %s; next at %s", event["id"], event["event"],
                         event["attempts"], error, iso(again))
-
-
-def _is_store_outage(exc: Exception) -> bool:
-    from relay.store import StoreUnavailable
-
-    return isinstance(exc, StoreUnavailable)

@@ -205,6 +205,19 @@ class RecordingUpstream:
         raise AssertionError(f"upstream got {len(self.messages)} message(s), expected {count}")
 
 
+def wait_until(predicate, what: str, timeout: float = 10.0):
+    """Poll `predicate` until it gives something true, and return that; a
+    failure names `what`. A wait for an outcome, never a timing check."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
 def closed_port() -> int:
     """A loopback port with nothing listening (connections are refused)."""
     with socket.socket() as s:

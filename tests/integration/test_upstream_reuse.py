@@ -10,12 +10,11 @@ from __future__ import annotations
 import smtplib
 import ssl
 import threading
-import time
 
 import pytest
 import trustme
 
-from support import RecordingUpstream, message, upstream_url
+from support import RecordingUpstream, message, upstream_url, wait_until
 
 
 def send(relay, pair, number: int) -> tuple[int, bytes]:
@@ -33,14 +32,6 @@ def bodies(upstream) -> list[str]:
             for got in upstream.messages]
 
 
-def eventually(predicate, what: str, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
 def test_one_connection_carries_many_messages_and_is_closed_on_stop(start_relay, upstream):
     relay = start_relay(upstream_url(upstream), upstream_reuse_idle_seconds=30.0)
     pair = relay.pair()
@@ -50,7 +41,7 @@ def test_one_connection_carries_many_messages_and_is_closed_on_stop(start_relay,
     assert bodies(upstream) == [f"Message {n}" for n in range(1, 6)]
     assert (upstream.connections, upstream.quits) == (1, 0)
     relay.stop()
-    eventually(lambda: upstream.open_connections() == 0, "the pooled connection to close")
+    wait_until(lambda: upstream.open_connections() == 0, "the pooled connection to close")
     assert (upstream.connections, upstream.quits) == (1, 1)  # stopping said QUIT on it
 
 
@@ -61,9 +52,9 @@ def test_reuse_count_caps_the_messages_of_a_connection(start_relay, upstream):
         assert send(relay, pair, number)[0] == 250
     upstream.wait_for(5)
     assert upstream.connections == 3  # 2 + 2 + 1
-    eventually(lambda: upstream.quits == 2, "QUIT on the two full connections")
+    wait_until(lambda: upstream.quits == 2, "QUIT on the two full connections")
     relay.stop()
-    eventually(lambda: upstream.quits == 3, "QUIT on the last one at stop")
+    wait_until(lambda: upstream.quits == 3, "QUIT on the last one at stop")
 
 
 def test_reuse_count_zero_is_one_connection_per_message(start_relay, upstream):
@@ -73,14 +64,14 @@ def test_reuse_count_zero_is_one_connection_per_message(start_relay, upstream):
         assert send(relay, pair, number)[0] == 250
     upstream.wait_for(3)
     assert upstream.connections == 3
-    eventually(lambda: upstream.quits == 3, "a QUIT after each message")
+    wait_until(lambda: upstream.quits == 3, "a QUIT after each message")
 
 
 def test_an_idle_connection_is_closed_after_the_idle_time(start_relay, upstream):
     relay = start_relay(upstream_url(upstream), upstream_reuse_idle_seconds=0.2)
     pair = relay.pair()
     assert send(relay, pair, 1)[0] == 250
-    eventually(lambda: upstream.quits == 1, "QUIT once the connection was idle for 0.2 s")
+    wait_until(lambda: upstream.quits == 1, "QUIT once the connection was idle for 0.2 s")
     assert send(relay, pair, 2)[0] == 250
     assert upstream.connections == 2
 
@@ -90,7 +81,7 @@ def test_a_connection_the_upstream_closed_is_replaced_and_the_message_sent_once(
     pair = relay.pair()
     assert send(relay, pair, 1)[0] == 250
     upstream.hang_up()  # its idle timeout: the relay's pooled connection is gone
-    eventually(lambda: upstream.open_connections() == 0, "the upstream to hang up")
+    wait_until(lambda: upstream.open_connections() == 0, "the upstream to hang up")
     code, text = send(relay, pair, 2)
     assert (code, text[:5]) == (250, b"2.0.0"), text
     upstream.wait_for(2)
@@ -144,7 +135,7 @@ def test_concurrent_deliveries_each_get_a_connection_then_reuse_them(start_relay
     assert sorted(bodies(upstream), key=lambda b: int(b.split()[1])) == [f"Message {n}" for n in range(1, 9)]
     assert upstream.connections == opened  # the sequential ones reused the pool
     relay.stop()
-    eventually(lambda: upstream.open_connections() == 0, "every pooled connection to close")
+    wait_until(lambda: upstream.open_connections() == 0, "every pooled connection to close")
     assert upstream.quits == opened
 
 
@@ -171,5 +162,5 @@ def test_a_starttls_upstream_with_auth_is_reused(start_relay, starttls_upstream)
     recorder.wait_for(3)
     assert recorder.connections == 1  # one TLS handshake and one login for the three
     relay.stop()
-    eventually(lambda: recorder.open_connections() == 0, "the TLS connection to close")
+    wait_until(lambda: recorder.open_connections() == 0, "the TLS connection to close")
     assert recorder.quits == 1

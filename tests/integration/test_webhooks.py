@@ -8,6 +8,7 @@ with the relay's own function alone."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import json
@@ -24,6 +25,7 @@ from aiohttp import web
 from relay import events
 from relay.config import WebhooksConfig
 from archive_support import relay_cli
+import support
 from support import Clock, RunningRelay, closed_port, make_config, message, upstream_url
 from test_api import cli_config
 from test_bounces import dsn, send_dsn
@@ -180,14 +182,14 @@ def stored_events(relay) -> list[dict]:
     return relay.call(relay.store.webhook_events())[::-1]
 
 
-def wait_until(predicate, timeout: float = 20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError("condition not reached")
+# Retries, a restart and a second relay's start-up fit in 20 s on a slow CI machine.
+wait_until = functools.partial(support.wait_until, timeout=20.0)
+
+
+def all_sent(relay) -> list[dict]:
+    """The stored events, once there are some and every one was sent; else []."""
+    found = stored_events(relay)
+    return found if found and all(e["sent_at"] for e in found) else []
 
 
 def test_delivered_and_refused_messages_each_make_one_signed_event(tmp_path, upstream, receiver, make_relay):
@@ -215,8 +217,7 @@ def test_delivered_and_refused_messages_each_make_one_signed_event(tmp_path, ups
     # What an archive row says and what its event says agree (one transaction wrote both).
     row = relay.archive(refused["archive_id"])
     assert (row["reply"], row["received_at"]) == (refused["reply"], refused["received_at"])
-    rows = wait_until(lambda: [e for e in stored_events(relay) if e["sent_at"]] == stored_events(relay)
-                      and stored_events(relay))
+    rows = wait_until(lambda: all_sent(relay), "both events sent")
     assert [(e["event"], e["attempts"], e["next_attempt_at"], e["last_error"]) for e in rows] == [
         ("message.delivered", 1, None, ""), ("message.refused", 1, None, "")]
     # The same bytes as the row makes: a retry would send this body again.
@@ -240,8 +241,7 @@ def test_a_failing_receiver_is_retried_and_a_hanging_one_holds_up_no_mail(tmp_pa
     assert receiver.answered == 0
     receiver.release()
     # The first two POSTs were answered 500 and 503; each event is sent at its next attempt.
-    events_by_archive = {e["archive_id"]: e for e in wait_until(
-        lambda: all(e["sent_at"] for e in stored_events(relay)) and stored_events(relay))}
+    events_by_archive = {e["archive_id"]: e for e in wait_until(lambda: all_sent(relay), "both events sent")}
     assert sorted(events_by_archive) == [first, second]
     posts = receiver.posts
     assert len(posts) == sum(e["attempts"] for e in events_by_archive.values()) == 4
@@ -265,7 +265,7 @@ def test_events_wait_in_the_store_across_a_restart(tmp_path, upstream, make_rela
     pair = relay.pair()
     archive_id = deliver(relay, pair.buyer, pair.seller_alias, message(pair.buyer, pair.seller_alias))
     assert len(upstream.wait_for(1)) == 1  # delivered while the marketplace is down
-    [event] = wait_until(lambda: [e for e in stored_events(relay) if e["attempts"] >= 2])
+    [event] = wait_until(lambda: [e for e in stored_events(relay) if e["attempts"] >= 2], "a second failed attempt")
     assert event["sent_at"] is None and "Connect" in event["last_error"]
     relay.stop()
     receiver = Receiver(port).start()
@@ -274,7 +274,7 @@ def test_events_wait_in_the_store_across_a_restart(tmp_path, upstream, make_rela
         [post] = receiver.wait_for(1)
         assert (post.document["id"], post.document["data"]["archive_id"]) == (event["id"], archive_id)
         assert_signed(post, time.time())
-        [sent] = wait_until(lambda: [e for e in stored_events(again) if e["sent_at"]])
+        [sent] = wait_until(lambda: all_sent(again), "the event sent after the restart")
         assert sent["attempts"] > event["attempts"] and sent["next_attempt_at"] is None
     finally:
         receiver.stop()
@@ -306,10 +306,11 @@ def test_an_event_is_given_up_at_its_age_and_sent_again_by_the_operator(tmp_path
         pair = relay.pair()
         receiver.statuses = [500, 500]
         archive_id = deliver(relay, pair.buyer, pair.seller_alias, message(pair.buyer, pair.seller_alias))
-        wait_until(lambda: [e for e in stored_events(relay) if e["attempts"] == 1 and e["last_error"]])
+        wait_until(lambda: [e for e in stored_events(relay) if e["attempts"] == 1 and e["last_error"]],
+                   "the first attempt failed")
         clock.now += timedelta(hours=2)  # the retry comes due past the event's max age: the last attempt
         [event] = wait_until(lambda: [e for e in stored_events(relay)
-                                      if e["attempts"] == 2 and e["next_attempt_at"] is None])
+                                      if e["attempts"] == 2 and e["next_attempt_at"] is None], "the event given up")
         assert (event["sent_at"], event["last_error"]) == (None, "HTTP 500 Internal Server Error")
         assert relay.threaded.server.metrics.webhooks.labels("message.delivered", "given_up")._value.get() == 1
         # The operator sees it and, the endpoint fixed, sends it again.
@@ -319,7 +320,7 @@ def test_an_event_is_given_up_at_its_age_and_sent_again_by_the_operator(tmp_path
             event["id"], archive_id, "given_up", 2)
         retried = relay_cli(config, "webhooks", "retry", str(event["id"]))
         assert retried.returncode == 0, retried.stderr
-        [sent] = wait_until(lambda: [e for e in stored_events(relay) if e["sent_at"]])
+        [sent] = wait_until(lambda: all_sent(relay), "the retried event sent")
         assert sent["attempts"] == 3 and len(receiver.posts) == 3
         assert json.loads(relay_cli(config, "webhooks", "list", "--unsent", "--json").stdout) == []
         missing = relay_cli(config, "webhooks", "retry", str(event["id"]))  # sent: nothing to retry
