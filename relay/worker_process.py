@@ -102,6 +102,9 @@ def main(conn: _Conn, memory_limit_bytes: int) -> None:
             return
         except Exception as error:  # an unpicklable result: a bug, reported as such
             conn.send(("error", (type(error).__name__, traceback.format_exc())))
+        # Sent: not kept while waiting for the next call (a delivered 10 MB
+        # message and its archive form would stay, 23 MB, until then).
+        del answer
 
 
 if __name__ == "__main__":
