@@ -45,11 +45,12 @@ class LiftedBody:
     """One canonical base64 body as received (`source`: its lines, without
     the last line's CRLF), and what the stages ask of it."""
 
-    __slots__ = ("token", "source", "line_length", "decoded_size")
+    __slots__ = ("token", "source", "start", "line_length", "decoded_size")
 
-    def __init__(self, token: str, source: memoryview, line_length: int, decoded_size: int):
+    def __init__(self, token: str, source: memoryview, line_length: int, decoded_size: int, start: int = 0):
         self.token = token
         self.source = source
+        self.start = start  # where `source` begins in the raw message
         self.line_length = line_length
         self.decoded_size = decoded_size
 
@@ -131,7 +132,7 @@ def lift(raw: bytes) -> tuple[bytes, list[LiftedBody]]:
     prefix = _token_prefix(raw)
     view, pieces, bodies, kept = memoryview(raw), [], [], 0
     for index, (start, end, length, decoded_size) in enumerate(found):
-        body = LiftedBody(f"{prefix}{index:06d}", view[start:end], length, decoded_size)
+        body = LiftedBody(f"{prefix}{index:06d}", view[start:end], length, decoded_size, start)
         pieces += (view[kept:start], body.token.encode("ascii"))
         bodies.append(body)
         kept = end

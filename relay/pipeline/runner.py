@@ -112,13 +112,16 @@ def finish(context: Context) -> Processed:
     if message is None:
         raise RuntimeError("finish() without begin() in this worker")
     changes = ChangeLog()
+    # The attachments delivered as received: the archive splices them
+    # rather than compressing them twice (relay/store/__init__.py).
+    reused = tuple((body.start, body.start + len(body.source)) for body in getattr(message, "lifted_bodies", ()))
     try:
         result = process(message, context, changes)
     except SmtpError as exc:
         return Processed(None, exc.reply, changes)
     del message
     try:
-        bodies = prepare_bodies(raw, result.delivered)
+        bodies = prepare_bodies(raw, result.delivered, reused)
     except Exception:  # noqa: BLE001 - MemoryError too: a saving, never a reason to fail the message
         bodies = None  # the archive makes them itself (store record())
     return Processed(result, None, changes, bodies)

@@ -197,9 +197,10 @@ class PreparedBodies(NamedTuple):
         return self.raw_size == len(raw) and self.delivered_size == (None if delivered is None else len(delivered))
 
 
-def prepare_bodies(raw: bytes, delivered: bytes | None) -> PreparedBodies:
-    """Hash and compress a row's bodies (CPU work: off the event loop)."""
-    raw_blob, delivered_blob = encode_bodies(raw, delivered)
+def prepare_bodies(raw: bytes, delivered: bytes | None, reused: tuple[tuple[int, int], ...] = ()) -> PreparedBodies:
+    """Hash and compress a row's bodies (CPU work: off the event loop);
+    `reused` as for encode_bodies."""
+    raw_blob, delivered_blob = encode_bodies(raw, delivered, reused)
     return PreparedBodies(sha256_hex(raw), sha256_hex(delivered), raw_blob, delivered_blob,
                           archive_logic.is_auto_reply(raw), len(raw), None if delivered is None else len(delivered))
 

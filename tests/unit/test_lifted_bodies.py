@@ -272,3 +272,40 @@ def test_the_worker_s_bytearray_gives_the_same_bytes():
     processed = runner.finish(make_context())
     assert processed.result.delivered == expected
     assert processed.bodies.are_of(raw, expected)
+
+
+def test_the_archive_splices_the_attachments_delivered_as_received():
+    """finish() tells the archive which ranges of raw it lifted: the
+    delivered copy is stored as a splice of raw (those bytes not compressed
+    a second time), and decodes to the delivered bytes exactly."""
+    from relay.pipeline import runner
+    from relay.store import decode_bodies
+
+    other = b"%PDF-1.4\n" + random.Random(11).randbytes(90_000)
+    raw = attachment_message(PDF, extra_part=(
+        "--BOUNDARY\nContent-Type: application/pdf; name=b.pdf\nContent-Transfer-Encoding: base64\n\n"
+        + "\n".join(b64_lines(other, 72)) + "\n"))
+    assert runner.begin(bytearray(raw)).refusal is None
+    processed = runner.finish(make_context())
+    delivered, bodies = processed.result.delivered, processed.bodies
+    assert bodies.delivered_blob[:4] == bytes.fromhex("5e2a4d18")  # the splice's skippable frame
+    assert len(bodies.delivered_blob) < 3000 < 200_000 < len(raw)
+    assert decode_bodies("zstd", bodies.raw_blob, bodies.delivered_blob) == (raw, delivered)
+
+
+def test_a_lifted_attachment_a_stage_removed_is_not_spliced():
+    sig = "\n".join(b64_lines(b"\x30\x82" + random.Random(5).randbytes(50_000), 64))
+    raw = eml('MIME-Version: 1.0\nContent-Type: multipart/signed; protocol="application/pkcs7-signature"; '
+              "micalg=sha-256; boundary=S",
+              "--S\nContent-Type: text/plain\n\nSigned words.\n"
+              f"--S\nContent-Type: application/pkcs7-signature; name=smime.p7s\n"
+              f"Content-Transfer-Encoding: base64\n\n{sig}\n--S--\n")
+    from relay.pipeline import runner
+    from relay.store import decode_bodies
+
+    assert runner.begin(raw).refusal is None
+    processed = runner.finish(make_context())
+    assert any("detached signature" in change for change in processed.changes)
+    assert processed.bodies.delivered_blob[:4] == bytes.fromhex("28b52ffd")  # a plain zstd frame
+    assert decode_bodies("zstd", processed.bodies.raw_blob, processed.bodies.delivered_blob) == (
+        raw, processed.result.delivered)
