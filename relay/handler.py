@@ -38,6 +38,7 @@ from relay.metrics import Metrics
 from relay.pipeline.changes import ChangeLog
 from relay.protocol import XFORWARD_ATTRIBUTES, InboundSMTP
 from relay.replies import Reply, SmtpError
+from relay.spool import HeldMessage
 from relay.workers import LimitExceeded, PoolBusy, WorkerError, WorkerLost, WorkerPool
 from relay.store import ArchiveEntry, Party, Relationship, StoreDataError, StoreUnavailable, iso
 
@@ -444,9 +445,18 @@ class RelayHandler:
     # --- DATA -----------------------------------------------------------------
 
     async def _message(self, session, envelope) -> Reply:
+        held = HeldMessage(envelope.original_content)
+        # From here the message is `held`'s alone, so that it can leave
+        # memory while a worker has it (relay/spool.py).
+        envelope.content = envelope.original_content = None
+        try:
+            return await self._held_message(session, envelope, held)
+        finally:
+            held.close()
+
+    async def _held_message(self, session, envelope, held: HeldMessage) -> Reply:
         started = time.monotonic()
         route: Route = envelope.relay_route
-        raw: bytes = envelope.original_content
         transaction_id = secrets.token_hex(6)
         changes = ChangeLog()
         delivered: bytes | None = None
@@ -457,13 +467,22 @@ class RelayHandler:
         bodies = None  # the archive's form of raw and delivered, made by the worker
         try:
             reply, verdict, processed, original_id = await self._process_and_forward(
-                route, raw, relay_id, transaction_id, changes, session, envelope, reserved, accepted)
+                route, held, relay_id, transaction_id, changes, session, envelope, reserved, accepted)
             if processed is not None:
                 delivered, bodies = processed.result.delivered, processed.bodies
         except Exception:
             log.exception("unexpected error handling message %s", transaction_id)
             reply, verdict = replies.INTERNAL_ERROR, "deferred"
             delivered = None
+        delivered_bodies = bodies if verdict == "delivered" else None
+        raw = None
+        if delivered_bodies is None:
+            # The worker's archive form of a delivered message covers raw:
+            # only otherwise are the bytes as received needed again.
+            try:
+                raw = await held.read()
+            except OSError as exc:  # record() below fails for want of it, and says so as any archive failure
+                log.error("message %s: its temporary file cannot be read back: %s", transaction_id, exc)
 
         entry = ArchiveEntry(
             received_at=iso(self.clock()),
@@ -476,12 +495,13 @@ class RelayHandler:
             reply=reply.line(),
             changes=tuple(changes),
             raw=raw,
+            raw_size=held.size,
             delivered=delivered if verdict == "delivered" else None,
             sender_id=route.sender.id,
             original_message_id=original_id,
             relay_message_id=relay_id,
             send_reservation=reserved[0] if reserved else None,
-            bodies=bodies if verdict == "delivered" else None,
+            bodies=delivered_bodies,
             webhook_event=self._webhook_event(events.for_verdict(verdict)),
         )
         archive_id = None
@@ -524,7 +544,7 @@ class RelayHandler:
             "message archive=%s relationship=%s direction=%s verdict=%s client=%s queue_id=%s bytes=%d ms=%.1f "
             "policy=%s reply=%r",
             archive_id, route.relationship.id, route.direction, verdict, client_address(session) or "-",
-            log_value(queue_id(accepted[0])) if accepted else "-", len(raw),
+            log_value(queue_id(accepted[0])) if accepted else "-", held.size,
             (time.monotonic() - started) * 1000, changes.policy_summary().replace(" ", ""), reply.line(),
         )
         return reply
@@ -551,7 +571,7 @@ class RelayHandler:
         return (f"{self.config.greeting_hostname}; spf={verdict.spf}; dkim={verdict.dkim}; "
                 f"dmarc={verdict.dmarc}")
 
-    async def _process_and_forward(self, route: Route, raw: bytes, relay_id: str, transaction_id: str,
+    async def _process_and_forward(self, route: Route, held: HeldMessage, relay_id: str, transaction_id: str,
                                    changes: list[str], session, envelope, reserved: list[int],
                                    accepted: list[str]):
         """Returns (reply, verdict, the worker's Processed once it made the
@@ -559,9 +579,10 @@ class RelayHandler:
         accepting reply to `accepted`."""
         timeout = self.config.inbound.processing_timeout
         try:
-            auth_results = await self._authenticate(session, envelope, raw, changes) if session else None
+            auth_results = await self._authenticate(session, envelope, held.raw, changes) if session else None
             async with self.workers.lease() as worker:
-                begun = await worker.call(pipeline.BEGIN, raw)
+                begun = await worker.call(pipeline.BEGIN, held.raw)
+                await held.spill()  # the worker has it now
                 if begun.refusal is not None:
                     raise SmtpError(begun.refusal)
                 rows = await self.store.message_id_rows(route.relationship.id, begun.referenced_ids)

@@ -289,6 +289,7 @@ class RelaySMTP(SMTP):
             return
         self._reset_timeout()
         self.envelope.content = self.envelope.original_content = content
+        del content  # the handler may let go of the message while it works (relay/spool.py)
         status = await self._call_handler_hook("DATA")
         self._set_post_data_state()
         await self.push(status)

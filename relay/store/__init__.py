@@ -111,7 +111,10 @@ class ArchiveEntry:
     verdict: str  # delivered | rejected | deferred | failed
     reply: str
     changes: tuple[str, ...]
-    raw: bytes
+    # None when `bodies` (the worker's) covers it: a big message's bytes may
+    # then be in a temporary file only (relay/spool.py); `raw_size` says
+    # how long it is.
+    raw: bytes | None
     delivered: bytes | None
     # The Message-ID map entry to record with a delivered message.
     sender_id: int | None = None
@@ -127,6 +130,7 @@ class ArchiveEntry:
     # The marketplace event to write with the row (relay/events.py), when
     # [webhooks] asks for it; None: none.
     webhook_event: str | None = None
+    raw_size: int | None = None  # len(raw), for an entry whose raw is None
 
     def metadata(self) -> dict:
         return {

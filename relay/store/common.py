@@ -191,10 +191,10 @@ class PreparedBodies(NamedTuple):
     raw_size: int
     delivered_size: int | None
 
-    def are_of(self, raw: bytes, delivered: bytes | None) -> bool:
+    def are_of(self, raw_size: int, delivered: bytes | None) -> bool:
         """Made from bodies of these sizes (a cheap check that they were
         made for this entry)."""
-        return self.raw_size == len(raw) and self.delivered_size == (None if delivered is None else len(delivered))
+        return self.raw_size == raw_size and self.delivered_size == (None if delivered is None else len(delivered))
 
 
 def prepare_bodies(raw: bytes, delivered: bytes | None, reused: tuple[tuple[int, int], ...] = ()) -> PreparedBodies:

@@ -459,7 +459,10 @@ class SqlStore:
         # worker for a delivered message, else here off the loop; either way
         # before the chain lock is taken.
         bodies = entry.bodies
-        if bodies is None or not bodies.are_of(entry.raw, entry.delivered):
+        raw_size = entry.raw_size if entry.raw is None else len(entry.raw)
+        if bodies is None or not bodies.are_of(raw_size, entry.delivered):
+            if entry.raw is None:
+                raise ValueError("an archive entry without its raw bytes needs the bodies made from them")
             bodies = await asyncio.to_thread(prepare_bodies, entry.raw, entry.delivered)
         raw_sha, delivered_sha, raw_blob, delivered_blob, auto_reply = bodies[:5]
         async with self._transaction() as tx:
@@ -472,7 +475,7 @@ class SqlStore:
                 json.dumps(list(entry.changes)),
                 b"", None,  # the bodies live in archive_bodies
                 raw_sha, delivered_sha, prev, chain_hash(metadata, raw_sha, delivered_sha, prev),
-                BODY_ENCODING, len(entry.raw), None if entry.delivered is None else len(entry.delivered),
+                BODY_ENCODING, bodies.raw_size, None if entry.delivered is None else len(entry.delivered),
                 int(auto_reply)))
             await tx.execute("INSERT INTO archive_bodies (archive_id, raw, delivered) VALUES (?, ?, ?)",
                              (archive_id, raw_blob, delivered_blob))
