@@ -122,5 +122,19 @@ def recv_blocking(sock):
 
 
 def send_blocking(sock, value) -> None:
-    for frame in encode(value):
+    send_frames(sock, encode(value))
+
+
+def send_frames(sock, frames: list) -> None:
+    """Write `frames` (from encode()) in order, letting go of each once it
+    is written: when nothing else holds a big answer (a worker's delivered
+    message and its archive form), its memory is freed piece by piece while
+    the other side reads it, not held whole until the other side holds it
+    whole too."""
+    frames.reverse()
+    while frames:
+        frame = frames.pop()
         sock.sendall(frame)
+        if isinstance(frame, memoryview):
+            frame.release()
+        del frame

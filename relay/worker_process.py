@@ -96,15 +96,17 @@ def main(conn: _Conn, memory_limit_bytes: int) -> None:
             conn.send(("memory", ""))
             return
         try:
-            conn.send(answer)
+            out = frames.encode(answer)
         except MemoryError:
             conn.send(("memory", ""))
             return
         except Exception as error:  # an unpicklable result: a bug, reported as such
-            conn.send(("error", (type(error).__name__, traceback.format_exc())))
-        # Sent: not kept while waiting for the next call (a delivered 10 MB
-        # message and its archive form would stay, 23 MB, until then).
+            out = frames.encode(("error", (type(error).__name__, traceback.format_exc())))
+        # The frames alone hold the answer now, so each big piece of it (a
+        # delivered 10 MB message, its archive form) is freed as soon as it
+        # is written, and nothing stays while the next call is awaited.
         del answer
+        frames.send_frames(conn.sock, out)
 
 
 if __name__ == "__main__":

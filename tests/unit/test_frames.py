@@ -10,6 +10,8 @@ import threading
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import pytest
+
 from relay import frames
 from relay.pipeline import Processed, Result
 from relay.pipeline.changes import ChangeLog
@@ -57,6 +59,29 @@ def test_big_fields_cross_out_of_band_as_buffers():
     assert got.result.changes == ["changed"] and got.changes == ["a"]
     assert got.bodies == processed.bodies and type(got.bodies) is type(processed.bodies)
     assert isinstance(got.bodies.delivered_blob, bytes)
+
+
+def test_sending_lets_go_of_each_frame_once_written():
+    """A worker's answer is freed piece by piece as it is written, not held
+    whole until the parent holds it whole too (worker_process.py)."""
+    value = Pair(BIG, BIG + b"tail")
+    out = frames.encode(value)
+    views = [frame for frame in out if isinstance(frame, memoryview)]
+    assert len(views) == 3  # the pickle and the two big fields
+    left, right = socket.socketpair()
+    try:
+        received = []
+        reader = threading.Thread(target=lambda: received.append(frames.recv_blocking(right)))
+        reader.start()
+        frames.send_frames(left, out)
+        reader.join(10)
+    finally:
+        left.close()
+        right.close()
+    assert received == [value] and out == []
+    for view in views:
+        with pytest.raises(ValueError, match="released"):
+            view.nbytes
 
 
 def test_call_arguments_and_plain_values():
