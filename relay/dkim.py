@@ -204,45 +204,77 @@ _strip_trailing_whitespace = dkimpy.canonicalization.strip_trailing_whitespace
 _rfc822_parse = dkimpy.rfc822_parse
 
 
+_strip_trailing_lines = dkimpy.canonicalization.strip_trailing_lines
+
+
 def compress_whitespace(content: bytes) -> bytes:
+    if isinstance(content, memoryview):  # a body rfc822_parse found canonical already
+        return content
     if b"\t" not in content and b"  " not in content:
         return content
     return _compress_whitespace(content)
 
 
 def strip_trailing_whitespace(content: bytes) -> bytes:
+    if isinstance(content, memoryview):
+        return content
     if b" \r\n" not in content and b"\t\r\n" not in content:
         return content
     return _strip_trailing_whitespace(content)
 
 
+def strip_trailing_lines(content: bytes) -> bytes:
+    if isinstance(content, memoryview):
+        return content
+    return _strip_trailing_lines(content)
+
+
 def rfc822_parse(message: bytes):
     """dkimpy's rfc822_parse without splitting the body into lines: with CRLF
-    line ends only, the body it returns is the bytes after the blank line."""
+    line ends only, the body it returns is the bytes after the blank line —
+    as a view of them, not a copy, when both canonicalizations leave it as
+    it is (the copy was a second 10 MB message in memory while signing or
+    checking one)."""
     end = message.find(b"\r\n\r\n")
     if end < 0 or message.startswith(b"\r\n") or message.count(b"\n") != message.count(b"\r\n"):
         return _rfc822_parse(message)
     headers, _ = _rfc822_parse(message[:end + 4])
+    if _canonical_as_is(message, end + 4):
+        return headers, memoryview(message)[end + 4:]
     return headers, message[end + 4:]
+
+
+def _canonical_as_is(message: bytes, start: int) -> bool:
+    """Whether message[start:] (CRLF line ends only) is its own simple and
+    relaxed canonical form: no tab, no run of spaces, no space before a
+    line end, and exactly one line end after its last line."""
+    return (len(message) - start > 2 and message.endswith(b"\r\n") and not message.endswith(b"\r\n\r\n")
+            and message.find(b"\t", start) == -1 and message.find(b"  ", start) == -1
+            and message.find(b" \r\n", start) == -1)
 
 
 # dkimpy reads the PEM key (a pure-Python ASN.1 parse) for every signature.
 dkimpy.parse_pem_private_key = functools.lru_cache(maxsize=8)(dkimpy.parse_pem_private_key)
 dkimpy.canonicalization.compress_whitespace = compress_whitespace
 dkimpy.canonicalization.strip_trailing_whitespace = strip_trailing_whitespace
+dkimpy.canonicalization.strip_trailing_lines = strip_trailing_lines
 dkimpy.rfc822_parse = rfc822_parse
 
 
 def sign(data: bytes, key: DkimKey) -> bytes:
     """`data` with a DKIM-Signature header in front."""
-    present = {line.split(b":", 1)[0].strip().lower()
-               for line in data.split(b"\r\n\r\n", 1)[0].split(b"\r\n") if line[:1] not in (b" ", b"\t")}
+    return signature(data, key) + data
+
+
+def signature(data: bytes, key: DkimKey) -> bytes:
+    """The DKIM-Signature header line(s) for `data`, to go in front of it."""
+    end = data.find(b"\r\n\r\n")
+    lines = (data if end < 0 else data[:end]).split(b"\r\n")  # the header block only, not a copy of the body
+    present = {line.split(b":", 1)[0].strip().lower() for line in lines if line[:1] not in (b" ", b"\t")}
     include = []
     for name in OVERSIGNED:
-        count = sum(1 for line in data.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
-                    if line.lower().startswith(name.lower() + b":"))
+        count = sum(1 for line in lines if line.lower().startswith(name.lower() + b":"))
         include.extend([name] * (count + 1))
     include.extend(name for name in SIGNED_ONCE if name.lower() in present)
-    signature = dkimpy.sign(data, key.selector.encode(), key.domain.encode(), key.private_pem,
-                            canonicalize=(b"relaxed", b"relaxed"), include_headers=include)
-    return signature + data
+    return dkimpy.sign(data, key.selector.encode(), key.domain.encode(), key.private_pem,
+                       canonicalize=(b"relaxed", b"relaxed"), include_headers=include)
