@@ -26,7 +26,6 @@ import smtplib
 import socket
 import subprocess
 import tempfile
-import time
 from dataclasses import replace
 from email import message_from_bytes, policy
 from email.message import EmailMessage
@@ -36,6 +35,7 @@ import pytest
 
 from relay import postfix
 from relay.config import Endpoint, LimitsConfig
+import support
 from support import RecordingUpstream, RunningRelay, make_config, message
 
 SBIN = ("/usr/sbin", "/usr/bin", "/sbin")
@@ -102,15 +102,12 @@ def free_port() -> int:
 
 
 def wait_until(predicate, timeout: float, what: str, instance=None):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            context = f"\n--- queue ---\n{instance.queue()}\n--- maillog ---\n{instance.log()}" if instance else ""
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}{context}")
-        time.sleep(0.05)
+    """support.wait_until, with postfix's queue and log in the failure."""
+    try:
+        return support.wait_until(predicate, what, timeout)
+    except AssertionError:
+        context = f"\n--- queue ---\n{instance.queue()}\n--- maillog ---\n{instance.log()}" if instance else ""
+        raise AssertionError(f"timed out after {timeout} s waiting for {what}{context}") from None
 
 
 class PostfixInstance:
