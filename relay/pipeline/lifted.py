@@ -47,7 +47,7 @@ class LiftedBody:
 
     __slots__ = ("token", "source", "start", "line_length", "decoded_size")
 
-    def __init__(self, token: str, source: memoryview, line_length: int, decoded_size: int, start: int = 0):
+    def __init__(self, token: str, source: memoryview, line_length: int, decoded_size: int, start: int):
         self.token = token
         self.source = source
         self.start = start  # where `source` begins in the raw message
